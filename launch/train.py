@@ -1,0 +1,86 @@
+"""Train entry point: `deepspeed launch/train.py --config configs/tiny.yaml [--resume auto] [--key=value ...]`.
+
+Also runs as one plain process (`python launch/train.py ...`) and as `memgpt-train`.
+Wires the data pipeline into the trainer; all logic lives in memgpt_dist and data_pipeline.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file from configs/")
+    p.add_argument("--resume", default="none", help="none (default), auto (newest committed checkpoint) or a step")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and DeepSpeed dict, then exit")
+    p.add_argument("--world-size", type=int, default=None, help="world size assumed by --dry-run")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args, overrides = p.parse_known_args(argv)
+    return args, overrides
+
+
+def main(argv=None) -> int:
+    from data_pipeline.loader import DataError
+    from memgpt_dist.cli import run_cli
+
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    return run_cli(lambda: _train(args, overrides), extra_user_errors=(DataError,))
+
+
+def _train(args, overrides) -> int:
+    from data_pipeline.loader import SegmentLoader
+    from memgpt_dist.config import load_config
+    from memgpt_dist.parallel.dist import init_distributed, shutdown
+    from memgpt_dist.train.run import dry_run_report, run_training, setup_logging
+
+    cfg = load_config(args.config, overrides)
+    if args.dry_run:
+        world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        print(dry_run_report(cfg, world, "cuda" if _has_cuda() else "cpu"))
+        return 0
+    topo = init_distributed()
+    try:
+        setup_logging(topo, Path(cfg.run_dir))
+        d, m = cfg.data, cfg.model
+
+        def loader(split: str) -> SegmentLoader:
+            return SegmentLoader(d.path, split=split, segment_len=m.segment_len, n_segments=d.n_segments,
+                                 micro_batch_size=cfg.parallel.micro_batch_size, dp_rank=topo.dp_rank,
+                                 dp_size=topo.dp_size, seed=d.seed, num_workers=d.num_workers,
+                                 max_skip_fraction=d.max_skip_fraction,
+                                 expected_tokenizer_hash=_tokenizer_hash(d.tokenizer))
+
+        train = loader("train")
+        _check_vocab(train.vocab_size, m.vocab_size)
+        run_training(cfg, topo, train, lambda: loader("validation"), resume=args.resume,
+                     tokenizer_file=Path(d.path) / "tokenizer.json")
+    finally:
+        shutdown()
+    return 0
+
+
+def _tokenizer_hash(path: str):
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
+
+
+def _check_vocab(data_vocab: int, model_vocab: int) -> None:
+    from memgpt_dist.config import ConfigError
+
+    if data_vocab > model_vocab:
+        raise ConfigError(f"the shards' tokenizer has {data_vocab} tokens but model.vocab_size={model_vocab}; "
+                          f"set model.vocab_size >= {data_vocab}")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The one place the DeepSpeed config dict is made: a pure function of the typed config.
+
+Nothing DeepSpeed-specific is written in YAML; `build_ds_config` derives every key from
+`TrainConfig` so that a run's DeepSpeed behaviour is reproducible from its saved config.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from memgpt_dist.config import ConfigError, TrainConfig
+
+
+def resolve_precision(requested: str, device_type: str, bf16_supported: bool) -> str:
+    """Pick "fp32", "bf16" or "fp16"; "auto" means bf16 where the GPU has it, else fp32."""
+    if requested == "auto":
+        return "bf16" if device_type != "cpu" and bf16_supported else "fp32"
+    if requested in ("bf16", "fp16") and device_type == "cpu":
+        raise ConfigError(f"parallel.precision={requested} is not supported on CPU; use parallel.precision=fp32 or auto")
+    return requested
+
+
+def build_ds_config(cfg: TrainConfig, world_size: int, device_type: str = "cpu",
+                    bf16_supported: bool = False) -> dict[str, Any]:
+    """DeepSpeed config for `cfg` at `world_size` ranks on `device_type` ("cpu", "cuda", ...)."""
+    par, opt = cfg.parallel, cfg.optim
+    dp = par.dp(world_size)
+    precision = resolve_precision(par.precision, device_type, bf16_supported)
+    return {
+        "train_batch_size": par.micro_batch_size * par.grad_accum * dp,
+        "train_micro_batch_size_per_gpu": par.micro_batch_size,
+        "gradient_accumulation_steps": par.grad_accum,
+        "gradient_clipping": opt.grad_clip,
+        "optimizer": _optimizer(cfg, device_type),
+        "scheduler": _scheduler(cfg),
+        "zero_optimization": _zero(par.zero_stage),
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
+        # DeepSpeed's own console chatter is replaced by our logger.
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "dump_state": False,
+    }
+
+
+def _optimizer(cfg: TrainConfig, device_type: str) -> dict[str, Any]:
+    opt = cfg.optim
+    params: dict[str, Any] = {
+        "lr": opt.lr,
+        "betas": [opt.beta1, opt.beta2],
+        "eps": opt.eps,
+        "weight_decay": opt.weight_decay,
+    }
+    if device_type == "cpu":
+        # FusedAdam needs a GPU build; torch's AdamW is the CPU path DeepSpeed supports.
+        params["torch_adam"] = True
+    return {"type": "AdamW", "params": params}
+
+
+def _scheduler(cfg: TrainConfig) -> dict[str, Any]:
+    opt = cfg.optim
+    return {
+        "type": "WarmupCosineLR",
+        "params": {
+            "total_num_steps": cfg.train.max_steps,
+            # DeepSpeed clamps warmup to >= 2 steps; it scales every param group's own lr.
+            "warmup_num_steps": max(opt.warmup_steps, 2) if cfg.train.max_steps >= 2 else 1,
+            "warmup_min_ratio": 0.0,
+            "warmup_type": "linear",
+            "cos_min_ratio": opt.min_lr / opt.lr,
+        },
+    }
+
+
+def _zero(stage: int) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": stage}
+    if stage == 3:
+        zero.update({
+            "contiguous_gradients": True,
+            "overlap_comm": True,
+            "stage3_gather_16bit_weights_on_model_save": False,
+        })
+    elif stage in (1, 2):
+        zero.update({"contiguous_gradients": True, "overlap_comm": False})
+    return zero

@@ -1,0 +1,153 @@
+"""Assemble a training run from a config: run directory, model, engine, checkpoints, logger.
+
+`launch/train.py` parses arguments and builds the data loaders (it wires `data_pipeline` in);
+everything else is here so that it can be tested without a launcher.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from memgpt_dist.config import ConfigError, TrainConfig, config_from_json
+from memgpt_dist.model import GPT
+from memgpt_dist.parallel.dist import Topology
+from memgpt_dist.parallel.engine import build_engine
+from memgpt_dist.train.checkpoint import CheckpointError, Checkpointer
+from memgpt_dist.train.metrics import MetricsLogger
+from memgpt_dist.train.state import TrainState, seed_everything
+from memgpt_dist.train.trainer import Batch, StatefulBatches, Trainer
+
+log = logging.getLogger("memgpt_dist")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer.json"
+
+
+def setup_logging(topo: Topology, run_dir: Optional[Path] = None) -> None:
+    level = logging.INFO if topo.is_main else logging.WARNING
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if run_dir is not None and topo.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    logging.basicConfig(level=level, format=f"[%(asctime)s rank{topo.rank}] %(message)s", handlers=handlers,
+                        force=True)
+
+
+def build_model(cfg: TrainConfig) -> GPT:
+    """The same initial weights on every rank: seeded from the run seed, not the rank."""
+    seed_everything(cfg.train.seed)
+    model = GPT(cfg.model, cfg.memory)
+    model.init_weights()
+    return model
+
+
+def resolve_resume(resume: str, checkpointer: Checkpointer) -> Optional[int]:
+    """Map --resume (none | auto | STEP) to a checkpoint step; refuse to silently restart."""
+    if resume == "none":
+        if checkpointer.has_any():
+            raise CheckpointError(f"{checkpointer.root} already holds checkpoints: pass --resume auto to continue "
+                                  f"that run, or choose a new run_dir")
+        return None
+    if resume == "auto":
+        return checkpointer.latest_valid_step()
+    if resume.isdigit():
+        step = int(resume)
+        problem = checkpointer.verify(step)
+        if problem:
+            raise CheckpointError(f"--resume {resume}: {problem}")
+        return step
+    raise ConfigError(f"--resume {resume!r}: use none, auto or a step number")
+
+
+def check_resume_compatible(saved_json: str, cfg: TrainConfig, saved_world: int, topo: Topology) -> None:
+    """Model shape, data and layout must match the checkpoint; training length may change."""
+    saved = config_from_json(saved_json)
+    for section in ("model", "memory"):
+        if getattr(saved, section) != getattr(cfg, section):
+            raise ConfigError(f"--resume: the checkpoint's {section} section differs from the config "
+                              f"({getattr(saved, section)} vs {getattr(cfg, section)}); resume with the saved "
+                              f"settings or start a new run_dir")
+    if saved_world != topo.world_size:
+        raise CheckpointError(f"--resume: checkpoint was written by {saved_world} ranks, this run has "
+                              f"{topo.world_size}; resume with {saved_world} ranks")
+    if saved.data.n_segments != cfg.data.n_segments or saved.parallel.micro_batch_size != cfg.parallel.micro_batch_size:
+        raise ConfigError("--resume: data.n_segments and parallel.micro_batch_size must match the checkpoint")
+
+
+def prepare_run_dir(cfg: TrainConfig, topo: Topology, tokenizer_file: Optional[Path]) -> RunPaths:
+    paths = RunPaths(Path(cfg.run_dir))
+    if topo.is_main:
+        paths.root.mkdir(parents=True, exist_ok=True)
+        paths.config.write_text(cfg.to_json())
+        if tokenizer_file is not None and tokenizer_file.is_file():
+            shutil.copyfile(tokenizer_file, paths.tokenizer)
+    topo.barrier()
+    return paths
+
+
+def run_training(cfg: TrainConfig, topo: Topology, train_batches: StatefulBatches,
+                 make_val_batches: Optional[Callable[[], Iterable[Batch]]], resume: str = "none",
+                 tokenizer_file: Optional[Path] = None) -> TrainState:
+    """Train `cfg` end to end; returns the final train state."""
+    paths = prepare_run_dir(cfg, topo, tokenizer_file)
+    checkpointer = Checkpointer(paths.checkpoints, topo, cfg.checkpoint.keep_last)
+    start = resolve_resume(resume, checkpointer)
+    model = build_model(cfg)
+    engine, _ = build_engine(model, cfg, topo)
+    seed_everything(cfg.train.seed + 1000 * topo.rank)  # dropout etc. differ per rank, reproducibly
+    metrics = MetricsLogger(paths.tensorboard, enabled=topo.is_main, tensorboard=cfg.log.tensorboard,
+                            start_step=start or 0)
+    trainer = Trainer(cfg, topo, engine, train_batches, make_val_batches, checkpointer, metrics)
+    if start is not None:
+        _restore(trainer, start, cfg, topo)
+    log.info("model: %s parameters; world size %d; global batch %d samples x %d segments x %d tokens",
+             f"{sum(p.numel() for p in model.parameters()):,}", topo.world_size,
+             cfg.parallel.micro_batch_size * cfg.parallel.grad_accum * topo.dp_size,
+             cfg.data.n_segments, cfg.model.segment_len)
+    try:
+        return trainer.fit()
+    finally:
+        metrics.close()
+
+
+def _restore(trainer: Trainer, step: int, cfg: TrainConfig, topo: Topology) -> None:
+    meta = trainer.checkpointer.marker(step).get("meta", {})
+    check_resume_compatible(meta["config"], cfg, int(meta["world_size"]), topo)
+    trainer.restore(step)
+    log.info("resumed from %s at step %d (%s tokens seen)", trainer.checkpointer.root, trainer.state.step,
+             f"{trainer.state.tokens_seen:,}")
+
+
+def dry_run_report(cfg: TrainConfig, world_size: int, device_type: str) -> str:
+    from memgpt_dist.parallel.deepspeed_config import build_ds_config
+
+    ds = build_ds_config(cfg, world_size, device_type=device_type, bf16_supported=device_type == "cuda")
+    model = GPT(cfg.model, cfg.memory)
+    n_params = sum(p.numel() for p in model.parameters())
+    return (f"# resolved config\n{cfg.to_json()}\n# world size {world_size}, dp {cfg.parallel.dp(world_size)}, "
+            f"{n_params:,} parameters\n# DeepSpeed config\n{json.dumps(ds, indent=2)}")

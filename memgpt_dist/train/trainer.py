@@ -1,0 +1,218 @@
+"""The training loop: step, in-loop validation, logging and checkpoints around a DeepSpeed engine.
+
+Loss normalisation: every optimizer step minimises (sum of token losses) / (loss-bearing tokens
+in the global batch). Each micro-batch's summed loss is scaled by dp * grad_accum / n_global so
+that DeepSpeed's averaging over ranks and micro-steps yields exactly that token-weighted mean,
+whatever the layout: a 2-rank run and a 1-rank run with the same global batch see the same loss.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from memgpt_dist.config import TrainConfig
+from memgpt_dist.parallel.dist import Topology
+from memgpt_dist.train.checkpoint import Checkpointer
+from memgpt_dist.train.metrics import MetricsLogger
+from memgpt_dist.train.state import TrainState, rng_state, set_rng_state
+
+Batch = dict[str, torch.Tensor]
+IGNORE = -100
+
+
+class StatefulBatches(Protocol):
+    def __next__(self) -> Batch: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, sd: dict[str, Any]) -> None: ...
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross entropy over loss-bearing positions (labels != -100)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+
+
+def loss_by_segment(logits: torch.Tensor, labels: torch.Tensor, n_segments: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-segment-index summed loss and token count: two tensors of shape (K,)."""
+    B, T, V = logits.shape
+    per_tok = F.cross_entropy(logits.float().reshape(-1, V), labels.reshape(-1), ignore_index=IGNORE,
+                              reduction="none").view(B, n_segments, T // n_segments)  # (B, K, N)
+    valid = (labels != IGNORE).view(B, n_segments, T // n_segments)
+    return per_tok.sum(dim=(0, 2)), valid.sum(dim=(0, 2)).to(per_tok.dtype)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    lr: float
+    tokens: int
+    samples: int
+    step_time: float
+    data_time: float
+    stats: dict[str, float]
+
+
+class Trainer:
+    """Runs `cfg.train.max_steps` optimizer steps of `engine` over `train_batches`."""
+
+    def __init__(self, cfg: TrainConfig, topo: Topology, engine, train_batches: StatefulBatches,
+                 make_val_batches: Optional[Callable[[], Iterable[Batch]]], checkpointer: Checkpointer,
+                 metrics: MetricsLogger):
+        self.cfg = cfg
+        self.topo = topo
+        self.engine = engine
+        self.train_batches = train_batches
+        self.make_val_batches = make_val_batches
+        self.checkpointer = checkpointer
+        self.metrics = metrics
+        self.state = TrainState()
+        self.client_extra: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ state
+    def client_state(self) -> dict[str, Any]:
+        return {"train_state": self.state.state_dict(), "config": self.cfg.to_json(),
+                "world_size": self.topo.world_size, **self.client_extra}
+
+    def rank_state(self) -> dict[str, Any]:
+        return {"loader": self.train_batches.state_dict(), "rng": rng_state(), "rank": self.topo.rank}
+
+    def save(self) -> None:
+        meta = {"config": self.cfg.to_json(), "world_size": self.topo.world_size}
+        self.checkpointer.save(self.engine, self.state.step, self.client_state(), self.rank_state(), meta)
+
+    def restore(self, step: int) -> None:
+        loaded = self.checkpointer.load(self.engine, step)
+        self.state.load_state_dict(loaded.client_state["train_state"])
+        self.train_batches.load_state_dict(loaded.rank_state["loader"])
+        set_rng_state(loaded.rank_state["rng"])
+
+    # ------------------------------------------------------------------ steps
+    def _next_micro_batches(self) -> tuple[list[Batch], float]:
+        t0 = time.perf_counter()
+        batches = [next(self.train_batches) for _ in range(self.cfg.parallel.grad_accum)]
+        return batches, time.perf_counter() - t0
+
+    def _forward(self, batch: Batch, read_memory: bool = True):
+        dev = self.topo.device
+        return self.engine(batch["input_ids"].to(dev), state=None, reset=batch["reset"].to(dev),
+                           read_memory=read_memory)
+
+    def train_step(self) -> StepResult:
+        """One optimizer step over grad_accum micro-batches on every rank."""
+        t0 = time.perf_counter()
+        batches, data_time = self._next_micro_batches()
+        n_local = sum(int((b["labels"] != IGNORE).sum()) for b in batches)
+        n_global, samples = self.topo.all_reduce_sum([float(n_local), float(sum(len(b["input_ids"]) for b in batches))])
+        scale = self.topo.dp_size * self.cfg.parallel.grad_accum / max(n_global, 1.0)
+        loss_sum_local = 0.0
+        stats: dict[str, torch.Tensor] = {}
+        self.engine.train()
+        for batch in batches:
+            out = self._forward(batch)
+            loss_sum = token_loss_sum(out.logits, batch["labels"].to(self.topo.device))
+            self.engine.backward(loss_sum * scale)
+            self.engine.step()
+            loss_sum_local += float(loss_sum.detach())
+            stats = out.stats
+        (loss_sum_global,) = self.topo.all_reduce_sum([loss_sum_local])
+        self.state.step += 1
+        self.state.tokens_seen += int(n_global)
+        self.state.samples_seen += int(samples)
+        return StepResult(loss=loss_sum_global / max(n_global, 1.0), grad_norm=_grad_norm(self.engine),
+                          lr=self.engine.get_lr()[0], tokens=int(n_global), samples=int(samples),
+                          step_time=time.perf_counter() - t0, data_time=data_time,
+                          stats={k: float(v) for k, v in stats.items()})
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss, perplexity and loss by segment index over `eval_batches` micro-batches.
+
+        Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively);
+        a rank whose validation stream ended feeds fully masked batches.
+        """
+        if self.make_val_batches is None:
+            return {}
+        K = self.cfg.data.n_segments
+        self.engine.eval()
+        sums = torch.zeros(K, dtype=torch.float64)
+        counts = torch.zeros(K, dtype=torch.float64)
+        it = iter(self.make_val_batches())
+        template: Optional[Batch] = None
+        for _ in range(self.cfg.train.eval_batches):
+            batch = next(it, None)
+            if batch is None:
+                batch = _masked_like(template)
+            template = template or batch
+            out = self._forward(batch)
+            s, c = loss_by_segment(out.logits, batch["labels"].to(self.topo.device), K)
+            sums += s.double().cpu()
+            counts += c.double().cpu()
+        reduced = self.topo.all_reduce_sum(sums.tolist() + counts.tolist())
+        sums, counts = torch.tensor(reduced[:K]), torch.tensor(reduced[K:])
+        self.engine.train()
+        loss = float(sums.sum() / counts.sum().clamp(min=1))
+        result = {"val/loss": loss, "val/ppl": math.exp(min(loss, 30.0))}
+        for k in range(K):
+            if counts[k] > 0:
+                result[f"val/loss_segment_{k + 1}"] = float(sums[k] / counts[k])
+        return result
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> TrainState:
+        cfg = self.cfg
+        while self.state.step < cfg.train.max_steps:
+            result = self.train_step()
+            step = self.state.step
+            if step % cfg.log.every == 0 or step == 1 or step == cfg.train.max_steps:
+                self._log_step(result)
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                self._log_eval()
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                self.save()
+        if cfg.checkpoint.save_at_end and not self._saved_at(self.state.step):
+            self.save()
+        self.metrics.flush()
+        return self.state
+
+    def _saved_at(self, step: int) -> bool:
+        return bool(self.cfg.checkpoint.every) and step % self.cfg.checkpoint.every == 0
+
+    def _log_step(self, r: StepResult) -> None:
+        toks = r.tokens / max(r.step_time, 1e-9)
+        values = {"train/loss": r.loss, "train/lr": r.lr, "train/grad_norm": r.grad_norm,
+                  "perf/tokens_per_s": toks, "perf/step_time_s": r.step_time, "perf/data_wait_s": r.data_time}
+        values.update({f"memory/{k}": v for k, v in r.stats.items()})
+        self.metrics.scalars(values, self.state.step, self.state.tokens_seen)
+        self.metrics.line(f"step {self.state.step}/{self.cfg.train.max_steps} loss {r.loss:.4f} "
+                          f"lr {r.lr:.2e} gnorm {r.grad_norm:.3f} tok/s {toks:,.0f} "
+                          f"step {r.step_time * 1000:.0f}ms data {r.data_time * 1000:.0f}ms")
+
+    def _log_eval(self) -> None:
+        result = self.evaluate()
+        if result:
+            self.metrics.scalars(result, self.state.step, self.state.tokens_seen)
+            by_seg = " ".join(f"{result[k]:.3f}" for k in sorted(result) if k.startswith("val/loss_segment_"))
+            self.metrics.line(f"eval step {self.state.step}: val loss {result['val/loss']:.4f} "
+                              f"ppl {result['val/ppl']:.2f} by segment [{by_seg}]")
+
+
+def _grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return float("nan")
+    return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+def _masked_like(template: Optional[Batch]) -> Batch:
+    if template is None:
+        raise RuntimeError("validation produced no batch on this rank; the validation split is empty")
+    out = {k: v.clone() for k, v in template.items()}
+    out["labels"].fill_(IGNORE)
+    out["reset"].fill_(True)
+    return out
