@@ -1,0 +1,108 @@
+"""Load a trained run for inference and sample from it, streaming through the memory.
+
+Weights are consolidated from the DeepSpeed checkpoint with DeepSpeed's own
+`get_fp32_state_dict_from_zero_checkpoint` (ZeRO-1/2/3) or read from the model-states file
+(ZeRO-0). The prompt is read segment by segment: each full segment is written into the memory
+state, and tokens of the current, partial segment attend locally and read that state.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from memgpt_dist.config import TrainConfig, config_from_json
+from memgpt_dist.model import GPT
+from memgpt_dist.train.checkpoint import MARKER, CheckpointError, tag_for, TAG_RE
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 100
+    temperature: float = 0.8
+    top_k: int = 50
+    top_p: float = 0.95
+    seed: int = 0
+
+
+def find_checkpoint(path: Path, step: Optional[int] = None) -> Path:
+    """A committed checkpoint directory from a run dir, a checkpoints dir or a step dir."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; pass --checkpoint RUN_DIR of a training run")
+    if (path / MARKER).is_file():
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    steps = sorted(int(m.group(1)) for c in root.iterdir() if (m := TAG_RE.match(c.name)) and (c / MARKER).is_file())
+    if not steps:
+        raise CheckpointError(f"no committed checkpoint under {root}; train with checkpoint.every > 0 or "
+                              f"checkpoint.save_at_end: true first")
+    chosen = step if step is not None else steps[-1]
+    if chosen not in steps:
+        raise CheckpointError(f"no committed checkpoint for step {chosen} under {root}; available: {steps}")
+    return root / tag_for(chosen)
+
+
+def load_model(ckpt_dir: Path) -> tuple[GPT, TrainConfig]:
+    """Rebuild the model of a checkpoint with consolidated fp32 weights, in eval mode."""
+    marker = json.loads((ckpt_dir / MARKER).read_text())
+    cfg = config_from_json(marker["meta"]["config"])
+    model = GPT(cfg.model, cfg.memory)
+    model.load_state_dict(consolidated_state_dict(ckpt_dir, cfg.parallel.zero_stage))
+    return model.eval(), cfg
+
+
+def consolidated_state_dict(ckpt_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
+    if zero_stage == 0:
+        states = torch.load(ckpt_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return states["module"]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+
+
+def _sample_next(logits: torch.Tensor, s: SamplingConfig, gen: torch.Generator) -> int:
+    """Sample one id from (V,) logits with temperature, top-k and nucleus filtering."""
+    if s.temperature <= 0:
+        return int(logits.argmax())
+    logits = logits.float() / s.temperature
+    if s.top_k > 0:
+        kth = torch.topk(logits, min(s.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if s.top_p < 1.0:
+        sorted_p, idx = torch.sort(probs, descending=True)
+        drop = sorted_p.cumsum(0) - sorted_p > s.top_p  # keep the smallest set reaching top_p
+        sorted_p[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter(0, idx, sorted_p)
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+
+
+@torch.no_grad()
+def generate(model: GPT, prompt_ids: list[int], segment_len: int, s: SamplingConfig,
+             eos_id: Optional[int] = None) -> list[int]:
+    """Continue `prompt_ids` by up to `s.max_new_tokens` tokens; returns the new ids.
+
+    As in training, the last token of a full segment predicts the first token of the next one,
+    so a segment is committed to memory right after its last position has been sampled from.
+    """
+    N = segment_len
+    gen = torch.Generator().manual_seed(s.seed)
+    ids = list(prompt_ids) or [eos_id if eos_id is not None else 0]
+    done = ((len(ids) - 1) // N) * N  # tokens already written into memory (whole segments)
+    state = model(torch.tensor([ids[:done]])).state if done else None
+    new: list[int] = []
+    while len(new) < s.max_new_tokens:
+        current = ids[done:]  # 1..N tokens of the open segment
+        out = model(torch.tensor([current]), state=state)
+        nxt = _sample_next(out.logits[0, -1], s, gen)
+        if len(current) == N:
+            state, done = out.state, done + N
+        new.append(nxt)
+        ids.append(nxt)
+        if eos_id is not None and nxt == eos_id:
+            break
+    return new
