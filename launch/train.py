@@ -16,6 +16,8 @@ def parse_args(argv):
     p.add_argument("--config", help="YAML file from configs/")
     p.add_argument("--resume", default="none", help="none (default), auto (newest committed checkpoint) or a step")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and DeepSpeed dict, then exit")
+    p.add_argument("--stop-after-steps", type=int, default=None,
+                   help="save and exit after this step without changing the schedule (drills, time slots)")
     p.add_argument("--world-size", type=int, default=None, help="world size assumed by --dry-run")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args, overrides = p.parse_known_args(argv)
@@ -56,7 +58,7 @@ def _train(args, overrides) -> int:
         train = loader("train")
         _check_vocab(train.vocab_size, m.vocab_size)
         run_training(cfg, topo, train, lambda: loader("validation"), resume=args.resume,
-                     tokenizer_file=Path(d.path) / "tokenizer.json")
+                     tokenizer_file=Path(d.path) / "tokenizer.json", stop_after=args.stop_after_steps)
     finally:
         shutdown()
     return 0

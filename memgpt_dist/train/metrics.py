@@ -6,6 +6,7 @@ so TensorBoard shows one continuous run without duplicated or reset steps.
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Optional
@@ -16,15 +17,22 @@ log = logging.getLogger("memgpt_dist")
 class MetricsLogger:
     """Writes scalars to TensorBoard (if enabled and this is the logging rank) and the console."""
 
-    def __init__(self, log_dir: Path, enabled: bool, tensorboard: bool, start_step: int = 0):
+    def __init__(self, log_dir: Path, enabled: bool, tensorboard: bool, start_step: int = 0,
+                 jsonl: Path | None = None):
         self.enabled = enabled
         self.writer = None
+        self.jsonl = jsonl if enabled else None
+        if self.jsonl is not None:
+            _truncate_after(self.jsonl, start_step)
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=start_step + 1 if start_step else None)
 
     def scalars(self, values: dict[str, float], step: int, tokens: Optional[int] = None) -> None:
+        if self.jsonl is not None:
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps({"step": step, "tokens": tokens, **values}) + "\n")
         if not self.enabled or self.writer is None:
             return
         for key, value in values.items():
@@ -44,3 +52,11 @@ class MetricsLogger:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop records of steps after `step` (left by a run that died after its last checkpoint)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))

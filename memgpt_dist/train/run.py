@@ -112,7 +112,7 @@ def prepare_run_dir(cfg: TrainConfig, topo: Topology, tokenizer_file: Optional[P
 
 def run_training(cfg: TrainConfig, topo: Topology, train_batches: StatefulBatches,
                  make_val_batches: Optional[Callable[[], Iterable[Batch]]], resume: str = "none",
-                 tokenizer_file: Optional[Path] = None) -> TrainState:
+                 tokenizer_file: Optional[Path] = None, stop_after: Optional[int] = None) -> TrainState:
     """Train `cfg` end to end; returns the final train state."""
     paths = prepare_run_dir(cfg, topo, tokenizer_file)
     checkpointer = Checkpointer(paths.checkpoints, topo, cfg.checkpoint.keep_last)
@@ -121,7 +121,7 @@ def run_training(cfg: TrainConfig, topo: Topology, train_batches: StatefulBatche
     engine, _ = build_engine(model, cfg, topo)
     seed_everything(cfg.train.seed + 1000 * topo.rank)  # dropout etc. differ per rank, reproducibly
     metrics = MetricsLogger(paths.tensorboard, enabled=topo.is_main, tensorboard=cfg.log.tensorboard,
-                            start_step=start or 0)
+                            start_step=start or 0, jsonl=paths.root / "metrics.jsonl")
     trainer = Trainer(cfg, topo, engine, train_batches, make_val_batches, checkpointer, metrics)
     if start is not None:
         _restore(trainer, start, cfg, topo)
@@ -130,7 +130,7 @@ def run_training(cfg: TrainConfig, topo: Topology, train_batches: StatefulBatche
              cfg.parallel.micro_batch_size * cfg.parallel.grad_accum * topo.dp_size,
              cfg.data.n_segments, cfg.model.segment_len)
     try:
-        return trainer.fit()
+        return trainer.fit(stop_after)
     finally:
         metrics.close()
 

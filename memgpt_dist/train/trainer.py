@@ -164,9 +164,12 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------ loop
-    def fit(self) -> TrainState:
+    def fit(self, stop_after: Optional[int] = None) -> TrainState:
+        """Train to `train.max_steps`; `stop_after` ends early (with a checkpoint) at that step,
+        leaving the schedule untouched, as a preempted job would."""
         cfg = self.cfg
-        while self.state.step < cfg.train.max_steps:
+        last = min(cfg.train.max_steps, stop_after) if stop_after else cfg.train.max_steps
+        while self.state.step < last:
             result = self.train_step()
             step = self.state.step
             if step % cfg.log.every == 0 or step == 1 or step == cfg.train.max_steps:
@@ -175,7 +178,8 @@ class Trainer:
                 self._log_eval()
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                 self.save()
-        if cfg.checkpoint.save_at_end and not self._saved_at(self.state.step):
+        stopped_early = self.state.step < cfg.train.max_steps
+        if (cfg.checkpoint.save_at_end or stopped_early) and not self._saved_at(self.state.step):
             self.save()
         self.metrics.flush()
         return self.state

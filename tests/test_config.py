@@ -1,0 +1,72 @@
+"""Config loading: precedence, strictness and messages that name the key."""
+import pytest
+
+from memgpt_dist.config import ConfigError, TrainConfig, config_from_json, load_config
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_precedence_defaults_then_yaml_then_cli(tmp_path):
+    p = write(tmp_path, "model:\n  n_layer: 3\n  n_head: 2\n")
+    cfg = load_config(p, ["--model.n_layer=5"])
+    assert cfg.model.n_layer == 5  # CLI beats YAML
+    assert cfg.model.n_head == 2  # YAML beats default
+    assert cfg.model.n_embd == TrainConfig().model.n_embd  # default kept
+
+
+def test_unknown_key_names_the_key(tmp_path):
+    p = write(tmp_path, "model:\n  n_layers: 3\n")
+    with pytest.raises(ConfigError, match=r"model\.n_layers"):
+        load_config(p)
+
+
+def test_unknown_section_is_an_error():
+    with pytest.raises(ConfigError, match="modle"):
+        load_config(None, ["modle.n_layer=2"])
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match=r"model\.n_layer must be an integer"):
+        load_config(None, ["model.n_layer=two"])
+
+
+def test_bad_combination_rejected_with_what_to_change():
+    with pytest.raises(ConfigError, match=r"n_embd=100 is not divisible by model.n_head=3"):
+        load_config(None, ["model.n_embd=100", "model.n_head=3"])
+
+
+def test_float_written_without_dot_is_accepted():
+    assert load_config(None, ["optim.lr=1e-3", "optim.min_lr=1e-5"]).optim.min_lr == 1e-5
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_override_must_be_dotted_assignment():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["--model.n_layer"])
+
+
+def test_json_round_trip_is_identity():
+    cfg = load_config(None, ["model.n_layer=3", "memory.enabled=false"])
+    assert config_from_json(cfg.to_json()) == cfg
+
+
+def test_frozen():
+    cfg = TrainConfig()
+    with pytest.raises(Exception):
+        cfg.model.n_layer = 7  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("name", ["tiny", "gpt-125m", "gpt-350m", "gpt-1.3b", "gpt-7b"])
+def test_shipped_configs_load(name):
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
+    assert cfg.parallel.zero_stage == 3

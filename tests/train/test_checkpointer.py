@@ -1,0 +1,112 @@
+"""Checkpointer rules that need no engine: commit marker, verification, fallback, keep-last-k."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from memgpt_dist.parallel.dist import Topology
+from memgpt_dist.train.checkpoint import MARKER, CheckpointError, Checkpointer, tag_for
+
+
+class FakeEngine:
+    """Writes one tensor file per tag the way DeepSpeed's save_checkpoint lays out a tag dir."""
+
+    def __init__(self, value: float = 0.0):
+        self.value = value
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        d = Path(save_dir) / tag
+        d.mkdir(parents=True, exist_ok=True)
+        torch.save({"w": torch.full((4,), self.value), "client": client_state}, d / "mp_rank_00_model_states.pt")
+
+    def load_checkpoint(self, load_dir, tag, **kw):
+        sd = torch.load(Path(load_dir) / tag / "mp_rank_00_model_states.pt", weights_only=True)
+        self.value = float(sd["w"][0])
+        return str(Path(load_dir) / tag), sd["client"]
+
+
+TOPO = Topology(rank=0, world_size=1, local_rank=0, dp_rank=0, dp_size=1, device=torch.device("cpu"))
+
+
+def save(ck: Checkpointer, step: int, value: float = 0.0) -> Path:
+    return ck.save(FakeEngine(value), step, {"step": step}, {"cursor": step}, meta={"config": "{}"})
+
+
+def test_commit_marker_lists_every_file_with_sha256(tmp_path):
+    ck = Checkpointer(tmp_path, TOPO, keep_last=3)
+    path = save(ck, 5)
+    marker = json.loads((path / MARKER).read_text())
+    assert set(marker["files"]) == {"mp_rank_00_model_states.pt", "rank_state/rank_00000.pt"}
+    assert all(len(v["sha256"]) == 64 for v in marker["files"].values())
+    assert ck.verify(5) is None
+
+
+def test_uncommitted_directory_is_ignored(tmp_path):
+    ck = Checkpointer(tmp_path, TOPO, keep_last=3)
+    save(ck, 1)
+    path = save(ck, 2)
+    (path / MARKER).unlink()  # as if the job died before the commit
+    assert ck.latest_valid_step() == 1
+
+
+def test_truncated_file_is_named_and_resume_falls_back(tmp_path, caplog):
+    ck = Checkpointer(tmp_path, TOPO, keep_last=3)
+    save(ck, 1)
+    path = save(ck, 2)
+    f = path / "mp_rank_00_model_states.pt"
+    f.write_bytes(f.read_bytes()[:10])
+    assert "mp_rank_00_model_states.pt" in ck.verify(2)
+    assert ck.latest_valid_step() == 1
+    assert "falling back" in caplog.text
+
+
+def test_corrupted_bytes_same_size_are_detected(tmp_path):
+    ck = Checkpointer(tmp_path, TOPO, keep_last=3)
+    path = save(ck, 1)
+    f = path / "rank_state" / "rank_00000.pt"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    assert "sha256" in ck.verify(1)
+
+
+def test_keep_last_k_deletes_only_older_committed(tmp_path):
+    ck = Checkpointer(tmp_path, TOPO, keep_last=2)
+    for step in (1, 2, 3, 4):
+        save(ck, step)
+    assert ck.committed_steps() == [3, 4]
+
+
+def test_load_restores_engine_and_rank_state(tmp_path):
+    ck = Checkpointer(tmp_path, TOPO, keep_last=2)
+    save(ck, 7, value=3.5)
+    engine = FakeEngine()
+    loaded = ck.load(engine, 7)
+    assert engine.value == 3.5
+    assert loaded.rank_state == {"cursor": 7}
+    assert loaded.client_state == {"step": 7}
+
+
+def test_missing_rank_file_gives_layout_advice(tmp_path):
+    ck = Checkpointer(tmp_path, TOPO, keep_last=2)
+    path = save(ck, 1)
+    (path / "rank_state" / "rank_00000.pt").unlink()
+    with pytest.raises(CheckpointError, match="different number of ranks"):
+        ck.load(FakeEngine(), 1)
+
+
+def test_unwritable_directory_is_a_clear_error_and_keeps_previous(tmp_path):
+    ck = Checkpointer(tmp_path, TOPO, keep_last=2)
+    save(ck, 1)
+
+    class FullDisk(FakeEngine):
+        def save_checkpoint(self, *a, **k):
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(CheckpointError, match="previous checkpoint is untouched"):
+        ck.save(FullDisk(), 2, {}, {})
+    assert ck.latest_valid_step() == 1
+    assert tag_for(1) in {p.name for p in tmp_path.iterdir()}
