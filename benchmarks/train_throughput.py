@@ -1,0 +1,179 @@
+"""Training throughput on CPU, all measured in one run on the same batches.
+
+(a) Hugging Face GPT2LMHeadModel of the same width/depth/context, plain torch AdamW loop (baseline)
+(b) our GPT, memory off and on, in the same plain loop
+(c) our real training step (Trainer.train_step around a DeepSpeed engine, 1 process), ZeRO-0 and ZeRO-3
+
+Prints tokens/s for each and the ratio to (a). Targets at ~20M parameters: (b) memory off >= 1.0x,
+memory on >= 0.8x; (c) ZeRO-3 within 15% of (b) memory on.
+
+    python benchmarks/train_throughput.py                 # tiny and ~20M
+    python benchmarks/train_throughput.py --sizes 20m --steps 20
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+
+from memgpt_dist.config import TrainConfig, load_config  # noqa: E402
+
+SIZES = {
+    # name: (vocab, n_layer, n_head, n_embd, segment_len, n_segments, micro_batch)
+    "tiny": (4096, 2, 4, 128, 64, 4, 4),
+    "20m": (16384, 8, 6, 384, 64, 4, 4),
+}
+
+
+def make_cfg(size: str, memory: bool, zero_stage: int = 0, steps: int = 100) -> TrainConfig:
+    vocab, n_layer, n_head, n_embd, seg, k, mb = SIZES[size]
+    return load_config(None, [
+        f"model.vocab_size={vocab}", f"model.n_layer={n_layer}", f"model.n_head={n_head}",
+        f"model.n_embd={n_embd}", f"model.segment_len={seg}", f"data.n_segments={k}",
+        f"parallel.micro_batch_size={mb}", f"parallel.zero_stage={zero_stage}", f"memory.enabled={str(memory).lower()}",
+        f"train.max_steps={steps}", "optim.warmup_steps=1", "log.tensorboard=false",
+    ])
+
+
+def make_batches(cfg: TrainConfig, n: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    B, K, N = cfg.parallel.micro_batch_size, cfg.data.n_segments, cfg.model.segment_len
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, cfg.model.vocab_size, (B, K * N + 1), generator=g)
+        reset = torch.zeros(B, K, dtype=torch.bool)
+        reset[:, 0] = True
+        out.append({"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(), "reset": reset})
+    return out
+
+
+def timed_loop(step_fn, batches, warmup: int) -> float:
+    """tokens/s over the batches after `warmup` untimed steps."""
+    for b in batches[:warmup]:
+        step_fn(b)
+    t0 = time.perf_counter()
+    for b in batches[warmup:]:
+        step_fn(b)
+    dt = time.perf_counter() - t0
+    return sum(b["input_ids"].numel() for b in batches[warmup:]) / dt
+
+
+def plain_step_fn(model, forward_loss):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(b):
+        loss = forward_loss(model, b)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return step
+
+
+def bench_hf(cfg: TrainConfig, batches, warmup: int) -> float:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    m = cfg.model
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=m.vocab_size, n_positions=m.segment_len * cfg.data.n_segments,
+                                    n_embd=m.n_embd, n_layer=m.n_layer, n_head=m.n_head, resid_pdrop=0.0,
+                                    embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa"))
+    hf.train()
+    return timed_loop(plain_step_fn(hf, lambda mod, b: mod(input_ids=b["input_ids"], labels=b["input_ids"]).loss),
+                      batches, warmup)
+
+
+def bench_ours_plain(cfg: TrainConfig, batches, warmup: int) -> float:
+    from memgpt_dist.model import GPT
+    from memgpt_dist.train.trainer import token_loss_sum
+
+    model = GPT(cfg.model, cfg.memory)
+    model.init_weights()
+    model.train()
+
+    def loss(mod, b):
+        out = mod(b["input_ids"], reset=b["reset"])
+        return token_loss_sum(out.logits, b["labels"]) / b["labels"].numel()
+    return timed_loop(plain_step_fn(model, loss), batches, warmup)
+
+
+class ListBatches:
+    def __init__(self, batches):
+        self.batches, self.i = batches, 0
+
+    def __next__(self):
+        b = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        return b
+
+    def state_dict(self):
+        return {"i": self.i}
+
+    def load_state_dict(self, sd):
+        self.i = sd["i"]
+
+
+def bench_engine(cfg: TrainConfig, batches, warmup: int, topo) -> float:
+    from memgpt_dist.parallel.engine import build_engine
+    from memgpt_dist.train.metrics import MetricsLogger
+    from memgpt_dist.train.run import build_model
+    from memgpt_dist.train.trainer import Trainer
+
+    engine, _ = build_engine(build_model(cfg), cfg, topo)
+    trainer = Trainer(cfg, topo, engine, ListBatches(batches), None, checkpointer=None,
+                      metrics=MetricsLogger(None, enabled=False, tensorboard=False))
+    return timed_loop(lambda b: trainer.train_step(), batches, warmup)
+
+
+def run_size(size: str, steps: int, warmup: int, topo) -> dict[str, float]:
+    cfg_off, cfg_on = make_cfg(size, False), make_cfg(size, True)
+    batches = make_batches(cfg_on, steps + warmup)
+    r: dict[str, float] = {}
+    r["a_hf_gpt2"] = bench_hf(cfg_on, batches, warmup)
+    r["b_ours_mem_off"] = bench_ours_plain(cfg_off, batches, warmup)
+    r["b_ours_mem_on"] = bench_ours_plain(cfg_on, batches, warmup)
+    r["c_engine_zero0_mem_on"] = bench_engine(make_cfg(size, True, 0, steps + warmup), batches, warmup, topo)
+    r["c_engine_zero3_mem_on"] = bench_engine(make_cfg(size, True, 3, steps + warmup), batches, warmup, topo)
+    return r
+
+
+def report(size: str, r: dict[str, float]) -> None:
+    base = r["a_hf_gpt2"]
+    print(f"\n== {size}: tokens/s (ratio to (a) HF GPT2 plain loop)")
+    for k, v in r.items():
+        print(f"  {k:28s} {v:10,.0f}  {v / base:5.2f}x")
+    print(f"  (c) ZeRO-3 / (b) memory on: {r['c_engine_zero3_mem_on'] / r['b_ours_mem_on']:.2f}  "
+          f"(target >= 0.85)")
+    print(f"  (c) ZeRO-0 / (b) memory on: {r['c_engine_zero0_mem_on'] / r['b_ours_mem_on']:.2f}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="tiny,20m")
+    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None, help="also write the figures to this file")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from memgpt_dist.parallel.dist import init_distributed
+
+    topo = init_distributed()
+    results = {}
+    for size in args.sizes.split(","):
+        results[size] = run_size(size, args.steps, args.warmup, topo)
+        report(size, results[size])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
