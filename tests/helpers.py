@@ -14,8 +14,12 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def cli_env() -> dict[str, str]:
-    env = dict(os.environ)
+    """The test process's environment minus any process-group variables an in-process test set."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                 "TOKENIZERS_PARALLELISM": "false"})
     return env

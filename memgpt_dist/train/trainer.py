@@ -113,10 +113,13 @@ class Trainer:
         loss_sum_local = 0.0
         stats: dict[str, torch.Tensor] = {}
         self.engine.train()
+        grad_norm = None
         for batch in batches:
             out = self._forward(batch)
             loss_sum = token_loss_sum(out.logits, batch["labels"].to(self.topo.device))
             self.engine.backward(loss_sum * scale)
+            if self.engine.is_gradient_accumulation_boundary():
+                grad_norm = _unpartitioned_grad_norm(self.engine)
             self.engine.step()
             loss_sum_local += float(loss_sum.detach())
             stats = out.stats
@@ -124,7 +127,7 @@ class Trainer:
         self.state.step += 1
         self.state.tokens_seen += int(n_global)
         self.state.samples_seen += int(samples)
-        return StepResult(loss=loss_sum_global / max(n_global, 1.0), grad_norm=_grad_norm(self.engine),
+        return StepResult(loss=loss_sum_global / max(n_global, 1.0), grad_norm=_grad_norm(self.engine, grad_norm),
                           lr=self.engine.get_lr()[0], tokens=int(n_global), samples=int(samples),
                           step_time=time.perf_counter() - t0, data_time=data_time,
                           stats={k: float(v) for k, v in stats.items()})
@@ -206,10 +209,19 @@ class Trainer:
                               f"ppl {result['val/ppl']:.2f} by segment [{by_seg}]")
 
 
-def _grad_norm(engine) -> float:
+def _unpartitioned_grad_norm(engine) -> Optional[float]:
+    """Without a ZeRO optimizer DeepSpeed does not record the norm; gradients are already
+    averaged over ranks after the boundary backward, so the local norm is the global one."""
+    if engine.zero_optimization_stage() > 0:
+        return None
+    grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+
+
+def _grad_norm(engine, fallback: Optional[float]) -> float:
     norm = engine.get_global_grad_norm()
     if norm is None:
-        return float("nan")
+        return float("nan") if fallback is None else fallback
     return float(norm.item() if torch.is_tensor(norm) else norm)
 
 
