@@ -1,0 +1,253 @@
+"""GPT decoder whose attention is causal within a segment, plus an optional per-head memory.
+
+A sequence of T tokens is cut into segments of N = `segment_len` tokens (the last one may be
+shorter). Attention never crosses a segment boundary and positions restart at 0 in every segment,
+so the only path from one segment to a later one is the associative memory of `memory.py`, read
+and written by every attention head. With `memory.enabled: false` the model has no memory
+parameters at all and is the plain segment-local GPT (the baseline).
+
+Written to be parallelised from outside (torchtitan style): separate q/k/v/o projections that
+tensor-parallel rules can match by name, `view(B, T, -1, head_dim)` so a rank holding a subset of
+the heads works unchanged, blocks in a ModuleDict keyed by index, a top-level forward that only
+loops, `init_weights()` apart from `__init__` and no devices in constructors.
+Imports torch only: no torch.distributed, no deepspeed.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from memgpt_dist.config import MemoryConfig, ModelConfig
+from memgpt_dist.model.memory import LayerState, MemoryState, memory_scan
+
+GATE_SUFFIX = "mem_beta"  # name suffix of the per-head mix-gate logits (own optimizer group)
+
+
+class ModelOutput(NamedTuple):
+    """What `GPT.forward` returns; a NamedTuple so DeepSpeed ZeRO-3 can rebuild it."""
+
+    logits: Tensor  # (B, T, vocab_size)
+    state: Optional[MemoryState]  # memory after the last segment; None when memory is disabled
+    stats: dict[str, Tensor]  # detached scalars for logging; empty when memory is disabled
+
+
+class Rope(NamedTuple):
+    """cos and sin of the rotary angles, each (T, 1, head_dim // 2), shared by all layers."""
+
+    cos: Tensor
+    sin: Tensor
+
+
+def build_rope(positions: Tensor, head_dim: int, theta: float) -> Rope:
+    """Rotary tables for `positions` (T,), in fp32 whatever the activation dtype."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float().unsqueeze(-1) * inv_freq  # (T, hd / 2)
+    return Rope(cos=angles.cos().unsqueeze(1), sin=angles.sin().unsqueeze(1))  # (T, 1, hd / 2) each
+
+
+def apply_rope(x: Tensor, rope: Rope) -> Tensor:
+    """Rotate the two halves of each head as (real, imaginary) pairs. x: (B, T, H, hd)."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, T, H, hd / 2) each
+    rotated = torch.cat([x1 * rope.cos - x2 * rope.sin, x1 * rope.sin + x2 * rope.cos], dim=-1)
+    return rotated.to(x.dtype)
+
+
+def _block_causal(q: Tensor, k: Tensor, v: Tensor, n: int, dropout_p: float) -> Tensor:
+    """Causal attention inside consecutive blocks of exactly n tokens. (B, L, H, hd) -> same."""
+    B, L, H, hd = q.shape
+    q, k, v = (t.reshape(B * (L // n), n, H, hd).transpose(1, 2) for t in (q, k, v))  # (B*S, H, n, hd)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B*S, H, n, hd)
+    return out.transpose(1, 2).reshape(B, L, H, hd)  # (B, L, H, hd)
+
+
+def segment_local_attention(q: Tensor, k: Tensor, v: Tensor, segment_len: int, dropout_p: float) -> Tensor:
+    """Block-diagonal causal attention: each segment attends only to itself.
+
+    Full segments are batched into one SDPA call; a shorter last segment (generation) gets a
+    second call. q, k, v: (B, T, H, hd) -> (B, T, H, hd).
+    """
+    T = q.shape[1]
+    full = (T // segment_len) * segment_len
+    parts = []
+    if full:
+        parts.append(_block_causal(q[:, :full], k[:, :full], v[:, :full], segment_len, dropout_p))
+    if full < T:
+        parts.append(_block_causal(q[:, full:], k[:, full:], v[:, full:], T - full, dropout_p))
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+class Attention(nn.Module):
+    """Segment-local multi-head attention; with memory, each head mixes in its memory read."""
+
+    def __init__(self, cfg: ModelConfig, mem: MemoryConfig):
+        super().__init__()
+        d = cfg.n_embd
+        self.head_dim = cfg.head_dim
+        self.segment_len = cfg.segment_len
+        self.dropout = cfg.dropout
+        self.q_proj = nn.Linear(d, d, bias=cfg.bias)
+        self.k_proj = nn.Linear(d, d, bias=cfg.bias)
+        self.v_proj = nn.Linear(d, d, bias=cfg.bias)
+        self.o_proj = nn.Linear(d, d, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.mem = mem if mem.enabled else None
+        if self.mem is not None:
+            self.mem_q_proj = nn.Linear(d, d, bias=False)
+            self.mem_k_proj = nn.Linear(d, d, bias=False)
+            self.mem_v_proj = nn.Linear(d, d, bias=False)
+            self.mem_write_gate = nn.Linear(d, cfg.n_head)  # b_t per token and head
+            self.mem_beta = nn.Parameter(torch.empty(cfg.n_head))  # g_h = sigmoid(mem_beta_h)
+
+    def forward(self, x: Tensor, rope: Optional[Rope], state: Optional[LayerState], reset: Optional[Tensor],
+                read_memory: bool) -> tuple[Tensor, Optional[LayerState], Optional[Tensor]]:
+        """x: (B, T, C) -> (output (B, T, C), layer state after the last segment, memory read (B, T, H, hd))."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, H, hd)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, H, hd)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim)  # (B, T, H, hd)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        p = self.dropout if self.training else 0.0
+        y = segment_local_attention(q, k, v, self.segment_len, p)  # (B, T, H, hd)
+        read = None
+        if self.mem is not None:
+            read, state = self._read_write_memory(x, state, reset, read_memory)
+            g = torch.sigmoid(self.mem_beta).view(1, 1, -1, 1)  # (1, 1, H, 1)
+            y = g * read.to(y.dtype) + (1 - g) * y
+        y = y.reshape(B, T, -1)  # (B, T, H * hd)
+        return self.resid_dropout(self.o_proj(y)), state, read
+
+    def _read_write_memory(self, x: Tensor, state: Optional[LayerState], reset: Optional[Tensor],
+                           read_memory: bool) -> tuple[Tensor, LayerState]:
+        B, T, _ = x.shape
+        q = self.mem_q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, H, hd)
+        k = self.mem_k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, H, hd)
+        v = self.mem_v_proj(x).view(B, T, -1, self.head_dim)  # (B, T, H, hd)
+        read, state = memory_scan(q, k, v, self.mem_write_gate(x), state, reset, self.segment_len,
+                                  self.mem.nu, self.mem.eps)
+        if not read_memory:
+            # ablation: every segment sees what the first segment of a document sees (a zero read)
+            read = torch.zeros_like(read)
+        return read, state
+
+
+class MLP(nn.Module):
+    """Position-wise GELU feed-forward."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = cfg.mlp_ratio * cfg.n_embd
+        self.up_proj = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.down_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.down_proj(F.gelu(self.up_proj(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, cfg: ModelConfig, mem: MemoryConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = Attention(cfg, mem)
+        self.ln2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, rope: Optional[Rope], state: Optional[LayerState], reset: Optional[Tensor],
+                read_memory: bool) -> tuple[Tensor, Optional[LayerState], dict[str, Tensor]]:
+        a, state, read = self.attn(self.ln1(x), rope, state, reset, read_memory)
+        x = x + a
+        x = x + self.mlp(self.ln2(x))
+        return x, state, self._stats(read)
+
+    @torch.no_grad()
+    def _stats(self, read: Optional[Tensor]) -> dict[str, Tensor]:
+        if read is None:
+            return {}
+        return {"mem_gate": torch.sigmoid(self.attn.mem_beta.detach().float()).mean(),
+                "mem_read_norm": read.detach().flatten(2).norm(dim=-1).mean()}  # L2 over all heads of a token
+
+
+class GPT(nn.Module):
+    """Decoder-only LM with segment-local attention and (optionally) per-head memory."""
+
+    def __init__(self, cfg: ModelConfig, mem: MemoryConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.mem_cfg = mem
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.segment_len, cfg.n_embd) if cfg.position == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleDict({str(i): Block(cfg, mem) for i in range(cfg.n_layer)})
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2 style init; output projections scaled by 1/sqrt(2 * n_layer) so the residual
+        stream's variance does not grow with depth; memory gates from `MemoryConfig`."""
+        std = self.cfg.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_output = name.endswith(("attn.o_proj", "mlp.down_proj"))
+                nn.init.normal_(module.weight, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layer) if is_output else std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
+        # a second pass: named_modules() visits an Attention before its mem_write_gate child
+        for block in self.blocks.values():
+            attn = block.attn
+            if attn.mem is not None:
+                nn.init.constant_(attn.mem_write_gate.bias, attn.mem.write_gate_bias_init)
+                nn.init.constant_(attn.mem_beta, attn.mem.gate_init)
+
+    def forward(self, input_ids: Tensor, state: Optional[MemoryState] = None, reset: Optional[Tensor] = None,
+                read_memory: bool = True) -> ModelOutput:
+        """input_ids: (B, T); state: memory before the first segment (None: document start);
+        reset: (B, ceil(T / N)) bool, True where segment s starts a new document (the memory is
+        zeroed before s reads it); read_memory=False zeroes every memory read (ablation; writes
+        still happen)."""
+        self._check_inputs(input_ids, state, reset)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device) % self.cfg.segment_len  # (T,)
+        x = self.wte(input_ids)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        x = self.drop(x)
+        rope = build_rope(positions, self.cfg.head_dim, self.cfg.rope_theta) if self.cfg.position == "rope" else None
+        layer_states = state if state is not None else (None,) * len(self.blocks)
+        new_states, stats = [], {}
+        for i, block in self.blocks.items():
+            x, layer_state, block_stats = block(x, rope, layer_states[int(i)], reset, read_memory)
+            new_states.append(layer_state)
+            stats.update({f"{key}/layer{i}": value for key, value in block_stats.items()})
+        logits = F.linear(self.ln_f(x), self.wte.weight)  # (B, T, vocab); head tied to the embedding
+        return ModelOutput(logits, tuple(new_states) if self.mem_cfg.enabled else None, stats)
+
+    def _check_inputs(self, input_ids: Tensor, state: Optional[MemoryState], reset: Optional[Tensor]) -> None:
+        B, T = input_ids.shape
+        n_segments = -(-T // self.cfg.segment_len)
+        if reset is not None and tuple(reset.shape) != (B, n_segments):
+            raise ValueError(f"reset has shape {tuple(reset.shape)}; expected (batch, segments) = ({B}, {n_segments}) "
+                             f"for {T} tokens with model.segment_len={self.cfg.segment_len}")
+        if state is not None and not self.mem_cfg.enabled:
+            raise ValueError("a memory state was passed but memory.enabled is false; pass state=None")
+        if state is not None and len(state) != len(self.blocks):
+            raise ValueError(f"state has {len(state)} layers; the model has model.n_layer={len(self.blocks)}")
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        """Parameter count (the tied LM head is counted once, as the token embedding)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embedding:
+            n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
+        return n
+
+    def memory_gate_param_names(self) -> list[str]:
+        """Names of the per-head mix-gate logits (they end in `GATE_SUFFIX`)."""
+        return [name for name, _ in self.named_parameters() if name.endswith(GATE_SUFFIX)]

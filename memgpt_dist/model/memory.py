@@ -1,0 +1,151 @@
+"""Per-head associative memory: DPFP features, normalised read, gated delta-rule write.
+
+The rule is ARMT's (Rodkin et al. 2024) placed inside every attention head (the `hdpfp` variant
+of /work/shared/research/memory_smoke_test.py). For a segment s of a document, per head:
+
+    read      o_t = phi(q_t) A_{s-1} / (phi(q_t) . z_{s-1} + eps)            every token t of s
+    retrieve  r_t = phi(k_t) A_{s-1} / (phi(k_t) . z_{s-1} + eps)
+    write     A_s = A_{s-1} + sum_t b_t phi(k_t)^T (v_t - r_t)
+              z_s = z_{s-1} + sum_t b_t phi(k_t)
+
+so a segment reads only what earlier segments wrote (causal at the segment level) and the write
+stores only what the memory did not already return for that key (delta rule).
+
+Numerics: the state and all of its arithmetic are fp32 with autocast disabled, whatever the
+activation dtype; sums over hundreds of segments in bf16 would drift. The state is a tuple of
+per-layer `LayerState(A, z)` namedtuples: plain tensors in tuples, which DeepSpeed's module hooks
+pass through, kept out of buffers and `state_dict` because it is per sample, not a weight.
+Everything here is per head, so sharding heads across tensor-parallel ranks shards the state
+with them and needs no communication.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class LayerState(NamedTuple):
+    """Memory of one layer for a batch. A: (B, H, dk, hd) associations, z: (B, H, dk) normaliser."""
+
+    A: Tensor
+    z: Tensor
+
+
+MemoryState = tuple[LayerState, ...]  # one LayerState per layer, in layer order
+
+
+def feature_dim(head_dim: int, nu: int) -> int:
+    """Size of the DPFP key space, dk = 2 * nu * head_dim."""
+    return 2 * nu * head_dim
+
+
+def dpfp(x: Tensor, nu: int) -> Tensor:
+    """Deterministic parameter-free projection (Schlag et al. 2021) of the last dimension.
+
+    r = [relu(x), relu(-x)] is non-negative, so every feature (a product of two entries of r)
+    is too and the normaliser phi(q) . z stays positive. (..., hd) -> (..., 2 * nu * hd).
+    """
+    r = torch.cat([F.relu(x), F.relu(-x)], dim=-1)  # (..., 2 * hd)
+    return torch.cat([r * r.roll(shifts=j, dims=-1) for j in range(1, nu + 1)], dim=-1)  # (..., 2 * nu * hd)
+
+
+def zero_layer_state(batch: int, n_head: int, head_dim: int, nu: int,
+                     device: Optional[torch.device] = None) -> LayerState:
+    """The empty memory of one layer (document start), always fp32."""
+    dk = feature_dim(head_dim, nu)
+    return LayerState(A=torch.zeros(batch, n_head, dk, head_dim, device=device, dtype=torch.float32),
+                      z=torch.zeros(batch, n_head, dk, device=device, dtype=torch.float32))
+
+
+def zero_state(n_layer: int, batch: int, n_head: int, head_dim: int, nu: int,
+               device: Optional[torch.device] = None) -> MemoryState:
+    """The empty memory of a whole model; equivalent to passing `state=None`."""
+    return tuple(zero_layer_state(batch, n_head, head_dim, nu, device) for _ in range(n_layer))
+
+
+def detach_state(state: Optional[MemoryState]) -> Optional[MemoryState]:
+    """Cut the graph at a state (truncated BPTT between optimizer steps)."""
+    if state is None:
+        return None
+    return tuple(LayerState(s.A.detach(), s.z.detach()) for s in state)
+
+
+def move_state(state: Optional[MemoryState], device: torch.device | str) -> Optional[MemoryState]:
+    """Move a state to `device`, keeping it fp32 whatever it was cast to on the way."""
+    if state is None:
+        return None
+    return tuple(LayerState(s.A.to(device=device, dtype=torch.float32),
+                            s.z.to(device=device, dtype=torch.float32)) for s in state)
+
+
+def state_to_dict(state: MemoryState) -> dict[str, Tensor]:
+    """Flat `{"layer{i}.A": ..., "layer{i}.z": ...}` that `torch.load(weights_only=True)` accepts."""
+    out: dict[str, Tensor] = {}
+    for i, s in enumerate(state):
+        out[f"layer{i}.A"], out[f"layer{i}.z"] = s.A, s.z
+    return out
+
+
+def state_from_dict(tensors: dict[str, Tensor]) -> MemoryState:
+    """Inverse of `state_to_dict`."""
+    n_layer = len(tensors) // 2
+    return tuple(LayerState(tensors[f"layer{i}.A"], tensors[f"layer{i}.z"]) for i in range(n_layer))
+
+
+def reset_where(state: LayerState, reset: Tensor) -> LayerState:
+    """Zero the memory of the samples where `reset` (B,) is True.
+
+    `torch.where` selects exact zeros (no multiply by 0, which would keep NaN/Inf and a gradient
+    path), so nothing of the previous document survives, in values or in gradients.
+    """
+    keep = ~reset.view(-1, 1, 1)  # (B, 1, 1)
+    return LayerState(A=torch.where(keep.unsqueeze(-1), state.A, 0.0), z=torch.where(keep, state.z, 0.0))
+
+
+def normalised_read(phi_x: Tensor, state: LayerState, eps: float) -> Tensor:
+    """phi(x) A / (phi(x) . z + eps). phi_x: (B, H, n, dk) -> (B, H, n, hd)."""
+    numerator = phi_x @ state.A  # (B, H, n, hd)
+    denominator = phi_x @ state.z.unsqueeze(-1)  # (B, H, n, 1)
+    return numerator / (denominator + eps)
+
+
+def delta_write(phi_k: Tensor, v: Tensor, b: Tensor, retrieved: Tensor, state: LayerState) -> LayerState:
+    """Gated delta-rule update from one segment. phi_k: (B, H, n, dk), v/retrieved: (B, H, n, hd), b: (B, H, n, 1)."""
+    gated_k = b * phi_k  # (B, H, n, dk)
+    A = state.A + gated_k.transpose(-1, -2) @ (v - retrieved)  # (B, H, dk, hd)
+    z = state.z + gated_k.sum(dim=2)  # (B, H, dk)
+    return LayerState(A, z)
+
+
+def memory_scan(q: Tensor, k: Tensor, v: Tensor, write_logit: Tensor, state: Optional[LayerState],
+                reset: Optional[Tensor], segment_len: int, nu: int, eps: float) -> tuple[Tensor, LayerState]:
+    """Read and write the memory of one layer over every segment of a sequence.
+
+    q, k, v: (B, T, H, hd) memory projections; write_logit: (B, T, H) pre-sigmoid write gates;
+    state: the layer's memory before the first segment (None: empty); reset: (B, S) bool, True
+    where segment s starts a new document. Returns the reads (B, T, H, hd) in fp32 and the state
+    after the last segment. Features and gates are computed for all tokens at once; only the
+    recurrence loops over segments, and gradients flow through the state across all of them.
+    """
+    B, T, H, hd = q.shape
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        phi_q = dpfp(q.float().transpose(1, 2), nu)  # (B, H, T, dk)
+        phi_k = dpfp(k.float().transpose(1, 2), nu)  # (B, H, T, dk)
+        v = v.float().transpose(1, 2)  # (B, H, T, hd)
+        b = torch.sigmoid(write_logit.float()).transpose(1, 2).unsqueeze(-1)  # (B, H, T, 1)
+        if state is None:
+            state = zero_layer_state(B, H, hd, nu, device=q.device)
+        # split once: the backward of a split is one cat, the backward of each slice a full zero fill
+        segments = zip(*(t.split(segment_len, dim=2) for t in (phi_q, phi_k, v, b)))
+        reads = []
+        for s, (phi_q_s, phi_k_s, v_s, b_s) in enumerate(segments):
+            if reset is not None:
+                state = reset_where(state, reset[:, s])
+            reads.append(normalised_read(phi_q_s, state, eps))  # (B, H, n, hd)
+            retrieved = normalised_read(phi_k_s, state, eps)  # (B, H, n, hd)
+            state = delta_write(phi_k_s, v_s, b_s, retrieved, state)
+        read = torch.cat(reads, dim=2).transpose(1, 2)  # (B, T, H, hd)
+    return read, state

@@ -1,0 +1,140 @@
+"""The decoder: equals an explicit reference, is causal, handles a partial last segment."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import SEGMENT_LEN as N
+from conftest import VOCAB
+
+
+def _layer_norm(x, ln):
+    mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+    return (x - mean) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
+
+
+def _linear(x, lin):
+    return x @ lin.weight.T + lin.bias
+
+
+def _rope(x, pos, theta):
+    """Rotary embedding via complex numbers: first and second half of a head are (re, im)."""
+    half = x.shape[-1] // 2
+    freq = theta ** (-torch.arange(half, dtype=torch.float64) * 2 / x.shape[-1])
+    rot = torch.polar(torch.ones(len(pos), half, dtype=torch.float64), pos[:, None].double() * freq)  # (T, hd/2)
+    z = torch.complex(x[..., :half].double(), x[..., half:].double()) * rot[None, :, None, :]
+    return torch.cat([z.real, z.imag], dim=-1).float()
+
+
+def reference_logits(model, ids, head_scale=None):
+    """Segment-local GPT written out: explicit mask, manual softmax, erf GELU, tied head.
+    head_scale (n_layer, n_head) multiplies each head's attention output."""
+    cfg, (B, T) = model.cfg, ids.shape
+    hd, pos = cfg.head_dim, torch.arange(T) % N
+    seg = torch.arange(T) // N
+    allowed = (seg[:, None] == seg[None, :]) & (torch.arange(T)[None, :] <= torch.arange(T)[:, None])  # (T, T)
+    x = model.wte.weight[ids]
+    if cfg.position == "learned":
+        x = x + model.wpe.weight[pos]
+    for i in range(cfg.n_layer):
+        blk = model.blocks[str(i)]
+        h = _layer_norm(x, blk.ln1)
+        q, k, v = (_linear(h, p).view(B, T, cfg.n_head, hd) for p in (blk.attn.q_proj, blk.attn.k_proj, blk.attn.v_proj))
+        if cfg.position == "rope":
+            q, k = _rope(q, pos, cfg.rope_theta), _rope(k, pos, cfg.rope_theta)
+        scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(hd)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        weights = torch.exp(scores - scores.amax(-1, keepdim=True))
+        weights = weights / weights.sum(-1, keepdim=True)
+        y = torch.einsum("bhts,bshd->bthd", weights, v)
+        if head_scale is not None:
+            y = y * head_scale[i].view(1, 1, -1, 1)
+        x = x + _linear(y.reshape(B, T, -1), blk.attn.o_proj)
+        u = _linear(_layer_norm(x, blk.ln2), blk.mlp.up_proj)
+        x = x + _linear(0.5 * u * (1 + torch.erf(u / math.sqrt(2))), blk.mlp.down_proj)
+    return _layer_norm(x, model.ln_f) @ model.wte.weight.T
+
+
+@pytest.mark.parametrize("position", ["rope", "learned"])
+@torch.no_grad()
+def test_memory_disabled_is_the_plain_segment_local_gpt(make_model, tokens, position):
+    model = make_model(memory=False, position=position)
+    out = model(tokens)
+    assert out.state is None and out.stats == {}
+    assert not any("mem_" in name for name, _ in model.named_parameters())
+    assert (out.logits - reference_logits(model, tokens)).abs().max().item() <= 1e-5
+
+
+@torch.no_grad()
+def test_memory_with_reads_zeroed_is_the_gated_plain_gpt(make_model, tokens):
+    """Nothing but the read reaches the output: with it zeroed, only (1 - g_h) * local remains."""
+    model = make_model()
+    for block in model.blocks.values():
+        block.attn.mem_beta.copy_(torch.linspace(-1.0, 1.0, model.cfg.n_head))
+    scale = torch.stack([1 - torch.sigmoid(b.attn.mem_beta) for b in model.blocks.values()])
+    ablated = model(tokens, read_memory=False).logits
+    assert (ablated - reference_logits(model, tokens, head_scale=scale)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("memory", [True, False])
+@torch.no_grad()
+def test_changing_a_token_never_changes_earlier_logits(make_model, tokens, memory):
+    model = make_model(memory=memory)
+    base = model(tokens).logits
+    for t in (3, N, 2 * N + 5):
+        changed = tokens.clone()
+        changed[:, t] = (tokens[:, t] + 1) % VOCAB
+        logits = model(changed).logits
+        assert torch.equal(logits[:, :t], base[:, :t])
+        assert not torch.allclose(logits[:, t], base[:, t])
+
+
+@torch.no_grad()
+def test_only_the_memory_carries_information_across_segments(make_model, tokens):
+    changed = tokens.clone()
+    changed[:, :N] = (tokens[:, :N] + 1) % VOCAB
+    plain = make_model(memory=False)
+    assert torch.equal(plain(changed).logits[:, N:], plain(tokens).logits[:, N:])
+    memory = make_model(memory=True)
+    diff = (memory(changed).logits[:, N:2 * N] - memory(tokens).logits[:, N:2 * N]).abs().max().item()
+    assert diff > 1e-4
+
+
+@pytest.mark.parametrize("position", ["rope", "learned"])
+@torch.no_grad()
+def test_partial_last_segment_equals_the_prefix_of_a_full_run(make_model, tokens, position):
+    model = make_model(position=position)
+    full = model(tokens).logits
+    for T in (2 * N + 1, 3 * N + 5, 5):
+        assert (model(tokens[:, :T]).logits - full[:, :T]).abs().max().item() <= 1e-6
+
+
+@torch.no_grad()
+def test_partial_segment_is_written_to_the_state(make_model, tokens):
+    model = make_model()
+    whole = model(tokens[:, :N + 3]).state
+    before = model(tokens[:, :N]).state
+    assert not torch.equal(whole[0].A, before[0].A)
+    continued = model(tokens[:, N:N + 3], state=before).state
+    assert torch.allclose(whole[0].A, continued[0].A, atol=1e-6)
+
+
+def test_init_and_stats_follow_the_config(make_model, tokens):
+    from memgpt_dist.config import MemoryConfig
+    from memgpt_dist.model import GPT
+    model = GPT(make_model().cfg, MemoryConfig(gate_init=-2.0, write_gate_bias_init=1.5))
+    model.init_weights()
+    attn = model.blocks["1"].attn
+    assert torch.equal(attn.mem_beta, torch.full((4,), -2.0)) and torch.equal(attn.mem_write_gate.bias, torch.full((4,), 1.5))
+    assert model.memory_gate_param_names() == ["blocks.0.attn.mem_beta", "blocks.1.attn.mem_beta"]
+    stats = model(tokens).stats
+    assert set(stats) == {f"{k}/layer{i}" for k in ("mem_gate", "mem_read_norm") for i in (0, 1)}
+    assert stats["mem_gate/layer1"].item() == pytest.approx(1 / (1 + math.exp(2.0)))
+    assert all(not v.requires_grad and v.dim() == 0 for v in stats.values())
+
+
+def test_bad_reset_shape_is_rejected(make_model, tokens):
+    with pytest.raises(ValueError, match="reset has shape"):
+        make_model()(tokens, reset=torch.zeros(2, 3, dtype=torch.bool))
