@@ -19,6 +19,7 @@ from memgpt_dist.config import ConfigError, TrainConfig, config_from_json
 from memgpt_dist.model import GPT
 from memgpt_dist.parallel.dist import Topology
 from memgpt_dist.parallel.engine import build_engine
+from memgpt_dist.parallel.plan import apply_plan
 from memgpt_dist.train.checkpoint import CheckpointError, Checkpointer
 from memgpt_dist.train.metrics import MetricsLogger
 from memgpt_dist.train.state import TrainState, seed_everything
@@ -63,7 +64,7 @@ def build_model(cfg: TrainConfig) -> GPT:
     seed_everything(cfg.train.seed)
     model = GPT(cfg.model, cfg.memory)
     model.init_weights()
-    return model
+    return apply_plan(model, cfg.parallel)
 
 
 def resolve_resume(resume: str, checkpointer: Checkpointer) -> Optional[int]:

@@ -1,0 +1,33 @@
+"""Model transforms applied from outside the model, in a fixed order (torchtitan style).
+
+The model file stays free of parallel and memory-saving code; `apply_plan` is the one place
+that changes a built model before DeepSpeed wraps it. Order: activation checkpointing first
+(it wraps whole blocks), then tensor-parallel partitioning (added with TP), then compile.
+"""
+from __future__ import annotations
+
+import functools
+
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from memgpt_dist.config import ParallelConfig
+
+
+def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Recompute every block in the backward pass instead of storing its activations.
+
+    The block's bound `forward` is wrapped in place, so parameter names (and therefore
+    checkpoints) are the same with and without activation checkpointing. Non-reentrant
+    checkpointing supports the memory state flowing through blocks and keyword arguments.
+    """
+    for block in model.blocks.values():
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    return model
+
+
+def apply_plan(model: nn.Module, parallel: ParallelConfig) -> nn.Module:
+    """Apply the configured transforms to a freshly built model."""
+    if parallel.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    return model
