@@ -25,7 +25,7 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    from data_pipeline.loader import DataError
+    from data_pipeline.errors import DataError
     from memgpt_dist.cli import run_cli
 
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
 
 
 def _train(args, overrides) -> int:
-    from data_pipeline.loader import SegmentLoader
+    from data_pipeline.segment_stream import SegmentLoader
     from memgpt_dist.config import load_config
     from memgpt_dist.parallel.dist import init_distributed, shutdown
     from memgpt_dist.train.run import dry_run_report, run_training, setup_logging
@@ -53,7 +53,8 @@ def _train(args, overrides) -> int:
                                  micro_batch_size=cfg.parallel.micro_batch_size, dp_rank=topo.dp_rank,
                                  dp_size=topo.dp_size, seed=d.seed, num_workers=d.num_workers,
                                  max_skip_fraction=d.max_skip_fraction,
-                                 expected_tokenizer_hash=_tokenizer_hash(d.tokenizer))
+                                 expected_tokenizer_hash=_tokenizer_hash(d.tokenizer),
+                                 verify_checksums=d.verify_checksums)
 
         train = loader("train")
         _check_vocab(train.vocab_size, m.vocab_size)
@@ -65,9 +66,9 @@ def _train(args, overrides) -> int:
 
 
 def _tokenizer_hash(path: str):
-    import hashlib
+    from data_pipeline.bpe_tokenizer import file_sha256
 
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
+    return file_sha256(Path(path) / "tokenizer.json" if Path(path).is_dir() else path) if path else None
 
 
 def _check_vocab(data_vocab: int, model_vocab: int) -> None:

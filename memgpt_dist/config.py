@@ -81,6 +81,7 @@ class DataConfig:
     num_workers: int = 0  # shard-reading worker processes per rank
     max_skip_fraction: float = 0.01  # fail when more than this fraction of samples is skipped
     tokenizer: str = ""  # optional tokenizer.json whose hash must match the shards'
+    verify_checksums: bool = True  # sha256 of every shard against the manifest when first opened
 
     def validate(self) -> None:
         _check(self.n_segments >= 1, "data.n_segments must be >= 1")

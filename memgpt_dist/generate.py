@@ -7,7 +7,9 @@ state, and tokens of the current, partial segment attend locally and read that s
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -61,7 +63,9 @@ def consolidated_state_dict(ckpt_dir: Path, zero_stage: int) -> dict[str, torch.
         return states["module"]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+    # DeepSpeed reports its progress with print(); keep stdout for the generated text alone.
+    with contextlib.redirect_stdout(sys.stderr):
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
 
 
 def _sample_next(logits: torch.Tensor, s: SamplingConfig, gen: torch.Generator) -> int:

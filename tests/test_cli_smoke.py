@@ -20,8 +20,9 @@ def runs(tiny_data, tmp_path_factory):
 
 def test_uninterrupted_run_writes_checkpoints_and_metrics(runs):
     _, full = runs
-    ckpts = sorted(p.name for p in (full / "checkpoints").iterdir())
+    ckpts = sorted(p.name for p in (full / "checkpoints").iterdir() if p.is_dir())
     assert ckpts == ["step_00000003", "step_00000006"]
+    assert (full / "checkpoints" / "zero_to_fp32.py").is_file()  # DeepSpeed's consolidation script for users
     assert all((full / "checkpoints" / c / "COMMITTED.json").is_file() for c in ckpts)
     m = read_metrics(full)
     assert sorted(k for k in m if "train/loss" in m[k]) == [1, 2, 3, 4, 5, 6]

@@ -127,7 +127,7 @@ def run_training(cfg: TrainConfig, topo: Topology, train_batches: StatefulBatche
     if start is not None:
         _restore(trainer, start, cfg, topo)
     log.info("model: %s parameters; world size %d; global batch %d samples x %d segments x %d tokens",
-             f"{sum(p.numel() for p in model.parameters()):,}", topo.world_size,
+             f"{count_parameters(model):,}", topo.world_size,
              cfg.parallel.micro_batch_size * cfg.parallel.grad_accum * topo.dp_size,
              cfg.data.n_segments, cfg.model.segment_len)
     try:
@@ -144,11 +144,16 @@ def _restore(trainer: Trainer, step: int, cfg: TrainConfig, topo: Topology) -> N
              f"{trainer.state.tokens_seen:,}")
 
 
+def count_parameters(model: torch.nn.Module) -> int:
+    """Full parameter count, also after ZeRO-3 has partitioned the tensors (their local numel is then 0)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
 def dry_run_report(cfg: TrainConfig, world_size: int, device_type: str) -> str:
     from memgpt_dist.parallel.deepspeed_config import build_ds_config
 
     ds = build_ds_config(cfg, world_size, device_type=device_type, bf16_supported=device_type == "cuda")
     model = GPT(cfg.model, cfg.memory)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = count_parameters(model)
     return (f"# resolved config\n{cfg.to_json()}\n# world size {world_size}, dp {cfg.parallel.dp(world_size)}, "
             f"{n_params:,} parameters\n# DeepSpeed config\n{json.dumps(ds, indent=2)}")

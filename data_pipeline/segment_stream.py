@@ -1,0 +1,341 @@
+"""Deterministic, resumable streaming of prepared shards as memory-ready samples.
+
+Streams. A batch row is a *stream*: the global batch has S = dp_size * micro_batch_size streams,
+and global stream g lives on dp rank g // micro_batch_size, row g % micro_batch_size. What a
+stream reads depends only on (seed, epoch, g, S), never on dp, so a 1-rank run with micro-batch
+2m reads exactly the rows of a 2-rank run with micro-batch m.
+
+Shards. In epoch e the train shards are permuted by a generator seeded from (seed, e); stream g
+reads shards perm[g::S] in that order, each shard's documents in stored order, then moves to
+epoch e+1. Streams therefore read disjoint shards that together cover the split every epoch.
+
+Segments. A document of L tokens (EOS last) gives ceil((L-1)/N) segments; segment j has inputs
+t[jN:(j+1)N] and next-token labels t[jN+1:(j+1)N+1], padded with pad id / -100. A document
+always starts a new segment, flagged in `reset` so the model zeroes the memory there. A sample is
+the next K segments of its stream and may run from the end of one document into the next.
+
+Resume. All cursors (epoch, shard position, document, segment) live in this process, so
+`state_dict()` / `load_state_dict()` reproduce the exact next batch; worker processes only read
+and decode whole shards ahead of time, which cannot change what is produced.
+
+Bad shards. With `verify_checksums` a shard whose sha256 differs from the manifest is an error
+that names it. Without it (or for damage the checksum cannot see at read time) a shard that fails
+to read is cut at the first bad member: its later documents are skipped with a warning and
+counted; more than `max_skip_fraction` skipped documents is an error.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import logging
+import multiprocessing as mp
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from data_pipeline.errors import DataError
+from data_pipeline.prepare_corpus import read_manifest
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+MIN_DOCS_FOR_SKIP_CHECK = 100
+
+
+@dataclass
+class Cursor:
+    """Where one stream is: epoch, index into its shard list, document in shard, segment in document."""
+
+    epoch: int = 0
+    shard_pos: int = 0
+    doc_pos: int = 0
+    seg_pos: int = 0
+
+
+@dataclass(frozen=True)
+class ShardDocs:
+    """Decoded documents of one shard, plus how many members failed to read."""
+
+    doc_ids: list[int]
+    tokens: list[np.ndarray]
+    skipped: int
+    error: str
+
+
+def read_shard(path: str, dtype: str, expected_docs: int, sha256: Optional[str]) -> ShardDocs:
+    """Decode one shard (runs in worker processes too, so it takes and returns plain data)."""
+    if sha256 is not None:
+        actual = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        if actual != sha256:
+            raise DataError(f"shard {path} does not match the sha256 in its manifest (corrupted or replaced); "
+                            f"re-run memgpt-prepare or restore the file (or set data.verify_checksums=false to "
+                            f"skip its bad documents)")
+    import webdataset as wds
+
+    doc_ids, tokens, error = [], [], ""
+    try:
+        # Shards are already assigned per rank and per worker by SegmentLoader, so webdataset's own node and
+        # worker splitting is switched off (its default refuses to run under torch.distributed).
+        pipeline = wds.WebDataset(path, shardshuffle=False, handler=wds.reraise_exception, nodesplitter=None,
+                                  workersplitter=None, empty_check=False)
+        for sample in pipeline:
+            key = f"ids.{dtype}"
+            if key not in sample:
+                raise ValueError(f"member {sample['__key__']} has no {key}")
+            doc_ids.append(int(sample["__key__"].removeprefix("doc")))
+            tokens.append(np.frombuffer(sample[key], dtype="<u2" if dtype == "u16" else "<u4").astype(np.int64))
+    except Exception as exc:  # tar, gzip and decode errors all mean: stop reading this shard here
+        error = f"{type(exc).__name__}: {exc}"
+    return ShardDocs(doc_ids, tokens, max(0, expected_docs - len(doc_ids)), error)
+
+
+class SegmentLoader:
+    """Micro-batches for one data-parallel rank; iterate it (train: forever, validation: once)."""
+
+    def __init__(self, data_dir: str | Path, split: str = "train", *, segment_len: int, n_segments: int,
+                 micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 1234, num_workers: int = 0,
+                 max_skip_fraction: float = 0.01, expected_tokenizer_hash: Optional[str] = None,
+                 verify_checksums: bool = True):
+        if split not in ("train", "validation"):
+            raise DataError(f"split {split!r}: use 'train' or 'validation'")
+        self.dir = Path(data_dir)
+        self.manifest = read_manifest(self.dir)
+        self._check_tokenizer(expected_tokenizer_hash)
+        self.split, self.N, self.K, self.mb = split, segment_len, n_segments, micro_batch_size
+        self.seed, self.max_skip_fraction, self.verify = seed, max_skip_fraction, verify_checksums
+        self.n_streams = dp_size * micro_batch_size
+        self.stream_ids = [dp_rank * micro_batch_size + i for i in range(micro_batch_size)]
+        self.shards = self.manifest["splits"][split]
+        self._check_shards()
+        self.cursors = {g: Cursor() for g in self.stream_ids}
+        self.skipped_samples = 0
+        self.seen_samples = 0
+        self._bad_files: set[str] = set()
+        self._cache: dict[int, ShardDocs] = {}  # shard index -> decoded docs, for shards in use
+        self._pool = _make_pool(num_workers)
+        self._futures: dict[int, cf.Future] = {}
+
+    # ------------------------------------------------------------------ manifest facts
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["tokenizer"]["vocab_size"])
+
+    @property
+    def tokenizer_hash(self) -> str:
+        return self.manifest["tokenizer"]["sha256"]
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.manifest["tokenizer"]["eos_id"])
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.manifest["tokenizer"]["pad_id"])
+
+    def _check_tokenizer(self, expected: Optional[str]) -> None:
+        if expected is not None and expected != self.manifest["tokenizer"]["sha256"]:
+            raise DataError(f"tokenizer mismatch: the shards in {self.dir} were made with tokenizer sha256 "
+                            f"{self.manifest['tokenizer']['sha256'][:12]}… but data.tokenizer has {expected[:12]}…; "
+                            f"re-run memgpt-prepare with that tokenizer or point data.tokenizer at {self.dir}/tokenizer.json")
+
+    def _check_shards(self) -> None:
+        n = len(self.shards)
+        if n == 0:
+            raise DataError(f"{self.dir} has no {self.split} shards; re-run memgpt-prepare with more documents"
+                            + (" or a larger --val-fraction" if self.split == "validation" else ""))
+        for s in self.shards:
+            if not (self.dir / s["file"]).is_file():
+                raise DataError(f"shard {self.dir / s['file']} listed in the manifest is missing; restore it or "
+                                f"re-run memgpt-prepare")
+        if self.split == "train" and n < self.n_streams:
+            raise DataError(f"{self.dir} has {n} train shards but this run reads {self.n_streams} streams "
+                            f"(dp x micro_batch_size); re-run memgpt-prepare with --min-shards >= {self.n_streams}")
+
+    # ------------------------------------------------------------------ stream plan
+    def _epoch_order(self, epoch: int) -> list[int]:
+        if self.split == "validation":
+            return list(range(len(self.shards)))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.shards), generator=g).tolist()
+
+    def _plan(self, g: int, epoch: int) -> list[tuple[int, int, int]]:
+        """(shard index, first document, stride) triples that stream g reads in `epoch`."""
+        order = self._epoch_order(epoch)
+        if self.split == "train" or len(order) >= self.n_streams:
+            return [(s, 0, 1) for s in order[g::self.n_streams]]
+        # Few validation shards: deal documents round-robin over streams across all shards.
+        plan, start = [], 0
+        for s in order:
+            count = self.shards[s]["documents"]
+            plan.append((s, (g - start) % self.n_streams, self.n_streams))
+            start += count
+        return plan
+
+    # ------------------------------------------------------------------ shard access
+    def _shard_args(self, s: int) -> tuple:
+        info = self.shards[s]
+        return (str(self.dir / info["file"]), self.manifest["dtype"], info["documents"],
+                info["sha256"] if self.verify else None)
+
+    def _prefetch(self, s: int) -> None:
+        if self._pool is not None and s not in self._cache and s not in self._futures:
+            self._futures[s] = self._pool.submit(read_shard, *self._shard_args(s))
+
+    def _docs(self, s: int) -> ShardDocs:
+        if s not in self._cache:
+            fut = self._futures.pop(s, None)
+            docs = fut.result() if fut is not None else read_shard(*self._shard_args(s))
+            self._note_damage(s, docs)
+            self._cache[s] = docs
+        return self._cache[s]
+
+    def _note_damage(self, s: int, docs: ShardDocs) -> None:
+        if docs.skipped or docs.error:
+            path = self.dir / self.shards[s]["file"]
+            self._bad_files.add(str(path))
+            log.warning("shard %s is damaged (%s); skipping %d of its documents", path, docs.error or "short",
+                        docs.skipped)
+
+    def _release_unused(self) -> None:
+        in_use = set()
+        for g, c in self.cursors.items():
+            plan = self._plan(g, c.epoch)
+            if c.shard_pos < len(plan):
+                in_use.add(plan[c.shard_pos][0])
+        for s in list(self._cache):
+            if s not in in_use:
+                del self._cache[s]
+
+    # ------------------------------------------------------------------ segments
+    def _next_segment(self, g: int) -> Optional[tuple[np.ndarray, np.ndarray, bool, int]]:
+        """(inputs (N,), labels (N,), starts_document, doc_id) of stream g, or None when a
+        validation stream is exhausted."""
+        c = self.cursors[g]
+        while True:
+            plan = self._plan(g, c.epoch)
+            if c.shard_pos >= len(plan):
+                if self.split == "validation":
+                    return None
+                c.epoch, c.shard_pos, c.doc_pos, c.seg_pos = c.epoch + 1, 0, 0, 0
+                continue
+            s, first, stride = plan[c.shard_pos]
+            docs = self._docs(s)
+            if c.doc_pos == 0 and c.seg_pos == 0:
+                self._account(docs)
+                if c.shard_pos + 1 < len(plan):
+                    self._prefetch(plan[c.shard_pos + 1][0])
+            index = first + c.doc_pos * stride
+            if index >= len(docs.tokens):
+                c.shard_pos, c.doc_pos, c.seg_pos = c.shard_pos + 1, 0, 0
+                self._release_unused()
+                continue
+            seg = self._cut(docs.tokens[index], c.seg_pos)
+            if seg is None:  # document finished
+                c.doc_pos, c.seg_pos = c.doc_pos + 1, 0
+                continue
+            starts = c.seg_pos == 0
+            c.seg_pos += 1
+            return seg[0], seg[1], starts, docs.doc_ids[index]
+
+    def _cut(self, tokens: np.ndarray, j: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        N = self.N
+        if j * N >= len(tokens) - 1:
+            return None
+        inp = np.full(N, self.pad_id, dtype=np.int64)
+        lab = np.full(N, IGNORE, dtype=np.int64)
+        x = tokens[j * N:(j + 1) * N]
+        y = tokens[j * N + 1:(j + 1) * N + 1]
+        inp[:len(x)] = x
+        lab[:len(y)] = y
+        return inp, lab
+
+    def _account(self, docs: ShardDocs) -> None:
+        """Count documents delivered and skipped when a stream opens a shard."""
+        self.seen_samples += len(docs.tokens)
+        self.skipped_samples += docs.skipped
+        total = self.seen_samples + self.skipped_samples
+        if total >= MIN_DOCS_FOR_SKIP_CHECK and self.skipped_samples > self.max_skip_fraction * total:
+            raise DataError(f"{self.skipped_samples} of {total} documents skipped "
+                            f"(> data.max_skip_fraction={self.max_skip_fraction}) because of damaged shards: "
+                            f"{', '.join(sorted(self._bad_files))}; re-run memgpt-prepare or restore them")
+
+    # ------------------------------------------------------------------ batches
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        rows = [self._sample(g) for g in self.stream_ids]
+        if all(r is None for r in rows):
+            raise StopIteration
+        rows = [r if r is not None else self._empty_row() for r in rows]
+        inp, lab, reset, doc = (np.stack([r[i] for r in rows]) for i in range(4))
+        return {"input_ids": torch.from_numpy(inp).reshape(self.mb, -1),  # (mb, K*N)
+                "labels": torch.from_numpy(lab).reshape(self.mb, -1),  # (mb, K*N)
+                "reset": torch.from_numpy(reset),  # (mb, K)
+                "doc_ids": torch.from_numpy(doc),  # (mb, K)
+                "stream_ids": torch.tensor(self.stream_ids, dtype=torch.long)}
+
+    def _sample(self, g: int):
+        segs = []
+        for _ in range(self.K):
+            seg = self._next_segment(g)
+            if seg is None:
+                break
+            segs.append(seg)
+        if not segs:
+            return None
+        while len(segs) < self.K:  # an exhausted validation stream: pad the sample
+            segs.append(self._empty_segment())
+        return (np.stack([s[0] for s in segs]), np.stack([s[1] for s in segs]),
+                np.array([s[2] for s in segs]), np.array([s[3] for s in segs], dtype=np.int64))
+
+    def _empty_segment(self):
+        return np.full(self.N, self.pad_id, dtype=np.int64), np.full(self.N, IGNORE, dtype=np.int64), True, -1
+
+    def _empty_row(self):
+        segs = [self._empty_segment() for _ in range(self.K)]
+        return (np.stack([s[0] for s in segs]), np.stack([s[1] for s in segs]),
+                np.ones(self.K, dtype=bool), np.full(self.K, -1, dtype=np.int64))
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": 1, "split": self.split, "seed": self.seed, "n_streams": self.n_streams,
+                "segment_len": self.N, "n_segments": self.K,
+                "streams": {str(g): asdict(c) for g, c in self.cursors.items()},
+                "seen_samples": self.seen_samples, "skipped_samples": self.skipped_samples,
+                "bad_files": sorted(self._bad_files)}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        for key in ("split", "seed", "n_streams", "segment_len", "n_segments"):
+            if sd[key] != getattr(self, {"n_streams": "n_streams", "segment_len": "N", "n_segments": "K"}.get(key, key)):
+                raise DataError(f"loader state was saved with {key}={sd[key]!r}; this run has a different value. "
+                                f"Resume with the same data layout")
+        missing = [g for g in self.stream_ids if str(g) not in sd["streams"]]
+        if missing:
+            raise DataError(f"loader state has no cursor for streams {missing}; resume with the same dp x micro_batch")
+        self.cursors = {g: Cursor(**sd["streams"][str(g)]) for g in self.stream_ids}
+        self.seen_samples, self.skipped_samples = sd["seen_samples"], sd["skipped_samples"]
+        self._bad_files = set(sd.get("bad_files", []))
+        self._cache.clear()
+        self._futures.clear()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def __del__(self):
+        # Best effort only: at interpreter shutdown the executor module may already be torn down.
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _make_pool(num_workers: int) -> Optional[cf.ProcessPoolExecutor]:
+    if num_workers <= 0:
+        return None
+    # spawn: the trainer process holds threads (gloo, OpenMP) that fork would copy mid-flight.
+    return cf.ProcessPoolExecutor(max_workers=num_workers, mp_context=mp.get_context("spawn"))
