@@ -106,14 +106,8 @@ def iter_source(path: Path, text_field: str, fmt: Optional[str]) -> Iterator[tup
         yield from iter_datasets_file(path, chosen, text_field)
 
 
-def iter_documents(inputs: list[str], text_field: str = "text", fmt: Optional[str] = None,
-                   max_docs: Optional[int] = None) -> Iterator[tuple[str, str]]:
+def iter_documents(inputs: list[str], text_field: str = "text", fmt: Optional[str] = None) -> Iterator[tuple[str, str]]:
     """All documents of `inputs` in order (the default corpus when `inputs` is empty)."""
     sources = [iter_stdlib()] if not inputs else [iter_source(Path(p), text_field, fmt) for p in inputs]
-    count = 0
     for source in sources:
-        for item in source:
-            if max_docs is not None and count >= max_docs:
-                return
-            count += 1
-            yield item
+        yield from source

@@ -58,10 +58,13 @@ class Document:
 
 
 def collect_documents(cfg: PrepareConfig) -> tuple[list[Document], int]:
-    """Non-empty documents with exact duplicates dropped; returns (documents, duplicates)."""
+    """Non-empty documents with exact duplicates dropped (at most `max_docs` kept); returns
+    (documents, duplicates)."""
     seen: set[bytes] = set()
     docs, dupes = [], 0
-    for source, text in iter_documents(list(cfg.inputs), cfg.text_field, cfg.format, cfg.max_docs):
+    for source, text in iter_documents(list(cfg.inputs), cfg.text_field, cfg.format):
+        if cfg.max_docs is not None and len(docs) >= cfg.max_docs:
+            break
         if not text.strip():
             continue
         digest = hashlib.sha1(text.encode("utf-8")).digest()

@@ -308,10 +308,13 @@ class SegmentLoader:
                 "bad_files": sorted(self._bad_files)}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        for key in ("split", "seed", "n_streams", "segment_len", "n_segments"):
-            if sd[key] != getattr(self, {"n_streams": "n_streams", "segment_len": "N", "n_segments": "K"}.get(key, key)):
-                raise DataError(f"loader state was saved with {key}={sd[key]!r}; this run has a different value. "
-                                f"Resume with the same data layout")
+        layout = {"split": (self.split, "the split"), "seed": (self.seed, "data.seed"),
+                  "n_streams": (self.n_streams, "data-parallel size x parallel.micro_batch_size"),
+                  "segment_len": (self.N, "model.segment_len"), "n_segments": (self.K, "data.n_segments")}
+        for key, (now, setting) in layout.items():
+            if sd[key] != now:
+                raise DataError(f"loader state was saved with {key}={sd[key]!r} but this run has {now!r}; "
+                                f"resume with the same {setting} (or start a new run_dir)")
         missing = [g for g in self.stream_ids if str(g) not in sd["streams"]]
         if missing:
             raise DataError(f"loader state has no cursor for streams {missing}; resume with the same dp x micro_batch")

@@ -22,7 +22,7 @@ def parse_args(argv):
     p.add_argument("--shard-max-mb", type=float, default=64.0)
     p.add_argument("--min-shards", type=int, default=64, help="at least this many train shards (small corpora)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
-    p.add_argument("--max-docs", type=int, default=None)
+    p.add_argument("--max-docs", type=int, default=None, help="keep at most this many documents (after dedup)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     return p.parse_args(argv)

@@ -48,6 +48,14 @@ def make_text_corpus(root: Path, n_docs: int = 80, seed: int = 0) -> Path:
     return root
 
 
+def prepare_dir(src: Path, out: Path, **kw) -> dict:
+    """Run the prepare step in-process on `src` (small vocabulary, one worker); returns the manifest."""
+    from data_pipeline.prepare_corpus import PrepareConfig, prepare
+
+    opts = {"vocab_size": 300, "min_shards": 8, "val_fraction": 0.1, "workers": 1, **kw}
+    return prepare(PrepareConfig(out=out, inputs=(str(src),), **opts))
+
+
 def read_metrics(run_dir: Path) -> dict[int, dict]:
     """Per-step records of metrics.jsonl (train and val records merged by step)."""
     out: dict[int, dict] = {}
