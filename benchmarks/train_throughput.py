@@ -4,7 +4,8 @@
 (b) our GPT, memory off and on, in the same plain loop
 (c) our real training step (Trainer.train_step around a DeepSpeed engine, 1 process), ZeRO-0 and ZeRO-3
 
-Prints tokens/s for each and the ratio to (a). Targets at ~20M parameters: (b) memory off >= 1.0x,
+The variants take turns in rounds (median tokens/s over rounds), so a noisy shared machine does
+not favour one of them. Prints tokens/s for each and the ratio to (a). Targets at ~20M parameters: (b) memory off >= 1.0x,
 memory on >= 0.8x; (c) ZeRO-3 within 15% of (b) memory on.
 
     python benchmarks/train_throughput.py                 # tiny and ~20M
@@ -54,15 +55,22 @@ def make_batches(cfg: TrainConfig, n: int) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def timed_loop(step_fn, batches, warmup: int) -> float:
-    """tokens/s over the batches after `warmup` untimed steps."""
-    for b in batches[:warmup]:
-        step_fn(b)
-    t0 = time.perf_counter()
-    for b in batches[warmup:]:
-        step_fn(b)
-    dt = time.perf_counter() - t0
-    return sum(b["input_ids"].numel() for b in batches[warmup:]) / dt
+def measure(step_fns: dict, batches, warmup: int, rounds: int) -> dict[str, float]:
+    """Median tokens/s of each step function. Variants take turns round by round on the same
+    batches, so drift of a shared machine hits them all alike instead of whichever ran last."""
+    per_round = max(1, (len(batches) - warmup) // rounds)
+    rates: dict[str, list[float]] = {name: [] for name in step_fns}
+    for name, fn in step_fns.items():
+        for b in batches[:warmup]:
+            fn(b)
+    for r in range(rounds):
+        chunk = batches[warmup + r * per_round: warmup + (r + 1) * per_round]
+        for name, fn in step_fns.items():
+            t0 = time.perf_counter()
+            for b in chunk:
+                fn(b)
+            rates[name].append(sum(b["input_ids"].numel() for b in chunk) / (time.perf_counter() - t0))
+    return {name: sorted(v)[len(v) // 2] for name, v in rates.items()}
 
 
 def plain_step_fn(model, forward_loss):
@@ -77,7 +85,7 @@ def plain_step_fn(model, forward_loss):
     return step
 
 
-def bench_hf(cfg: TrainConfig, batches, warmup: int) -> float:
+def hf_step(cfg: TrainConfig):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     m = cfg.model
@@ -85,11 +93,10 @@ def bench_hf(cfg: TrainConfig, batches, warmup: int) -> float:
                                     n_embd=m.n_embd, n_layer=m.n_layer, n_head=m.n_head, resid_pdrop=0.0,
                                     embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa"))
     hf.train()
-    return timed_loop(plain_step_fn(hf, lambda mod, b: mod(input_ids=b["input_ids"], labels=b["input_ids"]).loss),
-                      batches, warmup)
+    return plain_step_fn(hf, lambda mod, b: mod(input_ids=b["input_ids"], labels=b["input_ids"]).loss)
 
 
-def bench_ours_plain(cfg: TrainConfig, batches, warmup: int) -> float:
+def ours_plain_step(cfg: TrainConfig):
     from memgpt_dist.model import GPT
     from memgpt_dist.train.trainer import token_loss_sum
 
@@ -100,7 +107,7 @@ def bench_ours_plain(cfg: TrainConfig, batches, warmup: int) -> float:
     def loss(mod, b):
         out = mod(b["input_ids"], reset=b["reset"])
         return token_loss_sum(out.logits, b["labels"]) / b["labels"].numel()
-    return timed_loop(plain_step_fn(model, loss), batches, warmup)
+    return plain_step_fn(model, loss)
 
 
 class ListBatches:
@@ -119,7 +126,7 @@ class ListBatches:
         self.i = sd["i"]
 
 
-def bench_engine(cfg: TrainConfig, batches, warmup: int, topo) -> float:
+def engine_step(cfg: TrainConfig, batches, topo):
     from memgpt_dist.parallel.engine import build_engine
     from memgpt_dist.train.metrics import MetricsLogger
     from memgpt_dist.train.run import build_model
@@ -128,19 +135,20 @@ def bench_engine(cfg: TrainConfig, batches, warmup: int, topo) -> float:
     engine, _ = build_engine(build_model(cfg), cfg, topo)
     trainer = Trainer(cfg, topo, engine, ListBatches(batches), None, checkpointer=None,
                       metrics=MetricsLogger(None, enabled=False, tensorboard=False))
-    return timed_loop(lambda b: trainer.train_step(), batches, warmup)
+    return lambda b: trainer.train_step()  # the trainer draws the same batches, in order
 
 
-def run_size(size: str, steps: int, warmup: int, topo) -> dict[str, float]:
+def run_size(size: str, steps: int, warmup: int, rounds: int, topo) -> dict[str, float]:
     cfg_off, cfg_on = make_cfg(size, False), make_cfg(size, True)
     batches = make_batches(cfg_on, steps + warmup)
-    r: dict[str, float] = {}
-    r["a_hf_gpt2"] = bench_hf(cfg_on, batches, warmup)
-    r["b_ours_mem_off"] = bench_ours_plain(cfg_off, batches, warmup)
-    r["b_ours_mem_on"] = bench_ours_plain(cfg_on, batches, warmup)
-    r["c_engine_zero0_mem_on"] = bench_engine(make_cfg(size, True, 0, steps + warmup), batches, warmup, topo)
-    r["c_engine_zero3_mem_on"] = bench_engine(make_cfg(size, True, 3, steps + warmup), batches, warmup, topo)
-    return r
+    fns = {
+        "a_hf_gpt2": hf_step(cfg_on),
+        "b_ours_mem_off": ours_plain_step(cfg_off),
+        "b_ours_mem_on": ours_plain_step(cfg_on),
+        "c_engine_zero0_mem_on": engine_step(make_cfg(size, True, 0, steps + warmup), batches, topo),
+        "c_engine_zero3_mem_on": engine_step(make_cfg(size, True, 3, steps + warmup), batches, topo),
+    }
+    return measure(fns, batches, warmup, rounds)
 
 
 def report(size: str, r: dict[str, float]) -> None:
@@ -156,7 +164,8 @@ def report(size: str, r: dict[str, float]) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="tiny,20m")
-    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--steps", type=int, default=15, help="timed steps per variant, split over the rounds")
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="also write the figures to this file")
@@ -167,7 +176,7 @@ def main(argv=None) -> int:
     topo = init_distributed()
     results = {}
     for size in args.sizes.split(","):
-        results[size] = run_size(size, args.steps, args.warmup, topo)
+        results[size] = run_size(size, args.steps, args.warmup, args.rounds, topo)
         report(size, results[size])
     if args.json:
         with open(args.json, "w") as f:

@@ -28,11 +28,13 @@ def test_gpu_uses_fused_adam_and_bf16():
     ds = build_ds_config(cfg, world_size=8, device_type="cuda", bf16_supported=True)
     assert "torch_adam" not in ds["optimizer"]["params"]
     assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["overlap_comm"] is True
 
 
-def test_cpu_is_fp32():
+def test_cpu_is_fp32_without_comm_overlap():
     ds = build_ds_config(load_config(None), world_size=2)
     assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
+    assert ds["zero_optimization"]["overlap_comm"] is False  # no side streams on CPU
 
 
 def test_schedule_is_warmup_cosine_to_min_lr():

@@ -32,7 +32,7 @@ def build_ds_config(cfg: TrainConfig, world_size: int, device_type: str = "cpu",
         "gradient_clipping": opt.grad_clip,
         "optimizer": _optimizer(cfg, device_type),
         "scheduler": _scheduler(cfg),
-        "zero_optimization": _zero(par.zero_stage),
+        "zero_optimization": _zero(par.zero_stage, device_type),
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
         # DeepSpeed's own console chatter is replaced by our logger.
@@ -71,12 +71,14 @@ def _scheduler(cfg: TrainConfig) -> dict[str, Any]:
     }
 
 
-def _zero(stage: int) -> dict[str, Any]:
+def _zero(stage: int, device_type: str) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": stage}
     if stage == 3:
         zero.update({
             "contiguous_gradients": True,
-            "overlap_comm": True,
+            # Overlap needs side streams; on CPU there are none and its extra buffers cost ~8% of
+            # a step (benchmarks/train_throughput.py, 20M model).
+            "overlap_comm": device_type == "cuda",
             "stage3_gather_16bit_weights_on_model_save": False,
         })
     elif stage in (1, 2):
