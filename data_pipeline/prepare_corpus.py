@@ -101,17 +101,20 @@ def shard_limits(n_docs: int, total_bytes: int, min_shards: int, shard_max_mb: f
 
 
 def write_split(out: Path, prefix: str, docs: list[Document], encoded: list[bytes], suffix: str,
-                min_shards: int, shard_max_mb: float) -> list[dict]:
-    """Write one split's shards; returns their manifest entries."""
+                min_shards: int, shard_max_mb: float, masks: Optional[list[bytes]] = None) -> list[dict]:
+    """Write one split's shards; returns their manifest entries. `masks` (one uint8 byte per
+    token, 1 = supervised) restricts the loss to those tokens, for task corpora."""
     maxcount, maxsize = shard_limits(len(docs), sum(len(e) for e in encoded) + 1024 * len(docs), min_shards,
                                      shard_max_mb)
     itemsize = 2 if suffix == "u16" else 4
     stats: dict[str, dict] = {}
     writer = wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=maxcount, maxsize=maxsize, verbose=0)
     try:
-        for doc, ids in zip(docs, encoded):
-            writer.write({"__key__": f"doc{doc.doc_id:09d}", f"ids.{suffix}": ids,
-                          "source.txt": doc.source})
+        for i, (doc, ids) in enumerate(zip(docs, encoded)):
+            sample = {"__key__": f"doc{doc.doc_id:09d}", f"ids.{suffix}": ids, "source.txt": doc.source}
+            if masks is not None:
+                sample["mask.u8"] = masks[i]
+            writer.write(sample)
             entry = stats.setdefault(Path(writer.fname).name, {"documents": 0, "tokens": 0})
             entry["documents"] += 1
             entry["tokens"] += len(ids) // itemsize

@@ -62,6 +62,7 @@ class ShardDocs:
     tokens: list[np.ndarray]
     skipped: int
     error: str
+    masks: Optional[list[np.ndarray]] = None  # task corpora: 1 where the token is supervised
 
 
 def read_shard(path: str, dtype: str, expected_docs: int, sha256: Optional[str]) -> ShardDocs:
@@ -74,7 +75,7 @@ def read_shard(path: str, dtype: str, expected_docs: int, sha256: Optional[str])
                             f"skip its bad documents)")
     import webdataset as wds
 
-    doc_ids, tokens, error = [], [], ""
+    doc_ids, tokens, masks, error = [], [], [], ""
     try:
         # Shards are already assigned per rank and per worker by SegmentLoader, so webdataset's own node and
         # worker splitting is switched off (its default refuses to run under torch.distributed).
@@ -86,9 +87,14 @@ def read_shard(path: str, dtype: str, expected_docs: int, sha256: Optional[str])
                 raise ValueError(f"member {sample['__key__']} has no {key}")
             doc_ids.append(int(sample["__key__"].removeprefix("doc")))
             tokens.append(np.frombuffer(sample[key], dtype="<u2" if dtype == "u16" else "<u4").astype(np.int64))
+            if "mask.u8" in sample:
+                masks.append(np.frombuffer(sample["mask.u8"], dtype=np.uint8))
     except Exception as exc:  # tar, gzip and decode errors all mean: stop reading this shard here
         error = f"{type(exc).__name__}: {exc}"
-    return ShardDocs(doc_ids, tokens, max(0, expected_docs - len(doc_ids)), error)
+    if masks and len(masks) != len(tokens):
+        error = error or "some documents have a mask.u8 and some do not"
+        tokens, doc_ids, masks = tokens[:len(masks)], doc_ids[:len(masks)], masks[:len(tokens)]
+    return ShardDocs(doc_ids, tokens, max(0, expected_docs - len(doc_ids)), error, masks or None)
 
 
 class SegmentLoader:
@@ -231,7 +237,7 @@ class SegmentLoader:
                 c.shard_pos, c.doc_pos, c.seg_pos = c.shard_pos + 1, 0, 0
                 self._release_unused()
                 continue
-            seg = self._cut(docs.tokens[index], c.seg_pos)
+            seg = self._cut(docs.tokens[index], c.seg_pos, None if docs.masks is None else docs.masks[index])
             if seg is None:  # document finished
                 c.doc_pos, c.seg_pos = c.doc_pos + 1, 0
                 continue
@@ -239,7 +245,7 @@ class SegmentLoader:
             c.seg_pos += 1
             return seg[0], seg[1], starts, docs.doc_ids[index]
 
-    def _cut(self, tokens: np.ndarray, j: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    def _cut(self, tokens: np.ndarray, j: int, mask: Optional[np.ndarray]) -> Optional[tuple[np.ndarray, np.ndarray]]:
         N = self.N
         if j * N >= len(tokens) - 1:
             return None
@@ -249,6 +255,8 @@ class SegmentLoader:
         y = tokens[j * N + 1:(j + 1) * N + 1]
         inp[:len(x)] = x
         lab[:len(y)] = y
+        if mask is not None:  # task corpora supervise only their answer tokens
+            lab[:len(y)][mask[j * N + 1:(j + 1) * N + 1] == 0] = IGNORE
         return inp, lab
 
     def _account(self, docs: ShardDocs) -> None:

@@ -1,6 +1,8 @@
 """Prepare a corpus: `memgpt-prepare [INPUT ...] --out DIR [--vocab-size 4096 | --tokenizer tokenizer.json]`.
 
 With no INPUT, the embedded default corpus (the Python standard library's sources) is used.
+With --task recall|passkey, a synthetic long-range task corpus is generated instead:
+    memgpt-prepare --task recall --out data/recall --segment-len 32 --gap 2 --pairs 8
 """
 from __future__ import annotations
 
@@ -25,7 +27,20 @@ def parse_args(argv):
     p.add_argument("--max-docs", type=int, default=None, help="keep at most this many documents (after dedup)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
-    return p.parse_args(argv)
+    t = p.add_argument_group("synthetic tasks (instead of INPUT)")
+    t.add_argument("--task", choices=["recall", "passkey"], default=None)
+    t.add_argument("--task-docs", type=int, default=20_000, help="train documents")
+    t.add_argument("--task-val-docs", type=int, default=512)
+    t.add_argument("--segment-len", type=int, default=32, help="must equal model.segment_len when training")
+    t.add_argument("--gap", type=int, default=2, help="filler segments between fact and question")
+    t.add_argument("--pairs", type=int, default=8, help="recall: key-value pairs")
+    t.add_argument("--digits", type=int, default=5, help="passkey: digits")
+    t.add_argument("--filler-corpus", type=Path, default=None, help="prepared corpus whose text is the filler "
+                   "(use its tokenizer with --tokenizer)")
+    a = p.parse_args(argv)
+    if a.task and a.inputs:
+        p.error("give INPUT paths or --task, not both")
+    return a
 
 
 def main(argv=None) -> int:
@@ -33,6 +48,8 @@ def main(argv=None) -> int:
     from data_pipeline.prepare_corpus import PrepareConfig, prepare
 
     a = parse_args(sys.argv[1:] if argv is None else argv)
+    if a.task:
+        return _task(a)
     cfg = PrepareConfig(out=Path(a.out), inputs=tuple(a.inputs), text_field=a.text_field, format=a.format,
                         tokenizer=a.tokenizer, vocab_size=a.vocab_size, val_fraction=a.val_fraction,
                         shard_max_mb=a.shard_max_mb, min_shards=a.min_shards, workers=a.workers,
@@ -46,6 +63,24 @@ def main(argv=None) -> int:
         print(f"{split}: {t['documents']:,} documents, {t['tokens']:,} tokens, {t['shards']} shards")
     print(f"vocab {m['tokenizer']['vocab_size']}, {m['duplicates_dropped']} duplicates dropped, "
           f"{m['seconds']}s -> {a.out}/manifest.json")
+    return 0
+
+
+def _task(a) -> int:
+    from data_pipeline.errors import DataError
+    from data_pipeline.prepare_tasks import prepare_task
+    from data_pipeline.tasks import TaskSpec
+
+    spec = TaskSpec(kind=a.task, segment_len=a.segment_len, gap=a.gap, pairs=a.pairs, digits=a.digits)
+    try:
+        m = prepare_task(Path(a.out), spec, a.task_docs, a.task_val_docs, seed=a.seed, tokenizer=a.tokenizer,
+                         filler_corpus=a.filler_corpus, min_shards=a.min_shards, overwrite=a.overwrite)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{a.task}: {m['totals']['train']['documents']:,} train / {m['totals']['validation']['documents']:,} "
+          f"validation documents of {spec.n_segments} segments x {spec.segment_len} tokens, chance "
+          f"{spec.chance:.4f} -> {a.out}/manifest.json")
     return 0
 
 

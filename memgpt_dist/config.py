@@ -172,6 +172,10 @@ class LoopConfig:
     seed: int = 42
     eval_every: int = 50  # 0 disables in-loop validation
     eval_batches: int = 4
+    # Stream training: each stream's memory state carries, detached, into its next sample
+    # (truncated BPTT over data.n_segments per step), so documents longer than one sample are
+    # read whole. Off: every sample starts from an empty memory (episodic).
+    carry_memory: bool = False
 
     def validate(self) -> None:
         _check(self.max_steps >= 1, "train.max_steps must be >= 1")
@@ -198,6 +202,8 @@ class TrainConfig:
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
                 section.validate()
+        _check(not self.train.carry_memory or self.memory.enabled,
+               "train.carry_memory=true needs memory.enabled=true (there is no state to carry)")
         _check(self.optim.warmup_steps < self.train.max_steps or self.train.max_steps == 1,
                f"optim.warmup_steps={self.optim.warmup_steps} must be below train.max_steps={self.train.max_steps}")
 

@@ -70,3 +70,8 @@ def test_shipped_configs_load(name):
 
     cfg = load_config(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
     assert cfg.parallel.zero_stage == 3
+
+
+def test_carrying_memory_without_memory_is_an_error():
+    with pytest.raises(ConfigError, match="carry_memory.*memory.enabled"):
+        load_config(None, ["train.carry_memory=true", "memory.enabled=false"])

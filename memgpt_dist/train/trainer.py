@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from memgpt_dist.config import TrainConfig
+from memgpt_dist.model.memory import MemoryState, detach_state, move_state, state_from_dict, state_to_dict
 from memgpt_dist.parallel.dist import Topology
 from memgpt_dist.train.checkpoint import Checkpointer
 from memgpt_dist.train.metrics import MetricsLogger
@@ -73,6 +74,8 @@ class Trainer:
         self.metrics = metrics
         self.state = TrainState()
         self.client_extra: dict[str, Any] = {}
+        # train.carry_memory: the memory of this rank's streams after the last micro-batch (detached)
+        self.carried: Optional[MemoryState] = None
 
     # ------------------------------------------------------------------ state
     def client_state(self) -> dict[str, Any]:
@@ -80,7 +83,10 @@ class Trainer:
                 "world_size": self.topo.world_size, **self.client_extra}
 
     def rank_state(self) -> dict[str, Any]:
-        return {"loader": self.train_batches.state_dict(), "rng": rng_state(), "rank": self.topo.rank}
+        out = {"loader": self.train_batches.state_dict(), "rng": rng_state(), "rank": self.topo.rank}
+        if self.carried is not None:  # this rank's streams' memory, every layer and head, fp32
+            out["memory_state"] = {k: v.cpu() for k, v in state_to_dict(self.carried).items()}
+        return out
 
     def save(self) -> None:
         meta = {"config": self.cfg.to_json(), "world_size": self.topo.world_size}
@@ -91,6 +97,8 @@ class Trainer:
         self.state.load_state_dict(loaded.client_state["train_state"])
         self.train_batches.load_state_dict(loaded.rank_state["loader"])
         set_rng_state(loaded.rank_state["rng"])
+        saved = loaded.rank_state.get("memory_state")
+        self.carried = move_state(state_from_dict(saved), self.topo.device) if saved and self.cfg.train.carry_memory else None
 
     # ------------------------------------------------------------------ steps
     def _next_micro_batches(self) -> tuple[list[Batch], float]:
@@ -98,9 +106,9 @@ class Trainer:
         batches = [next(self.train_batches) for _ in range(self.cfg.parallel.grad_accum)]
         return batches, time.perf_counter() - t0
 
-    def _forward(self, batch: Batch, read_memory: bool = True):
+    def _forward(self, batch: Batch, read_memory: bool = True, state: Optional[MemoryState] = None):
         dev = self.topo.device
-        return self.engine(batch["input_ids"].to(dev), state=None, reset=batch["reset"].to(dev),
+        return self.engine(batch["input_ids"].to(dev), state=state, reset=batch["reset"].to(dev),
                            read_memory=read_memory)
 
     def train_step(self) -> StepResult:
@@ -115,7 +123,10 @@ class Trainer:
         self.engine.train()
         grad_norm = None
         for batch in batches:
-            out = self._forward(batch)
+            out = self._forward(batch, state=self.carried)
+            if self.cfg.train.carry_memory:
+                # the next sample of each stream continues its document: keep the memory, cut the graph
+                self.carried = detach_state(out.state)
             loss_sum = token_loss_sum(out.logits, batch["labels"].to(self.topo.device))
             self.engine.backward(loss_sum * scale)
             if self.engine.is_gradient_accumulation_boundary():

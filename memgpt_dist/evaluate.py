@@ -1,0 +1,94 @@
+"""Long-range evaluation of trained checkpoints (`memgpt-eval`).
+
+Task accuracy by distance: fresh task documents (a random stream no training split uses) with
+1, 3, 7, 15, 31 filler segments between the fact and the question are read with the memory and
+scored at the answer tokens (teacher forcing; recall: per value, passkey: all digits exact).
+Each distance is also scored with the memory read switched off at evaluation time: if the
+memory carries the answer, that accuracy falls to chance.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from data_pipeline.tasks import TaskSpec, generate, vocab_from_tokenizer
+from memgpt_dist.model import GPT
+
+EVAL_STREAM = 2  # task split index for evaluation documents (train 0, validation 1)
+DISTANCES = (1, 3, 7, 15, 31)
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """Accuracy of one model on one task at one distance."""
+
+    gap: int
+    accuracy: float
+    accuracy_read_off: float
+    chance: float
+    documents: int
+
+
+def task_batches(spec: TaskSpec, tokenizer, n_docs: int, seed: int, batch: int):
+    """(input_ids (B, S*N), answer positions mask (B, S*N), targets (B, S*N)) of evaluation documents."""
+    docs = list(generate(spec, vocab_from_tokenizer(tokenizer, spec), n_docs, seed, EVAL_STREAM))
+    for i in range(0, n_docs, batch):
+        ids = torch.from_numpy(np.stack([d[0] for d in docs[i:i + batch]]))  # (b, S*N)
+        mask = torch.from_numpy(np.stack([d[1] for d in docs[i:i + batch]])).bool()  # (b, S*N)
+        yield ids, mask
+
+
+@torch.no_grad()
+def answer_accuracy(model: GPT, ids: torch.Tensor, mask: torch.Tensor, per_document: bool,
+                    read_memory: bool = True) -> tuple[int, int]:
+    """(correct, total): token t is predicted from the logits at t - 1."""
+    logits = model(ids, read_memory=read_memory).logits  # (b, T, V)
+    pred = logits[:, :-1].argmax(-1)  # (b, T-1): prediction of token t+1
+    hit = (pred == ids[:, 1:]) | ~mask[:, 1:]  # non-answer positions count as hits
+    if per_document:
+        return int(hit.all(dim=1).sum()), ids.shape[0]
+    answers = mask[:, 1:]
+    return int((hit & answers).sum()), int(answers.sum())
+
+
+def evaluate_task(model: GPT, spec: TaskSpec, tokenizer, gaps=DISTANCES, n_docs: int = 256, seed: int = 0,
+                  batch: int = 32) -> list[TaskResult]:
+    """Accuracy at each gap, with the memory read on and off."""
+    out = []
+    exact = spec.kind == "passkey"
+    chance = spec.chance ** spec.digits if exact else spec.chance
+    for gap in gaps:
+        s = replace(spec, gap=gap)
+        counts = np.zeros((2, 2), dtype=np.int64)  # [read on/off] x [correct, total]
+        for ids, mask in task_batches(s, tokenizer, n_docs, seed, batch):
+            counts[0] += answer_accuracy(model, ids, mask, exact)
+            counts[1] += answer_accuracy(model, ids, mask, exact, read_memory=False)
+        out.append(TaskResult(gap, counts[0, 0] / counts[0, 1], counts[1, 0] / counts[1, 1], chance, n_docs))
+    return out
+
+
+def task_spec_of(data_dir: Path) -> Optional[TaskSpec]:
+    """The task a prepared corpus was generated for (None for a text corpus)."""
+    from data_pipeline.prepare_corpus import read_manifest
+
+    t = read_manifest(data_dir).get("task")
+    if t is None:
+        return None
+    fields = {k: t[k] for k in TaskSpec.__dataclass_fields__}
+    return TaskSpec(**fields)
+
+
+def format_table(rows: list[tuple[str, list[TaskResult]]]) -> str:
+    """Side-by-side accuracy table: one row per (checkpoint, read on/off), one column per gap."""
+    gaps = [r.gap for r in rows[0][1]]
+    head = f"{'model':40s} {'memory read':12s} " + " ".join(f"gap {g:>3d}" for g in gaps) + "   chance"
+    lines = [head, "-" * len(head)]
+    for name, results in rows:
+        for label, attr in (("on", "accuracy"), ("off (eval)", "accuracy_read_off")):
+            cells = " ".join(f"{getattr(r, attr):7.3f}" for r in results)
+            lines.append(f"{name[-40:]:40s} {label:12s} {cells}   {results[0].chance:.4f}")
+    return "\n".join(lines)
