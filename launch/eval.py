@@ -1,8 +1,10 @@
 """Long-range evaluation: `memgpt-eval --checkpoint RUN_DIR [RUN_DIR ...] [--json results.json]`.
 
-For each run: task accuracy at 1, 3, 7, 15, 31 filler segments between fact and question, with
-the memory read on and switched off at evaluation time, printed side by side. The task is the
-one the run trained on (its data manifest) unless --task-data names another task corpus.
+For each run, with the memory read on and switched off at evaluation time, side by side:
+- on a task corpus (made by `memgpt-prepare --task`): accuracy at 1, 3, 7, 15, 31 filler
+  segments between fact and question;
+- on a text corpus: next-token loss by segment index over long held-out documents.
+The data is the run's own (data.path) unless --data names another prepared corpus.
 """
 from __future__ import annotations
 
@@ -16,8 +18,10 @@ from pathlib import Path
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", nargs="+", required=True, help="run directories (newest checkpoint) or step dirs")
-    p.add_argument("--task-data", type=Path, default=None, help="task corpus whose task to evaluate "
+    p.add_argument("--data", type=Path, default=None, help="task or text corpus to evaluate on "
                    "(default: each run's data.path)")
+    p.add_argument("--segments", type=int, default=16, help="text corpus: segments per document")
+    p.add_argument("--corpus-docs", type=int, default=32, help="text corpus: held-out documents")
     p.add_argument("--gaps", default="1,3,7,15,31", help="filler segments between fact and question")
     p.add_argument("--docs", type=int, default=256, help="evaluation documents per gap")
     p.add_argument("--seed", type=int, default=0)
@@ -33,32 +37,46 @@ def main(argv=None) -> int:
 
 
 def _eval(args) -> int:
-    from tokenizers import Tokenizer
-
-    from memgpt_dist.config import ConfigError
-    from memgpt_dist.evaluate import evaluate_task, format_table, task_spec_of
-    from memgpt_dist.generate import find_checkpoint, load_model
+    from memgpt_dist.evaluate import format_corpus_table, format_table
 
     gaps = [int(g) for g in args.gaps.split(",")]
-    rows, record = [], {}
+    task_rows, corpus_rows, record = [], [], {}
     for path in args.checkpoint:
-        ckpt = find_checkpoint(Path(path), None)
-        model, cfg = load_model(ckpt)
-        data = args.task_data or Path(cfg.data.path)
-        spec = task_spec_of(data)
-        if spec is None:
-            raise ConfigError(f"{data} is not a task corpus; pass --task-data DIR made by memgpt-prepare --task")
-        if spec.segment_len != cfg.model.segment_len:
-            raise ConfigError(f"task segment_len {spec.segment_len} != the model's {cfg.model.segment_len}")
-        tokenizer = Tokenizer.from_file(str(data / "tokenizer.json"))
-        results = evaluate_task(model, spec, tokenizer, gaps, args.docs, args.seed)
-        name = str(ckpt.parent.parent.name) + ("" if cfg.memory.enabled else " (no memory)")
-        rows.append((name, results))
-        record[str(ckpt)] = {"task": spec.kind, "memory": cfg.memory.enabled, "results": [asdict(r) for r in results]}
-    print(format_table(rows))
+        name, kind, result, rec = _eval_one(Path(path), args, gaps)
+        (task_rows if kind == "task" else corpus_rows).append((name, result))
+        record[name] = rec
+    if task_rows:
+        print(format_table(task_rows))
+    if corpus_rows:
+        print(format_corpus_table(corpus_rows))
     if args.json:
         args.json.write_text(json.dumps(record, indent=1))
     return 0
+
+
+def _eval_one(path: Path, args, gaps):
+    from tokenizers import Tokenizer
+
+    from memgpt_dist.config import ConfigError
+    from memgpt_dist.evaluate import evaluate_corpus, evaluate_task, task_spec_of
+    from memgpt_dist.generate import find_checkpoint, load_model
+
+    ckpt = find_checkpoint(path, None)
+    model, cfg = load_model(ckpt)
+    data = args.data or Path(cfg.data.path)
+    name = f"{ckpt.parent.parent.name}@{ckpt.name.removeprefix('step_').lstrip('0')}" + (
+        "" if cfg.memory.enabled else " (no memory)")
+    rec = {"checkpoint": str(ckpt), "memory": cfg.memory.enabled, "data": str(data)}
+    spec = task_spec_of(data)
+    if spec is None:
+        result = evaluate_corpus(model, data, cfg.model.segment_len, args.segments, args.corpus_docs)
+        return name, "corpus", result, {**rec, "corpus": asdict(result)}
+    if spec.segment_len != cfg.model.segment_len:
+        raise ConfigError(f"the task in {data} has segment_len {spec.segment_len} but the model "
+                          f"{cfg.model.segment_len}; prepare the task with --segment-len {cfg.model.segment_len}")
+    tokenizer = Tokenizer.from_file(str(data / "tokenizer.json"))
+    results = evaluate_task(model, spec, tokenizer, gaps, args.docs, args.seed)
+    return name, "task", results, {**rec, "task": spec.kind, "results": [asdict(r) for r in results]}
 
 
 if __name__ == "__main__":

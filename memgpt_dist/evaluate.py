@@ -92,3 +92,61 @@ def format_table(rows: list[tuple[str, list[TaskResult]]]) -> str:
             cells = " ".join(f"{getattr(r, attr):7.3f}" for r in results)
             lines.append(f"{name[-40:]:40s} {label:12s} {cells}   {results[0].chance:.4f}")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class CorpusResult:
+    """Next-token loss by segment index (1-based position of the segment in its document)."""
+
+    loss_by_segment: list[float]
+    loss_by_segment_read_off: list[float]
+    documents: int
+    segment_len: int
+
+
+def long_documents(data_dir: Path, split: str, min_tokens: int, limit: int) -> list[np.ndarray]:
+    """Up to `limit` documents of a prepared corpus with at least `min_tokens` tokens, in order."""
+    from data_pipeline.prepare_corpus import read_manifest
+    from data_pipeline.segment_stream import read_shard
+
+    m = read_manifest(data_dir)
+    out: list[np.ndarray] = []
+    for s in m["splits"][split]:
+        docs = read_shard(str(data_dir / s["file"]), m["dtype"], s["documents"], None)
+        out.extend(t for t in docs.tokens if len(t) >= min_tokens)
+        if len(out) >= limit:
+            break
+    return out[:limit]
+
+
+@torch.no_grad()
+def evaluate_corpus(model: GPT, data_dir: Path, segment_len: int, n_segments: int = 16, n_docs: int = 32,
+                    split: str = "validation", batch: int = 8) -> CorpusResult:
+    """Loss at segment index 1..n_segments over the first n_segments * N (+1) tokens of held-out
+    documents at least that long, read with the memory and with its read switched off."""
+    import torch.nn.functional as F
+
+    T = n_segments * segment_len
+    docs = long_documents(data_dir, split, T + 1, n_docs)
+    if not docs:
+        raise ValueError(f"no {split} document of {data_dir} has {T + 1} tokens; lower --segments")
+    sums = torch.zeros(2, n_segments, dtype=torch.float64)
+    for i in range(0, len(docs), batch):
+        ids = torch.from_numpy(np.stack([d[:T + 1] for d in docs[i:i + batch]]))  # (b, T + 1)
+        for r, read in enumerate((True, False)):
+            logits = model(ids[:, :-1], read_memory=read).logits  # (b, T, V)
+            loss = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")  # (b, T)
+            sums[r] += loss.view(-1, n_segments, segment_len).sum(dim=(0, 2)).double()
+    means = sums / (len(docs) * segment_len)
+    return CorpusResult(means[0].tolist(), means[1].tolist(), len(docs), segment_len)
+
+
+def format_corpus_table(rows: list[tuple[str, CorpusResult]], show=(1, 2, 4, 8, 16)) -> str:
+    """Loss at selected segment indices, memory read on and off, one row each per model."""
+    idx = [i for i in show if i <= len(rows[0][1].loss_by_segment)]
+    head = f"{'model':40s} {'memory read':12s} " + " ".join(f"seg {i:>3d}" for i in idx)
+    lines = [head, "-" * len(head)]
+    for name, r in rows:
+        for label, values in (("on", r.loss_by_segment), ("off (eval)", r.loss_by_segment_read_off)):
+            lines.append(f"{name[-40:]:40s} {label:12s} " + " ".join(f"{values[i - 1]:7.3f}" for i in idx))
+    return "\n".join(lines)

@@ -84,3 +84,16 @@ def test_bad_override_is_a_clear_error(tiny_data, tmp_path):
     proc = run_cmd([bin_path("python"), "launch/train.py", *tiny_args(tiny_data, tmp_path / "r"),
                     "--model.n_layers=3"], check=False)
     assert proc.returncode == 2 and "model.n_layers" in proc.stderr
+
+
+def test_eval_reports_loss_by_segment_with_and_without_the_memory_read(runs, tmp_path):
+    _, full = runs
+    out = tmp_path / "eval.json"
+    proc = run_cmd([bin_path("memgpt-eval"), "--checkpoint", str(full), "--segments", "4", "--corpus-docs", "4",
+                    "--json", str(out)])
+    assert "seg   4" in proc.stdout and "off (eval)" in proc.stdout
+    (record,) = json.loads(out.read_text()).values()
+    r = record["corpus"]
+    assert len(r["loss_by_segment"]) == len(r["loss_by_segment_read_off"]) == 4
+    assert r["loss_by_segment"][0] == r["loss_by_segment_read_off"][0]  # segment 1 reads an empty memory
+    assert r["loss_by_segment"][3] != r["loss_by_segment_read_off"][3]

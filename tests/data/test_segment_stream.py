@@ -1,0 +1,199 @@
+"""The loader: per-rank shard assignment, sample layout, exact resume and damaged shards."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipeline.errors import DataError
+from data_pipeline.prepare_corpus import read_manifest
+from data_pipeline.segment_stream import IGNORE, SegmentLoader, read_shard
+
+N, K = 8, 3
+
+
+def loader(data: Path, split: str = "train", **kw) -> SegmentLoader:
+    opts = {"segment_len": N, "n_segments": K, "micro_batch_size": 2, "seed": 7, **kw}
+    return SegmentLoader(data, split, **opts)
+
+
+def take(it, n: int) -> list[dict]:
+    return [next(it) for _ in range(n)]
+
+
+def same_batches(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+
+
+def shard_docs(data: Path, split: str = "train") -> dict[int, np.ndarray]:
+    m = read_manifest(data)
+    out = {}
+    for s in m["splits"][split]:
+        d = read_shard(str(data / s["file"]), m["dtype"], s["documents"], None)
+        out.update(zip(d.doc_ids, d.tokens))
+    return out
+
+
+# ------------------------------------------------------------------ assignment across ranks
+@pytest.mark.parametrize("dp_size,mb", [(1, 1), (2, 2), (4, 2)])
+def test_streams_read_disjoint_shards_that_cover_the_split(corpus, dp_size, mb):
+    n_shards = len(read_manifest(corpus)["splits"]["train"])
+    for epoch in (0, 1):
+        plans = [loader(corpus, dp_rank=r, dp_size=dp_size, micro_batch_size=mb)._plan(g, epoch)
+                 for r in range(dp_size) for g in range(r * mb, (r + 1) * mb)]
+        shards = [s for plan in plans for s, _, _ in plan]
+        assert sorted(shards) == list(range(n_shards))  # every shard once: disjoint and covering
+
+
+def test_ranks_see_disjoint_documents(corpus):
+    seen = []
+    for rank in range(2):
+        batches = take(loader(corpus, dp_rank=rank, dp_size=2), 6)
+        seen.append({int(d) for b in batches for d in b["doc_ids"].flatten()})
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+
+
+def test_one_epoch_of_one_stream_covers_every_train_document_once(corpus):
+    ld = loader(corpus, micro_batch_size=1)
+    docs, order = shard_docs(corpus), []
+    while ld.cursors[0].epoch == 0:
+        b = next(ld)
+        for doc, reset in zip(b["doc_ids"][0].tolist(), b["reset"][0].tolist()):
+            if reset and ld.cursors[0].epoch == 0:
+                order.append(doc)
+    assert sorted(order) == sorted(docs)
+
+
+def test_data_parallel_size_does_not_change_the_streams(corpus):
+    """dp=1 with micro-batch 4 reads exactly the rows of dp=2 with micro-batch 2."""
+    whole = take(loader(corpus, micro_batch_size=4), 8)
+    halves = [take(loader(corpus, dp_rank=r, dp_size=2, micro_batch_size=2), 8) for r in range(2)]
+    for i in range(8):
+        for key in ("input_ids", "labels", "reset", "doc_ids"):
+            assert torch.equal(whole[i][key], torch.cat([halves[0][i][key], halves[1][i][key]])), (i, key)
+
+
+def test_seed_decides_the_order_reproducibly(corpus):
+    assert same_batches(take(loader(corpus), 5), take(loader(corpus), 5))
+    assert not same_batches(take(loader(corpus), 5), take(loader(corpus, seed=8), 5))
+
+
+# ------------------------------------------------------------------ sample layout
+def test_samples_rebuild_the_documents_with_masked_padding_and_resets(corpus):
+    docs, ld = shard_docs(corpus), loader(corpus)
+    rebuilt: dict[tuple[int, int], list[int]] = {}
+    for b in take(ld, 30):
+        assert b["input_ids"].shape == (2, K * N) and b["reset"].shape == (2, K)
+        inp = b["input_ids"].view(2, K, N)  # (mb, K, N)
+        lab = b["labels"].view(2, K, N)
+        for row in range(2):
+            for k in range(K):
+                doc, x, y = int(b["doc_ids"][row, k]), inp[row, k], lab[row, k]
+                valid = y != IGNORE
+                n = int(valid.sum())
+                assert valid[:n].all(), "padding only at the end of a segment"
+                assert torch.equal(x[1:n], y[:n - 1]), "labels are inputs shifted by one"
+                tail = x[n:]  # the document's final EOS is an input without a target, then padding
+                assert (tail[1:] == ld.pad_id).all() and (tail[:1] == ld.pad_id).logical_or(tail[:1] == ld.eos_id).all()
+                if k > 0 and int(b["doc_ids"][row, k - 1]) != doc:
+                    assert b["reset"][row, k], "a new document always resets the memory"
+                key = (row, doc)
+                if b["reset"][row, k]:
+                    rebuilt[key] = []
+                rebuilt.setdefault(key, []).extend(x[:n].tolist())
+                if y[n - 1] == ld.eos_id:  # last segment of its document: compare whole document
+                    assert rebuilt[key] + [ld.eos_id] == docs[doc].tolist()
+    assert rebuilt
+
+
+# ------------------------------------------------------------------ exact resume
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_gives_the_batches_an_uninterrupted_run_sees(corpus, workers):
+    ref = loader(corpus, num_workers=workers)
+    expected = take(ref, 12)
+    first = loader(corpus, num_workers=workers)
+    take(first, 5)
+    state = json.loads(json.dumps(first.state_dict()))  # as stored in a checkpoint
+    first.close()
+    resumed = loader(corpus, num_workers=workers)
+    resumed.load_state_dict(state)
+    assert same_batches(take(resumed, 7), expected[5:])
+    ref.close()
+    resumed.close()
+
+
+def test_resume_with_another_layout_is_refused(corpus):
+    state = loader(corpus).state_dict()
+    with pytest.raises(DataError, match="n_streams=2 but this run has 1.*micro_batch_size"):
+        loader(corpus, micro_batch_size=1).load_state_dict(state)
+    with pytest.raises(DataError, match="model.segment_len"):
+        loader(corpus, segment_len=N * 2).load_state_dict(state)
+
+
+def test_validation_is_one_finite_pass_over_every_document(corpus):
+    docs, seen = shard_docs(corpus, "validation"), set()
+    for b in loader(corpus, "validation"):
+        seen |= {int(d) for d in b["doc_ids"].flatten() if d >= 0}
+    assert seen == set(docs)
+
+
+# ------------------------------------------------------------------ bad input
+def _copy_with_truncated_shard(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    shard = dst / read_manifest(dst)["splits"]["train"][0]["file"]
+    data = shard.read_bytes()
+    shard.write_bytes(data[:len(data) // 3])
+    return shard
+
+
+def test_checksum_mismatch_names_the_shard(big_corpus, tmp_path):
+    shard = _copy_with_truncated_shard(big_corpus, tmp_path / "c")
+    with pytest.raises(DataError, match=f"{shard.name}.*sha256"):
+        take(loader(tmp_path / "c", micro_batch_size=8), 40)
+
+
+def test_damaged_shard_is_skipped_with_a_counter(big_corpus, tmp_path, caplog):
+    shard = _copy_with_truncated_shard(big_corpus, tmp_path / "c")
+    ld = loader(tmp_path / "c", verify_checksums=False, max_skip_fraction=0.5, micro_batch_size=8)
+    with caplog.at_level(logging.WARNING):
+        take(ld, 40)
+    assert ld.skipped_samples > 0
+    assert shard.name in caplog.text
+    assert ld.state_dict()["skipped_samples"] == ld.skipped_samples
+
+
+def test_too_many_skipped_samples_fail_the_run(big_corpus, tmp_path):
+    shard = _copy_with_truncated_shard(big_corpus, tmp_path / "c")
+    ld = loader(tmp_path / "c", verify_checksums=False, micro_batch_size=8)
+    with pytest.raises(DataError, match=f"max_skip_fraction.*{shard.name}"):
+        take(ld, 200)
+
+
+def test_missing_corpus_manifest_and_shard_are_named(corpus, tmp_path):
+    with pytest.raises(DataError, match="does not exist.*memgpt-prepare"):
+        loader(tmp_path / "nothing")
+    shutil.copytree(corpus, tmp_path / "c")
+    (tmp_path / "c" / "manifest.json").unlink()
+    with pytest.raises(DataError, match="manifest.json is missing"):
+        loader(tmp_path / "c")
+    shutil.copytree(corpus, tmp_path / "d")
+    gone = tmp_path / "d" / read_manifest(corpus)["splits"]["train"][2]["file"]
+    gone.unlink()
+    with pytest.raises(DataError, match=f"{gone.name}.*missing"):
+        loader(tmp_path / "d")
+
+
+def test_tokenizer_mismatch_is_an_error(corpus):
+    with pytest.raises(DataError, match="tokenizer mismatch"):
+        loader(corpus, expected_tokenizer_hash="0" * 64)
+    loader(corpus, expected_tokenizer_hash=read_manifest(corpus)["tokenizer"]["sha256"])
+
+
+def test_more_streams_than_shards_names_the_fix(corpus):
+    with pytest.raises(DataError, match="--min-shards"):
+        loader(corpus, dp_size=8, micro_batch_size=4)
