@@ -79,7 +79,7 @@ def _task(a) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{a.task}: {m['totals']['train']['documents']:,} train / {m['totals']['validation']['documents']:,} "
-          f"validation documents of {spec.n_segments} segments x {spec.segment_len} tokens, chance "
+          f"validation documents of {spec.n_segments} segments x {spec.segment_len} tokens, chance per answer token "
           f"{spec.chance:.4f} -> {a.out}/manifest.json")
     return 0
 

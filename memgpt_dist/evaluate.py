@@ -90,7 +90,7 @@ def format_table(rows: list[tuple[str, list[TaskResult]]]) -> str:
     for name, results in rows:
         for label, attr in (("on", "accuracy"), ("off (eval)", "accuracy_read_off")):
             cells = " ".join(f"{getattr(r, attr):7.3f}" for r in results)
-            lines.append(f"{name[-40:]:40s} {label:12s} {cells}   {results[0].chance:.4f}")
+            lines.append(f"{name[-40:]:40s} {label:12s} {cells}   {results[0].chance:.2g}")
     return "\n".join(lines)
 
 
