@@ -1,4 +1,6 @@
 """Config loading: precedence, strictness and messages that name the key."""
+from pathlib import Path
+
 import pytest
 
 from memgpt_dist.config import ConfigError, TrainConfig, config_from_json, load_config
@@ -75,3 +77,10 @@ def test_shipped_configs_load(name):
 def test_carrying_memory_without_memory_is_an_error():
     with pytest.raises(ConfigError, match="carry_memory.*memory.enabled"):
         load_config(None, ["train.carry_memory=true", "memory.enabled=false"])
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.model.vocab_size > 0 and cfg.train.max_steps >= 1
