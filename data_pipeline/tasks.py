@@ -80,7 +80,7 @@ def own_vocab_tokens(spec: TaskSpec) -> list[str]:
 
 def vocab_from_tokenizer(tok, spec: TaskSpec) -> TaskVocab:
     """Task ids from a `tokenizers.Tokenizer` that holds the word-level task vocabulary, or any
-    byte-level BPE (keys and values are then single-token words of its vocabulary)."""
+    byte-level BPE (keys and values are then its most merged tokens without digits)."""
     ids = {t: tok.token_to_id(t) for t in own_vocab_tokens(spec)}
     if all(i is not None for i in ids.values()):
         pick = lambda names: np.array([ids[n] for n in names], dtype=np.int64)  # noqa: E731
@@ -95,11 +95,13 @@ def _vocab_from_bpe(tok, spec: TaskSpec) -> TaskVocab:
     digits = [tok.token_to_id(str(d)) for d in range(10)]
     if any(d is None for d in digits):
         raise DataError("the tokenizer has no single-character digit tokens; tasks need them")
-    words = sorted(i for t, i in tok.get_vocab().items() if t.isalpha() and len(t) >= 3)
+    # the most merged tokens (highest ids of a BPE) that are neither special nor hold a digit
+    plain = sorted((i for t, i in tok.get_vocab().items()
+                    if not (t.startswith("<|") and t.endswith("|>")) and not any(c.isdigit() for c in t)), reverse=True)
     need = spec.n_keys + spec.n_values + 2
-    if len(words) < need:
-        raise DataError(f"the tokenizer has {len(words)} word tokens; the task needs {need}")
-    w = np.array(words, dtype=np.int64)
+    if len(plain) < need:
+        raise DataError(f"the tokenizer has {len(plain)} usable tokens; the task needs {need}")
+    w = np.array(plain, dtype=np.int64)
     return TaskVocab(keys=w[:spec.n_keys], values=w[spec.n_keys:spec.n_keys + spec.n_values],
                      digits=np.array(digits, dtype=np.int64), filler=w[need:] if len(w) > need + 8 else w,
                      marker=int(w[-1]), question=int(w[-2]))

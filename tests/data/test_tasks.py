@@ -77,3 +77,28 @@ def test_prepare_cli_makes_a_task_corpus(tmp_path):
     bad = run_cmd([bin_path("memgpt-prepare"), "--task", "recall", "--out", str(tmp_path / "r"), "--segment-len", "8"],
                   check=False)
     assert bad.returncode == 2 and "pairs" in bad.stderr
+
+
+def test_task_with_a_real_tokenizer_uses_real_filler_text(corpus, tmp_path):
+    """Mixable task data: the corpus's own tokenizer, filler windows of its real text."""
+    from data_pipeline.prepare_corpus import read_manifest
+
+    spec = TaskSpec("passkey", segment_len=N, gap=2, digits=5)
+    m = prepare_task(tmp_path / "pk", spec, n_train=16, n_val=4, min_shards=2, tokenizer=corpus / "tokenizer.json",
+                     filler_corpus=corpus)
+    assert m["tokenizer"]["sha256"] == read_manifest(corpus)["tokenizer"]["sha256"]
+    assert m["task"]["filler"] == str(corpus)
+    ld = SegmentLoader(tmp_path / "pk", segment_len=N, n_segments=spec.n_segments, micro_batch_size=1)
+    ids = next(ld)["input_ids"][0]
+    real = np.concatenate([t for t in read_shard_tokens(corpus)])
+    window = ids[N:2 * N].numpy()  # a whole filler segment: a window of the corpus's token stream
+    assert any(np.array_equal(real[i:i + N], window) for i in np.flatnonzero(real == window[0]))
+
+
+def read_shard_tokens(data):
+    from data_pipeline.prepare_corpus import read_manifest
+    from data_pipeline.segment_stream import read_shard
+
+    m = read_manifest(data)
+    for s in m["splits"]["train"]:
+        yield from read_shard(str(data / s["file"]), m["dtype"], s["documents"], None).tokens
