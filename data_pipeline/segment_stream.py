@@ -277,13 +277,7 @@ class SegmentLoader:
         rows = [self._sample(g) for g in self.stream_ids]
         if all(r is None for r in rows):
             raise StopIteration
-        rows = [r if r is not None else self._empty_row() for r in rows]
-        inp, lab, reset, doc = (np.stack([r[i] for r in rows]) for i in range(4))
-        return {"input_ids": torch.from_numpy(inp).reshape(self.mb, -1),  # (mb, K*N)
-                "labels": torch.from_numpy(lab).reshape(self.mb, -1),  # (mb, K*N)
-                "reset": torch.from_numpy(reset),  # (mb, K)
-                "doc_ids": torch.from_numpy(doc),  # (mb, K)
-                "stream_ids": torch.tensor(self.stream_ids, dtype=torch.long)}
+        return rows_to_batch([r if r is not None else self._empty_row() for r in rows], self.stream_ids)
 
     def _sample(self, g: int):
         segs = []
@@ -343,6 +337,69 @@ class SegmentLoader:
             self.close()
         except Exception:
             pass
+
+
+def rows_to_batch(rows: list[tuple], stream_ids: list[int]) -> dict[str, torch.Tensor]:
+    """Stack per-stream samples (inputs (K, N), labels (K, N), reset (K,), doc ids (K,)) into a batch."""
+    inp, lab, reset, doc = (np.stack([r[i] for r in rows]) for i in range(4))
+    mb = len(rows)
+    return {"input_ids": torch.from_numpy(inp).reshape(mb, -1),  # (mb, K*N)
+            "labels": torch.from_numpy(lab).reshape(mb, -1),  # (mb, K*N)
+            "reset": torch.from_numpy(reset),  # (mb, K)
+            "doc_ids": torch.from_numpy(doc),  # (mb, K)
+            "stream_ids": torch.tensor(stream_ids, dtype=torch.long)}
+
+
+class MixedLoader:
+    """Blends corpora with weights: each stream draws each sample from source j with probability
+    weights[j], decided by a generator seeded from (seed, stream, sample index), so the blend is
+    deterministic, independent of dp, and resumes exactly (each source keeps its own cursors;
+    a source only advances for the streams that drew from it). Sources must share a tokenizer."""
+
+    def __init__(self, sources: list[SegmentLoader], weights: list[float], seed: int):
+        if len(sources) != len(weights) or abs(sum(weights) - 1.0) > 1e-6:
+            raise DataError(f"mix weights {weights} must give one weight per corpus and sum to 1")
+        hashes = {ld.tokenizer_hash for ld in sources}
+        if len(hashes) > 1:
+            raise DataError(f"mixed corpora {', '.join(str(ld.dir) for ld in sources)} were made with different "
+                            f"tokenizers; prepare them with the same --tokenizer")
+        self.sources, self.seed = sources, seed
+        self.cumulative = np.cumsum(weights)
+        self.stream_ids = sources[0].stream_ids
+        self.drawn = {g: 0 for g in self.stream_ids}  # samples each stream has taken
+
+    def __getattr__(self, name):  # manifest facts (vocab_size, eos_id, ...) of the main corpus
+        if name in ("sources", "seed", "cumulative", "stream_ids", "drawn"):
+            raise AttributeError(name)
+        return getattr(self.sources[0], name)
+
+    def __iter__(self):
+        return self
+
+    def source_of(self, g: int, n: int) -> int:
+        u = np.random.default_rng([self.seed, g, n]).random()
+        return int(min(np.searchsorted(self.cumulative, u, side="right"), len(self.sources) - 1))
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        rows = []
+        for g in self.stream_ids:
+            rows.append(self.sources[self.source_of(g, self.drawn[g])]._sample(g))
+            self.drawn[g] += 1
+        return rows_to_batch(rows, self.stream_ids)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mix": [ld.state_dict() for ld in self.sources], "drawn": {str(g): n for g, n in self.drawn.items()}}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if "mix" not in sd or len(sd["mix"]) != len(self.sources):
+            raise DataError("the checkpoint's loader state does not match data.mix; resume with the same corpora")
+        for ld, st in zip(self.sources, sd["mix"]):
+            ld.load_state_dict(st)
+        self.drawn = {g: int(sd["drawn"][str(g)]) for g in self.stream_ids}
+
+    def close(self) -> None:
+        for ld in self.sources:
+            ld.close()
 
 
 def _make_pool(num_workers: int) -> Optional[cf.ProcessPoolExecutor]:

@@ -48,21 +48,31 @@ def _train(args, overrides) -> int:
         setup_logging(topo, Path(cfg.run_dir))
         d, m = cfg.data, cfg.model
 
-        def loader(split: str) -> SegmentLoader:
-            return SegmentLoader(d.path, split=split, segment_len=m.segment_len, n_segments=d.n_segments,
+        def loader(split: str, path: str = d.path) -> SegmentLoader:
+            return SegmentLoader(path, split=split, segment_len=m.segment_len, n_segments=d.n_segments,
                                  micro_batch_size=cfg.parallel.micro_batch_size, dp_rank=topo.dp_rank,
                                  dp_size=topo.dp_size, seed=d.seed, num_workers=d.num_workers,
                                  max_skip_fraction=d.max_skip_fraction,
                                  expected_tokenizer_hash=_tokenizer_hash(d.tokenizer),
                                  verify_checksums=d.verify_checksums)
 
-        train = loader("train")
+        train = _train_loader(d, loader)
         _check_vocab(train.vocab_size, m.vocab_size)
         run_training(cfg, topo, train, lambda: loader("validation"), resume=args.resume,
                      tokenizer_file=Path(d.path) / "tokenizer.json", stop_after=args.stop_after_steps)
     finally:
         shutdown()
     return 0
+
+
+def _train_loader(d, loader):
+    """The training loader: one corpus, or a weighted blend of data.path and data.mix."""
+    from data_pipeline.segment_stream import MixedLoader
+
+    sources = d.mix_sources()
+    if len(sources) == 1:
+        return loader("train")
+    return MixedLoader([loader("train", p) for p, _ in sources], [w for _, w in sources], d.seed)
 
 
 def _tokenizer_hash(path: str):

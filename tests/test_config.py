@@ -84,3 +84,13 @@ def test_carrying_memory_without_memory_is_an_error():
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert cfg.model.vocab_size > 0 and cfg.train.max_steps >= 1
+
+
+def test_data_mix_is_parsed_and_checked():
+    cfg = load_config(None, ["data.path=data/a", "data.mix=data/b:0.25,data/c:0.05"])
+    (main, w0), *rest = cfg.data.mix_sources()
+    assert main == "data/a" and w0 == pytest.approx(0.7) and rest == [("data/b", 0.25), ("data/c", 0.05)]
+    with pytest.raises(ConfigError, match="data.mix item 'data/b'.*PATH:WEIGHT"):
+        load_config(None, ["data.mix=data/b"])
+    with pytest.raises(ConfigError, match="data.mix weights sum to 1.1"):
+        load_config(None, ["data.mix=data/b:0.6,data/c:0.5"])

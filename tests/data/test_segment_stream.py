@@ -197,3 +197,47 @@ def test_tokenizer_mismatch_is_an_error(corpus):
 def test_more_streams_than_shards_names_the_fix(corpus):
     with pytest.raises(DataError, match="--min-shards"):
         loader(corpus, dp_size=8, micro_batch_size=4)
+
+
+# ------------------------------------------------------------------ mixing corpora
+@pytest.fixture(scope="module")
+def recall_corpus(corpus, tmp_path_factory):
+    """A recall task corpus made with the text corpus's tokenizer, so the two can be mixed."""
+    from data_pipeline.prepare_tasks import prepare_task
+    from data_pipeline.tasks import TaskSpec
+
+    out = tmp_path_factory.mktemp("mix") / "recall"
+    prepare_task(out, TaskSpec("recall", segment_len=N, gap=K - 2, pairs=2), n_train=400, n_val=8, min_shards=8,
+                 tokenizer=corpus / "tokenizer.json", filler_corpus=corpus)
+    return out
+
+
+def mixed(corpus, recall_corpus, **kw):
+    from data_pipeline.segment_stream import MixedLoader
+
+    return MixedLoader([loader(corpus, **kw), loader(recall_corpus, **kw)], [0.75, 0.25], seed=3)
+
+
+def test_mix_draws_each_source_by_weight(corpus, recall_corpus):
+    rows = [b["labels"][r] for b in take(mixed(corpus, recall_corpus, micro_batch_size=4), 50) for r in range(4)]
+    task_rows = sum(int((row != IGNORE).sum()) == 2 for row in rows)  # a recall sample supervises 2 values
+    assert 0.15 < task_rows / len(rows) < 0.35  # weight 0.25 over 200 draws
+
+
+def test_mix_resumes_exactly_and_ignores_dp(corpus, recall_corpus):
+    ref = take(mixed(corpus, recall_corpus, micro_batch_size=4), 10)
+    first = mixed(corpus, recall_corpus, micro_batch_size=4)
+    take(first, 4)
+    again = mixed(corpus, recall_corpus, micro_batch_size=4)
+    again.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert same_batches(take(again, 6), ref[4:])
+    halves = [take(mixed(corpus, recall_corpus, dp_rank=r, dp_size=2), 10) for r in range(2)]
+    for i in range(10):
+        assert torch.equal(ref[i]["input_ids"], torch.cat([halves[0][i]["input_ids"], halves[1][i]["input_ids"]]))
+
+
+def test_mixing_corpora_with_different_tokenizers_is_refused(corpus, big_corpus):
+    from data_pipeline.segment_stream import MixedLoader
+
+    with pytest.raises(DataError, match="different tokenizers"):
+        MixedLoader([loader(corpus), loader(big_corpus)], [0.5, 0.5], seed=0)
