@@ -301,6 +301,13 @@ class SegmentLoader:
         return (np.stack([s[0] for s in segs]), np.stack([s[1] for s in segs]),
                 np.ones(self.K, dtype=bool), np.full(self.K, -1, dtype=np.int64))
 
+    def set_n_segments(self, k: int) -> None:
+        """Segments per sample from the next sample on (K curriculum). Cursors count segments,
+        so the stream continues exactly where it was, only cut into longer or shorter samples."""
+        if k < 1:
+            raise DataError(f"n_segments must be >= 1, got {k}")
+        self.K = k
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return {"version": 1, "split": self.split, "seed": self.seed, "n_streams": self.n_streams,
@@ -369,7 +376,7 @@ class MixedLoader:
         self.drawn = {g: 0 for g in self.stream_ids}  # samples each stream has taken
 
     def __getattr__(self, name):  # manifest facts (vocab_size, eos_id, ...) of the main corpus
-        if name in ("sources", "seed", "cumulative", "stream_ids", "drawn"):
+        if name in ("sources", "seed", "cumulative", "stream_ids", "drawn"):  # not set yet: no recursion
             raise AttributeError(name)
         return getattr(self.sources[0], name)
 
@@ -386,6 +393,10 @@ class MixedLoader:
             rows.append(self.sources[self.source_of(g, self.drawn[g])]._sample(g))
             self.drawn[g] += 1
         return rows_to_batch(rows, self.stream_ids)
+
+    def set_n_segments(self, k: int) -> None:
+        for ld in self.sources:
+            ld.set_n_segments(k)
 
     def state_dict(self) -> dict[str, Any]:
         return {"mix": [ld.state_dict() for ld in self.sources], "drawn": {str(g): n for g, n in self.drawn.items()}}

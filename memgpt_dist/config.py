@@ -85,6 +85,28 @@ class DataConfig:
     # Blend other prepared corpora (same tokenizer) into training: "PATH:WEIGHT[,PATH:WEIGHT]";
     # data.path gets the remaining weight. E.g. "data/recall:0.05" for 95% text, 5% recall.
     mix: str = ""
+    # Curriculum over K: "STEP:K[,STEP:K]" uses K segments per training sample from STEP on,
+    # e.g. "0:2,500:4,1000:8"; empty: data.n_segments throughout (validation always uses it).
+    n_segments_schedule: str = ""
+
+    def n_segments_at(self, step: int) -> int:
+        """Segments per training sample for the optimizer step with 0-based index `step`."""
+        k = self.n_segments
+        for start, value in self._schedule():
+            if step >= start:
+                k = value
+        return k
+
+    def _schedule(self) -> list[tuple[int, int]]:
+        out = []
+        for item in filter(None, (x.strip() for x in self.n_segments_schedule.split(","))):
+            start, sep, k = item.partition(":")
+            _check(sep == ":" and start.isdigit() and k.isdigit() and int(k) >= 1,
+                   f"data.n_segments_schedule item {item!r}: write STEP:K with integers, K >= 1")
+            out.append((int(start), int(k)))
+        _check([s for s, _ in out] == sorted({s for s, _ in out}),
+               "data.n_segments_schedule steps must be distinct and increasing")
+        return out
 
     def mix_sources(self) -> list[tuple[str, float]]:
         """[(path, weight)] of data.mix, main corpus first with the remaining weight."""
@@ -107,6 +129,7 @@ class DataConfig:
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
         _check(0.0 <= self.max_skip_fraction < 1.0, "data.max_skip_fraction must be in [0, 1)")
         self.mix_sources()
+        self._schedule()
 
 
 @dataclass(frozen=True)

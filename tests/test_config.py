@@ -94,3 +94,13 @@ def test_data_mix_is_parsed_and_checked():
         load_config(None, ["data.mix=data/b"])
     with pytest.raises(ConfigError, match="data.mix weights sum to 1.1"):
         load_config(None, ["data.mix=data/b:0.6,data/c:0.5"])
+
+
+def test_n_segments_schedule():
+    cfg = load_config(None, ["data.n_segments=4", "data.n_segments_schedule=0:2,10:3"])
+    assert [cfg.data.n_segments_at(s) for s in (0, 9, 10, 99)] == [2, 2, 3, 3]
+    assert load_config(None, ["data.n_segments=4"]).data.n_segments_at(50) == 4
+    with pytest.raises(ConfigError, match="n_segments_schedule item 'x'"):
+        load_config(None, ["data.n_segments_schedule=x"])
+    with pytest.raises(ConfigError, match="increasing"):
+        load_config(None, ["data.n_segments_schedule=5:2,1:3"])

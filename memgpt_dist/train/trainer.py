@@ -95,13 +95,20 @@ class Trainer:
     def restore(self, step: int) -> None:
         loaded = self.checkpointer.load(self.engine, step)
         self.state.load_state_dict(loaded.client_state["train_state"])
+        self._apply_curriculum(max(self.state.step - 1, 0))  # the K the saved loader state was cut with
         self.train_batches.load_state_dict(loaded.rank_state["loader"])
         set_rng_state(loaded.rank_state["rng"])
         saved = loaded.rank_state.get("memory_state")
         self.carried = move_state(state_from_dict(saved), self.topo.device) if saved and self.cfg.train.carry_memory else None
 
     # ------------------------------------------------------------------ steps
+    def _apply_curriculum(self, step: int) -> None:
+        """data.n_segments_schedule: the loader cuts samples of K(step) segments."""
+        if self.cfg.data.n_segments_schedule and hasattr(self.train_batches, "set_n_segments"):
+            self.train_batches.set_n_segments(self.cfg.data.n_segments_at(step))
+
     def _next_micro_batches(self) -> tuple[list[Batch], float]:
+        self._apply_curriculum(self.state.step)
         t0 = time.perf_counter()
         batches = [next(self.train_batches) for _ in range(self.cfg.parallel.grad_accum)]
         return batches, time.perf_counter() - t0

@@ -241,3 +241,15 @@ def test_mixing_corpora_with_different_tokenizers_is_refused(corpus, big_corpus)
 
     with pytest.raises(DataError, match="different tokenizers"):
         MixedLoader([loader(corpus), loader(big_corpus)], [0.5, 0.5], seed=0)
+
+
+def test_growing_k_continues_the_same_segment_stream(corpus):
+    """K curriculum: changing segments per sample only re-cuts the stream, never skips or repeats."""
+    one = take(loader(corpus, n_segments=1), 6)
+    grown = loader(corpus, n_segments=2)
+    parts = [next(grown)]
+    grown.set_n_segments(4)
+    parts.append(next(grown))
+    assert parts[1]["input_ids"].shape == (2, 4 * N)
+    seq = torch.cat([p["input_ids"].view(2, -1, N) for p in parts], dim=1)  # (mb, 6, N)
+    assert torch.equal(seq, torch.stack([b["input_ids"] for b in one], dim=1))
