@@ -26,7 +26,6 @@ counted; more than `max_skip_fraction` skipped documents is an error.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import hashlib
 import logging
 import multiprocessing as mp
 from dataclasses import asdict, dataclass
@@ -36,6 +35,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from data_pipeline.bpe_tokenizer import file_sha256
 from data_pipeline.errors import DataError
 from data_pipeline.prepare_corpus import read_manifest
 
@@ -68,8 +68,7 @@ class ShardDocs:
 def read_shard(path: str, dtype: str, expected_docs: int, sha256: Optional[str]) -> ShardDocs:
     """Decode one shard (runs in worker processes too, so it takes and returns plain data)."""
     if sha256 is not None:
-        actual = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-        if actual != sha256:
+        if file_sha256(path) != sha256:
             raise DataError(f"shard {path} does not match the sha256 in its manifest (corrupted or replaced); "
                             f"re-run memgpt-prepare or restore the file (or set data.verify_checksums=false to "
                             f"skip its bad documents)")
@@ -116,6 +115,7 @@ class SegmentLoader:
         self.shards = self.manifest["splits"][split]
         self._check_shards()
         self.cursors = {g: Cursor() for g in self.stream_ids}
+        self._orders: dict[int, list[int]] = {}  # epoch -> shard order, derived from (seed, epoch)
         self.skipped_samples = 0
         self.seen_samples = 0
         self._bad_files: set[str] = set()
@@ -161,10 +161,17 @@ class SegmentLoader:
 
     # ------------------------------------------------------------------ stream plan
     def _epoch_order(self, epoch: int) -> list[int]:
-        if self.split == "validation":
-            return list(range(len(self.shards)))
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.shards), generator=g).tolist()
+        """Shard order of `epoch`; memoised because every segment of every stream looks it up."""
+        if epoch not in self._orders:
+            if self.split == "validation":
+                order = list(range(len(self.shards)))
+            else:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                order = torch.randperm(len(self.shards), generator=g).tolist()
+            oldest = min(c.epoch for c in self.cursors.values())
+            self._orders = {e: o for e, o in self._orders.items() if e >= oldest}  # drop epochs no stream reads again
+            self._orders[epoch] = order
+        return self._orders[epoch]
 
     def _plan(self, g: int, epoch: int) -> list[tuple[int, int, int]]:
         """(shard index, first document, stride) triples that stream g reads in `epoch`."""
@@ -274,12 +281,14 @@ class SegmentLoader:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        rows = [self._sample(g) for g in self.stream_ids]
+        rows = [self.next_sample(g) for g in self.stream_ids]
         if all(r is None for r in rows):
             raise StopIteration
         return rows_to_batch([r if r is not None else self._empty_row() for r in rows], self.stream_ids)
 
-    def _sample(self, g: int):
+    def next_sample(self, g: int):
+        """The next K segments of stream g as (inputs, labels, reset, doc ids), or None once a
+        validation stream is exhausted."""
         segs = []
         for _ in range(self.K):
             seg = self._next_segment(g)
@@ -375,10 +384,9 @@ class MixedLoader:
         self.stream_ids = sources[0].stream_ids
         self.drawn = {g: 0 for g in self.stream_ids}  # samples each stream has taken
 
-    def __getattr__(self, name):  # manifest facts (vocab_size, eos_id, ...) of the main corpus
-        if name in ("sources", "seed", "cumulative", "stream_ids", "drawn"):  # not set yet: no recursion
-            raise AttributeError(name)
-        return getattr(self.sources[0], name)
+    @property
+    def vocab_size(self) -> int:
+        return self.sources[0].vocab_size
 
     def __iter__(self):
         return self
@@ -390,7 +398,7 @@ class MixedLoader:
     def __next__(self) -> dict[str, torch.Tensor]:
         rows = []
         for g in self.stream_ids:
-            rows.append(self.sources[self.source_of(g, self.drawn[g])]._sample(g))
+            rows.append(self.sources[self.source_of(g, self.drawn[g])].next_sample(g))
             self.drawn[g] += 1
         return rows_to_batch(rows, self.stream_ids)
 

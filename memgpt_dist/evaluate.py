@@ -34,7 +34,7 @@ class TaskResult:
 
 
 def task_batches(spec: TaskSpec, tokenizer, n_docs: int, seed: int, batch: int):
-    """(input_ids (B, S*N), answer positions mask (B, S*N), targets (B, S*N)) of evaluation documents."""
+    """Batches of (input_ids (b, S*N), answer mask (b, S*N)) of evaluation documents."""
     docs = list(generate(spec, vocab_from_tokenizer(tokenizer, spec), n_docs, seed, EVAL_STREAM))
     for i in range(0, n_docs, batch):
         ids = torch.from_numpy(np.stack([d[0] for d in docs[i:i + batch]]))  # (b, S*N)

@@ -30,6 +30,7 @@ class StatefulBatches(Protocol):
     def __next__(self) -> Batch: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, sd: dict[str, Any]) -> None: ...
+    def set_n_segments(self, k: int) -> None: ...  # only called with data.n_segments_schedule
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -104,7 +105,7 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def _apply_curriculum(self, step: int) -> None:
         """data.n_segments_schedule: the loader cuts samples of K(step) segments."""
-        if self.cfg.data.n_segments_schedule and hasattr(self.train_batches, "set_n_segments"):
+        if self.cfg.data.n_segments_schedule:
             self.train_batches.set_n_segments(self.cfg.data.n_segments_at(step))
 
     def _next_micro_batches(self) -> tuple[list[Batch], float]:
