@@ -15,10 +15,15 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file from configs/")
     p.add_argument("--resume", default="none", help="none (default), auto (newest committed checkpoint) or a step")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and DeepSpeed dict, then exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config, the layout (layers, heads, parameters and memory per rank) "
+                        "and the DeepSpeed dict, then exit; needs no accelerator")
     p.add_argument("--stop-after-steps", type=int, default=None,
                    help="save and exit after this step without changing the schedule (drills, time slots)")
     p.add_argument("--world-size", type=int, default=None, help="world size assumed by --dry-run")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="device type assumed by --dry-run (default: this machine's)")
+    p.add_argument("--json", action="store_true", help="--dry-run prints one JSON object")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args, overrides = p.parse_known_args(argv)
     return args, overrides
@@ -36,12 +41,13 @@ def _train(args, overrides) -> int:
     from data_pipeline.segment_stream import SegmentLoader
     from memgpt_dist.config import load_config
     from memgpt_dist.parallel.dist import init_distributed, shutdown
-    from memgpt_dist.train.run import dry_run_report, run_training, setup_logging
+    from memgpt_dist.parallel.layout import dry_run_report
+    from memgpt_dist.train.run import run_training, setup_logging
 
     cfg = load_config(args.config, overrides)
     if args.dry_run:
         world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-        print(dry_run_report(cfg, world, "cuda" if _has_cuda() else "cpu"))
+        print(dry_run_report(cfg, world, args.device or ("cuda" if _has_cuda() else "cpu"), as_json=args.json))
         return 0
     topo = init_distributed()
     try:

@@ -156,13 +156,23 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Layout and DeepSpeed engine options. dp is derived: world_size / (tp * pp)."""
+    """Layout and DeepSpeed engine options. dp is derived: world_size / (tp * pp).
+
+    Two families of layouts run on DeepSpeed: ZeRO-0..3 x tensor parallel x data parallel, and
+    pipeline (1F1B) x tensor parallel x data parallel with ZeRO-0/1 (DeepSpeed's PipelineEngine
+    refuses ZeRO-2/3). Checks that need the model or the world size live in
+    `memgpt_dist.parallel.layout.validate_layout`.
+    """
 
     zero_stage: int = 3
     micro_batch_size: int = 4  # samples per rank per micro-step
-    grad_accum: int = 1
-    tp: int = 1
-    pp: int = 1
+    grad_accum: int = 1  # micro-steps per optimizer step (also the pipeline's micro-batches)
+    tp: int = 1  # tensor-parallel degree: splits attention heads (and their memory) and the MLP
+    pp: int = 1  # pipeline-parallel degree: stages of consecutive blocks
+    # Samples per optimizer step over all ranks; 0: micro_batch_size * grad_accum * dp. When set
+    # it is a check that the layout gives this batch at the world size it runs with.
+    global_batch_size: int = 0
+    pp_partition: str = "parameters"  # how blocks are split into stages: "parameters" or "uniform"
     precision: str = "auto"  # "auto" (bf16 on GPUs that have it, else fp32), "fp32", "bf16", "fp16"
     activation_checkpointing: bool = False
 
@@ -170,10 +180,27 @@ class ParallelConfig:
         _check(self.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage={self.zero_stage}: use 0, 1, 2 or 3")
         _check(self.micro_batch_size >= 1, "parallel.micro_batch_size must be >= 1")
         _check(self.grad_accum >= 1, "parallel.grad_accum must be >= 1")
+        _check(self.tp >= 1 and self.pp >= 1, f"parallel.tp={self.tp}, parallel.pp={self.pp}: degrees must be >= 1")
+        _check(self.global_batch_size >= 0, "parallel.global_batch_size must be >= 0 (0 derives it)")
+        _check(self.pp_partition in ("parameters", "uniform"),
+               f"parallel.pp_partition={self.pp_partition!r}: use 'parameters' or 'uniform'")
         _check(self.precision in ("auto", "fp32", "bf16", "fp16"),
                f"parallel.precision={self.precision!r}: use auto, fp32, bf16 or fp16")
-        _check(self.tp == 1, f"parallel.tp={self.tp}: tensor parallelism is not available yet; set parallel.tp=1")
-        _check(self.pp == 1, f"parallel.pp={self.pp}: pipeline parallelism is not available yet; set parallel.pp=1")
+        _check(self.pp == 1 or self.zero_stage < 2,
+               f"pipeline parallelism (parallel.pp={self.pp}) runs only with ZeRO-0/1 in DeepSpeed "
+               f"(PipelineEngine asserts zero_stage < 2), got parallel.zero_stage={self.zero_stage}; use "
+               f"parallel.zero_stage=1 with parallel.pp={self.pp}, or parallel.pp=1 with "
+               f"parallel.zero_stage={self.zero_stage} and parallel.tp for model parallelism")
+
+    def validate_for_model(self, model: ModelConfig) -> None:
+        """Checks that need the model shape: tp splits whole heads, every stage holds a block."""
+        if model.n_head % self.tp:  # not _check: the advice is only computable when tp does not divide
+            raise ConfigError(f"parallel.tp={self.tp} does not divide model.n_head={model.n_head}: tensor parallelism "
+                              f"gives each rank whole attention heads (and their memory); use "
+                              f"{_nearest_divisors(model.n_head, self.tp)}")
+        _check(self.pp <= model.n_layer,
+               f"parallel.pp={self.pp} exceeds model.n_layer={model.n_layer}: every pipeline stage needs at "
+               f"least one block; use parallel.pp={model.n_layer} or fewer")
 
     def dp(self, world_size: int) -> int:
         """Data-parallel degree for a world size; raises when the layout does not fit."""
@@ -181,6 +208,14 @@ class ParallelConfig:
         if world_size % model_parallel:
             raise ConfigError(f"world size {world_size} is not divisible by parallel.tp*parallel.pp={model_parallel}")
         return world_size // model_parallel
+
+
+def _nearest_divisors(n: int, k: int) -> str:
+    """'parallel.tp=A or parallel.tp=B': the divisors of n just below and above k."""
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    below = max(d for d in divisors if d < k)
+    above = [d for d in divisors if d > k]
+    return " or ".join(f"parallel.tp={d}" for d in [below, *above[:1]])
 
 
 @dataclass(frozen=True)
@@ -249,6 +284,7 @@ class TrainConfig:
                "train.carry_memory=true needs memory.enabled=true (there is no state to carry)")
         _check(self.optim.warmup_steps < self.train.max_steps or self.train.max_steps == 1,
                f"optim.warmup_steps={self.optim.warmup_steps} must be below train.max_steps={self.train.max_steps}")
+        self.parallel.validate_for_model(self.model)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -104,3 +104,18 @@ def test_n_segments_schedule():
         load_config(None, ["data.n_segments_schedule=x"])
     with pytest.raises(ConfigError, match="increasing"):
         load_config(None, ["data.n_segments_schedule=5:2,1:3"])
+
+
+def test_tensor_and_pipeline_layouts_load():
+    cfg = load_config(None, ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1", "parallel.global_batch_size=32"])
+    assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.global_batch_size) == (2, 2, 32)
+    assert cfg.parallel.pp_partition == "parameters"
+
+
+def test_parallel_keys_are_checked():
+    with pytest.raises(ConfigError, match="parallel.pp_partition='layers'.*'parameters' or 'uniform'"):
+        load_config(None, ["parallel.pp_partition=layers"])
+    with pytest.raises(ConfigError, match="parallel.global_batch_size must be >= 0"):
+        load_config(None, ["parallel.global_batch_size=-8"])
+    with pytest.raises(ConfigError, match="degrees must be >= 1"):
+        load_config(None, ["parallel.tp=0"])

@@ -19,6 +19,7 @@ from memgpt_dist.config import ConfigError, TrainConfig, config_from_json
 from memgpt_dist.model import GPT
 from memgpt_dist.parallel.dist import Topology
 from memgpt_dist.parallel.engine import build_engine
+from memgpt_dist.parallel.layout import require_executable_layout
 from memgpt_dist.parallel.plan import apply_plan
 from memgpt_dist.train.checkpoint import CheckpointError, Checkpointer
 from memgpt_dist.train.metrics import MetricsLogger
@@ -115,6 +116,7 @@ def run_training(cfg: TrainConfig, topo: Topology, train_batches: StatefulBatche
                  make_val_batches: Optional[Callable[[], Iterable[Batch]]], resume: str = "none",
                  tokenizer_file: Optional[Path] = None, stop_after: Optional[int] = None) -> TrainState:
     """Train `cfg` end to end; returns the final train state."""
+    require_executable_layout(cfg, topo.world_size)  # before any directory or engine: TP/PP do not run yet
     paths = prepare_run_dir(cfg, topo, tokenizer_file)
     checkpointer = Checkpointer(paths.checkpoints, topo, cfg.checkpoint.keep_last)
     start = resolve_resume(resume, checkpointer)
