@@ -64,11 +64,17 @@ class MemoryConfig:
     eps: float = 1e-5  # denominator guard of the normalised read
     gate_init: float = 0.0  # initial beta_h; the mix gate is g_h = sigmoid(beta_h)
     write_gate_bias_init: float = 0.0  # initial bias of the per-token write gate b_t
+    # Taps of a depthwise causal convolution (inside each segment) on the memory q, k, v: with
+    # >= 2 a token's memory key can hold the token before it (a key written at its value), the
+    # short convolution that DeltaNet-style recall depends on. 0 or 1: no convolution.
+    conv: int = 4
 
     def validate(self) -> None:
-        _check(self.kind in ("head",), f"memory.kind={self.kind!r}: supported kinds are 'head'")
-        _check(self.nu >= 1, "memory.nu must be >= 1")
+        _check(self.kind in ("head", "delta"), f"memory.kind={self.kind!r}: supported kinds are 'head' and 'delta'")
+        _check(self.nu >= 1 or (self.kind == "delta" and self.nu == 0),
+               "memory.nu must be >= 1 (0, raw unit-length keys, only with memory.kind='delta')")
         _check(self.eps > 0, "memory.eps must be > 0")
+        _check(self.conv >= 0, "memory.conv must be >= 0 (0: no convolution)")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from memgpt_dist.config import MemoryConfig, ModelConfig
-from memgpt_dist.model.memory import LayerState, MemoryState, memory_scan
+from memgpt_dist.model.memory import LayerState, MemoryState, delta_scan, memory_scan
+
+SCANS = {"head": memory_scan, "delta": delta_scan}  # memory.kind -> scan over segments
 
 GATE_SUFFIX = "mem_beta"  # name suffix of the per-head mix-gate logits (own optimizer group)
 
@@ -81,6 +83,30 @@ def segment_local_attention(q: Tensor, k: Tensor, v: Tensor, segment_len: int, d
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
+class SegmentConv(nn.Module):
+    """Depthwise causal convolution over the tokens of each segment (zero history at a segment
+    start, so the memory state stays the only thing that crosses segments). Starts as the
+    identity: the last tap (the token itself) is 1, the taps on earlier tokens 0."""
+
+    def __init__(self, channels: int, taps: int, segment_len: int):
+        super().__init__()
+        self.taps = taps
+        self.segment_len = segment_len
+        self.weight = nn.Parameter(torch.empty(channels, 1, taps))
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+        nn.init.ones_(self.weight[:, :, -1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        n = self.segment_len
+        S = -(-T // n)
+        x = F.pad(x, (0, 0, 0, S * n - T)).view(B * S, n, C).transpose(1, 2)  # (B*S, C, n)
+        y = F.conv1d(F.pad(x, (self.taps - 1, 0)), self.weight.to(x.dtype), groups=C)  # (B*S, C, n)
+        return y.transpose(1, 2).reshape(B, S * n, C)[:, :T]  # (B, T, C)
+
+
 class Attention(nn.Module):
     """Segment-local multi-head attention; with memory, each head mixes in its memory read."""
 
@@ -102,6 +128,9 @@ class Attention(nn.Module):
             self.mem_v_proj = nn.Linear(d, d, bias=False)
             self.mem_write_gate = nn.Linear(d, cfg.n_head)  # b_t per token and head
             self.mem_beta = nn.Parameter(torch.empty(cfg.n_head))  # g_h = sigmoid(mem_beta_h)
+            if mem.conv >= 2:
+                self.mem_q_conv, self.mem_k_conv, self.mem_v_conv = (
+                    SegmentConv(d, mem.conv, cfg.segment_len) for _ in range(3))
 
     def forward(self, x: Tensor, rope: Optional[Rope], state: Optional[LayerState], reset: Optional[Tensor],
                 read_memory: bool) -> tuple[Tensor, Optional[LayerState], Optional[Tensor]]:
@@ -125,11 +154,12 @@ class Attention(nn.Module):
     def _read_write_memory(self, x: Tensor, state: Optional[LayerState], reset: Optional[Tensor],
                            read_memory: bool) -> tuple[Tensor, LayerState]:
         B, T, _ = x.shape
-        q = self.mem_q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, H, hd)
-        k = self.mem_k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, H, hd)
-        v = self.mem_v_proj(x).view(B, T, -1, self.head_dim)  # (B, T, H, hd)
-        read, state = memory_scan(q, k, v, self.mem_write_gate(x), state, reset, self.segment_len,
-                                  self.mem.nu, self.mem.eps)
+        q, k, v = self.mem_q_proj(x), self.mem_k_proj(x), self.mem_v_proj(x)  # (B, T, C) each
+        if self.mem.conv >= 2:
+            q, k, v = self.mem_q_conv(q), self.mem_k_conv(k), self.mem_v_conv(v)
+        q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))  # (B, T, H, hd) each
+        scan = SCANS[self.mem.kind]
+        read, state = scan(q, k, v, self.mem_write_gate(x), state, reset, self.segment_len, self.mem.nu, self.mem.eps)
         if not read_memory:
             # ablation: every segment sees what the first segment of a document sees (a zero read)
             read = torch.zeros_like(read)
@@ -207,6 +237,9 @@ class GPT(nn.Module):
             if attn.mem is not None:
                 nn.init.constant_(attn.mem_write_gate.bias, attn.mem.write_gate_bias_init)
                 nn.init.constant_(attn.mem_beta, attn.mem.gate_init)
+                for name in ("mem_q_conv", "mem_k_conv", "mem_v_conv"):
+                    if hasattr(attn, name):
+                        getattr(attn, name).reset_parameters()
 
     def forward(self, input_ids: Tensor, state: Optional[MemoryState] = None, reset: Optional[Tensor] = None,
                 read_memory: bool = True) -> ModelOutput:

@@ -195,3 +195,83 @@ def _segments(x: Tensor, n: int, S: int) -> Tensor:
     B, T, H, c = x.shape
     x = F.pad(x.float(), (0, 0, 0, 0, 0, S * n - T))  # (B, S * n, H, c)
     return x.view(B, S, n, H, c).permute(1, 0, 3, 2, 4).contiguous()  # (S, B, H, n, c)
+
+
+def delta_features(x: Tensor, nu: int) -> Tensor:
+    """Unit-length keys for the exact delta rule: DPFP features (nu >= 1) or the raw head
+    vector (nu = 0), L2-normalised so that a write with gate b in (0, 1) is a contraction
+    (I - b k k^T has eigenvalues in [0, 1]) and the state cannot blow up. (..., hd) -> (..., dk)."""
+    phi = dpfp(x, nu) if nu > 0 else x
+    return F.normalize(phi, dim=-1)
+
+
+def delta_reference_scan(q: Tensor, k: Tensor, v: Tensor, write_logit: Tensor, state: Optional[LayerState],
+                         reset: Optional[Tensor], segment_len: int, nu: int, eps: float) -> tuple[Tensor, LayerState]:
+    """`delta_scan` written token by token (DeltaNet's recurrence), for tests:
+    A_t = A_{t-1} + b_t phi(k_t)^T (v_t - phi(k_t) A_{t-1}); reads see only earlier segments."""
+    B, T, H, hd = q.shape
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        phi_q = delta_features(q.float().transpose(1, 2), nu)  # (B, H, T, dk)
+        phi_k = delta_features(k.float().transpose(1, 2), nu)  # (B, H, T, dk)
+        v = v.float().transpose(1, 2)  # (B, H, T, hd)
+        b = torch.sigmoid(write_logit.float()).transpose(1, 2).unsqueeze(-1)  # (B, H, T, 1)
+        if state is None:
+            state = LayerState(q.new_zeros(B, H, phi_k.shape[-1], hd, dtype=torch.float32),
+                               q.new_zeros(B, H, phi_k.shape[-1], dtype=torch.float32))
+        A, z = state
+        reads = []
+        for s, start in enumerate(range(0, T, segment_len)):
+            if reset is not None:
+                A, z = reset_where(LayerState(A, z), reset[:, s])
+            end = min(start + segment_len, T)
+            reads.append(phi_q[:, :, start:end] @ A)  # (B, H, n, hd): the memory before this segment
+            for t in range(start, end):
+                kt, bt = phi_k[:, :, t:t + 1], b[:, :, t:t + 1]  # (B, H, 1, dk), (B, H, 1, 1)
+                A = A + kt.transpose(-1, -2) @ (bt * (v[:, :, t:t + 1] - kt @ A))  # (B, H, dk, hd)
+                z = z + (bt * kt).squeeze(2)
+        read = torch.cat(reads, dim=2).transpose(1, 2)  # (B, T, H, hd)
+    return read, LayerState(A, z)
+
+
+def delta_scan(q: Tensor, k: Tensor, v: Tensor, write_logit: Tensor, state: Optional[LayerState],
+               reset: Optional[Tensor], segment_len: int, nu: int, eps: float) -> tuple[Tensor, LayerState]:
+    """The exact (token-sequential) delta rule, computed a segment at a time.
+
+    `memory_scan` writes all tokens of a segment at once against the memory of the previous
+    segment, so pairs written in the same segment blur into each other; here every token's write
+    corrects what the tokens before it (same segment included) stored under a similar key, as in
+    DeltaNet (Schlag et al. 2021; Yang et al. 2024). Reads stay causal at the segment level and
+    unnormalised: o_t = phi(q_t) A_{s-1}. Same arguments and results as `memory_scan`
+    (z accumulates the gated keys, kept for a uniform state; the read does not use it).
+
+    Per segment, with K the n unit keys, b the gates and V the values, the n sequential updates
+    equal one: solve (I + tril(diag(b) K K^T, -1)) U = diag(b) (V - K A) (unit lower triangular)
+    and set A <- A + K^T U, the WY/UT form of the chunked delta rule.
+    """
+    B, T, H, hd = q.shape
+    n = segment_len
+    S = -(-T // n)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        qk = torch.stack([_segments(q, n, S), _segments(k, n, S)], dim=3)  # (S, B, H, 2, n, hd)
+        phi = delta_features(qk.flatten(3, 4), nu)  # (S, B, H, 2n, dk): zero padding stays zero
+        b = _segments(torch.sigmoid(write_logit.float()).unsqueeze(-1), n, S)  # (S, B, H, n, 1)
+        vs = _segments(v, n, S)  # (S, B, H, n, hd)
+        dk = phi.shape[-1]
+        A = phi.new_zeros(B, H, dk, hd) if state is None else state.A
+        z = phi.new_zeros(B, H, dk) if state is None else state.z
+        strictly_lower = torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-1)  # (n, n)
+        eye = torch.eye(n, device=q.device)
+        reads = []
+        for s, (phi_s, b_s, v_s) in enumerate(zip(phi.unbind(0), b.unbind(0), vs.unbind(0))):
+            phi_q, phi_k = phi_s.split(n, dim=2)  # (B, H, n, dk) each
+            if reset is not None:
+                keep = ~reset[:, s].view(-1, 1, 1)  # (B, 1, 1)
+                A, z = torch.where(keep.unsqueeze(-1), A, 0.0), torch.where(keep, z, 0.0)
+            reads.append(phi_q @ A)  # (B, H, n, hd)
+            gram = torch.where(strictly_lower, b_s * (phi_k @ phi_k.transpose(-1, -2)), 0.0)  # (B, H, n, n)
+            u = torch.linalg.solve_triangular(eye + gram, b_s * (v_s - phi_k @ A), upper=False,
+                                              unitriangular=True)  # (B, H, n, hd)
+            A = A + phi_k.transpose(-1, -2) @ u  # (B, H, dk, hd)
+            z = z + (b_s * phi_k).sum(dim=2)  # (B, H, dk)
+        read = torch.cat(reads, dim=2)[:, :, :T].transpose(1, 2)  # (B, T, H, hd)
+    return read, LayerState(A, z)

@@ -14,15 +14,16 @@ GATE_SUFFIX = "mem_beta"
 
 
 def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
-    """AdamW groups: matrices decay; biases, norms and gains do not; memory mix gates get
-    their own group with a higher learning rate and no weight decay."""
+    """AdamW groups: matrices decay; biases, norms, gains and the memory's short convolutions
+    (decay would pull their identity tap to zero) do not; memory mix gates get their own group
+    with a higher learning rate and no weight decay."""
     decay, no_decay, gates = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if name.endswith(GATE_SUFFIX):
             gates.append(p)
-        elif p.dim() >= 2:
+        elif p.dim() >= 2 and "_conv." not in name:
             decay.append(p)
         else:
             no_decay.append(p)

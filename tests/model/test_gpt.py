@@ -78,10 +78,11 @@ def test_memory_with_reads_zeroed_is_the_gated_plain_gpt(make_model, tokens):
     assert (ablated - reference_logits(model, tokens, head_scale=scale)).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("memory", [True, False])
+@pytest.mark.parametrize("memory,memory_kwargs", [(True, {}), (False, {}), (True, {"kind": "delta"}),
+                                                  (True, {"kind": "delta", "nu": 0}), (True, {"conv": 0})])
 @torch.no_grad()
-def test_changing_a_token_never_changes_earlier_logits(make_model, tokens, memory):
-    model = make_model(memory=memory)
+def test_changing_a_token_never_changes_earlier_logits(make_model, tokens, memory, memory_kwargs):
+    model = make_model(memory=memory, memory_kwargs=memory_kwargs)
     base = model(tokens).logits
     for t in (3, N, 2 * N + 5):
         changed = tokens.clone()
@@ -91,13 +92,16 @@ def test_changing_a_token_never_changes_earlier_logits(make_model, tokens, memor
         assert not torch.allclose(logits[:, t], base[:, t])
 
 
+@pytest.mark.parametrize("kind", ["head", "delta"])
 @torch.no_grad()
-def test_only_the_memory_carries_information_across_segments(make_model, tokens):
+def test_only_the_memory_carries_information_across_segments(make_model, tokens, kind):
     changed = tokens.clone()
     changed[:, :N] = (tokens[:, :N] + 1) % VOCAB
     plain = make_model(memory=False)
     assert torch.equal(plain(changed).logits[:, N:], plain(tokens).logits[:, N:])
-    memory = make_model(memory=True)
+    read_off = make_model(memory_kwargs={"kind": kind})  # the short convolution must not leak either
+    assert torch.equal(read_off(changed, read_memory=False).logits[:, N:], read_off(tokens, read_memory=False).logits[:, N:])
+    memory = make_model(memory_kwargs={"kind": kind})
     diff = (memory(changed).logits[:, N:2 * N] - memory(tokens).logits[:, N:2 * N]).abs().max().item()
     assert diff > 1e-4
 
@@ -138,3 +142,33 @@ def test_init_and_stats_follow_the_config(make_model, tokens):
 def test_bad_reset_shape_is_rejected(make_model, tokens):
     with pytest.raises(ValueError, match="reset has shape"):
         make_model()(tokens, reset=torch.zeros(2, 3, dtype=torch.bool))
+
+
+def test_segment_conv_starts_as_identity_and_stays_inside_its_segment():
+    from memgpt_dist.model.gpt import SegmentConv
+
+    conv = SegmentConv(channels=3, taps=4, segment_len=N)
+    conv.reset_parameters()
+    x = torch.randn(2, 3 * N + 2, 3)
+    torch.testing.assert_close(conv(x), x)
+    with torch.no_grad():
+        conv.weight.normal_()
+    changed = x.clone()
+    changed[:, N - 1] += 1.0  # last token of segment 0
+    diff = (conv(changed) - conv(x)).abs().amax(dim=(0, 2))  # (T,)
+    assert diff[N - 1] > 0 and diff[N:].max() == 0  # seen by itself, never by segment 1
+    changed = x.clone()
+    changed[:, N] += 1.0  # first token of segment 1: seen by the next taps - 1 tokens only
+    diff = (conv(changed) - conv(x)).abs().amax(dim=(0, 2))
+    assert (diff[N:N + 4] > 0).all() and diff[N + 4:].max() == 0 and diff[:N].max() == 0
+
+
+def test_short_convolutions_are_not_weight_decayed(make_model):
+    from memgpt_dist.config import OptimConfig
+    from memgpt_dist.parallel.engine import param_groups
+
+    model = make_model()
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {g["name"]: [names[id(p)] for p in g["params"]] for g in param_groups(model, OptimConfig())}
+    assert any(n.endswith("mem_k_conv.weight") for n in groups["no_decay"])
+    assert not any("_conv." in n for n in groups["decay"])
