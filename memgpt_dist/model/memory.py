@@ -11,6 +11,10 @@ of /work/shared/research/memory_smoke_test.py). For a segment s of a document, p
 so a segment reads only what earlier segments wrote (causal at the segment level) and the write
 stores only what the memory did not already return for that key (delta rule).
 
+`memory.kind: delta` (`delta_scan`) is the exact, token-sequential delta rule of DeltaNet with
+unit-length keys and an unnormalised read, computed a segment at a time with one triangular
+solve; the rule above corrects only against earlier segments, this one also within a segment.
+
 Numerics: the state and all of its arithmetic are fp32 with autocast disabled, whatever the
 activation dtype; sums over hundreds of segments in bf16 would drift. The state is a tuple of
 per-layer `LayerState(A, z)` namedtuples: plain tensors in tuples, which DeepSpeed's module hooks
