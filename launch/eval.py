@@ -3,12 +3,15 @@
 For each run, with the memory read on and switched off at evaluation time, side by side:
 - on a task corpus (made by `memgpt-prepare --task`): accuracy at 1, 3, 7, 15, 31 filler
   segments between fact and question;
-- on a text corpus: next-token loss by segment index over long held-out documents.
+- on a text corpus: next-token loss by segment index over long held-out documents;
+- with --streaming 2048,8192,32768,65536: tokens/s and peak memory reading documents of those
+  lengths segment by segment, next to a full-causal-attention model of the same size.
 The data is the run's own (data.path) unless --data names another prepared corpus.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import asdict
@@ -25,6 +28,9 @@ def parse_args(argv):
     p.add_argument("--gaps", default="1,3,7,15,31", help="filler segments between fact and question")
     p.add_argument("--docs", type=int, default=256, help="evaluation documents per gap")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--streaming", default="", help="document lengths for the streaming cost, e.g. 2048,65536")
+    p.add_argument("--full-max", type=int, default=32768, help="longest document given to full attention")
+    p.add_argument("--device", default="cpu", help="device for the streaming cost")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     return p.parse_args(argv)
 
@@ -45,6 +51,8 @@ def _eval(args) -> int:
         name, kind, result, rec = _eval_one(Path(path), args, gaps)
         (task_rows if kind == "task" else corpus_rows).append((name, result))
         record[name] = rec
+        if args.streaming:
+            rec["streaming"] = _streaming(Path(rec["checkpoint"]), name, args)
     if task_rows:
         print(format_table(task_rows))
     if corpus_rows:
@@ -52,6 +60,19 @@ def _eval(args) -> int:
     if args.json:
         args.json.write_text(json.dumps(record, indent=1))
     return 0
+
+
+def _streaming(ckpt: Path, name: str, args) -> dict:
+    """Streaming cost of a model of this checkpoint's shape (the cost does not depend on weights)."""
+    from memgpt_dist.generate import checkpoint_config
+    from memgpt_dist.streaming import format_streaming_table, streaming_costs, summary
+
+    cfg = checkpoint_config(ckpt)
+    mem = cfg.memory if cfg.memory.enabled else dataclasses.replace(cfg.memory, enabled=True)
+    rows = streaming_costs(cfg.model, mem, [int(x) for x in args.streaming.split(",")], args.full_max,
+                           device=args.device)
+    print(f"\nstreaming cost, {name} shape\n{format_streaming_table(rows)}")
+    return {"rows": [asdict(r) for r in rows], "summary": summary(rows)}
 
 
 def _eval_one(path: Path, args, gaps):

@@ -48,10 +48,15 @@ def find_checkpoint(path: Path, step: Optional[int] = None) -> Path:
     return root / tag_for(chosen)
 
 
+def checkpoint_config(ckpt_dir: Path) -> TrainConfig:
+    """The run configuration a checkpoint was saved with (from its commit marker)."""
+    marker = json.loads((ckpt_dir / MARKER).read_text())
+    return config_from_json(marker["meta"]["config"])
+
+
 def load_model(ckpt_dir: Path) -> tuple[GPT, TrainConfig]:
     """Rebuild the model of a checkpoint with consolidated fp32 weights, in eval mode."""
-    marker = json.loads((ckpt_dir / MARKER).read_text())
-    cfg = config_from_json(marker["meta"]["config"])
+    cfg = checkpoint_config(ckpt_dir)
     model = GPT(cfg.model, cfg.memory)
     model.load_state_dict(consolidated_state_dict(ckpt_dir, cfg.parallel.zero_stage))
     return model.eval(), cfg

@@ -97,3 +97,15 @@ def test_eval_reports_loss_by_segment_with_and_without_the_memory_read(runs, tmp
     assert len(r["loss_by_segment"]) == len(r["loss_by_segment_read_off"]) == 4
     assert r["loss_by_segment"][0] == r["loss_by_segment_read_off"][0]  # segment 1 reads an empty memory
     assert r["loss_by_segment"][3] != r["loss_by_segment_read_off"][3]
+
+
+def test_eval_measures_the_streaming_cost_next_to_full_attention(runs, tmp_path):
+    _, full = runs
+    out = tmp_path / "eval.json"
+    proc = run_cmd([bin_path("memgpt-eval"), "--checkpoint", str(full), "--segments", "2", "--corpus-docs", "2",
+                    "--streaming", "64,256", "--full-max", "64", "--json", str(out)])
+    assert "streaming cost" in proc.stdout and "full causal attention" in proc.stdout
+    (record,) = json.loads(out.read_text()).values()
+    rows = {(r["kind"], r["length"]): r for r in record["streaming"]["rows"]}
+    assert set(rows) == {("memory", 64), ("full", 64), ("memory", 256)}  # full attention only up to --full-max
+    assert all(r["tokens_per_s"] > 0 and r["peak_mb"] > 0 for r in rows.values())
