@@ -1,4 +1,10 @@
-"""Shared behaviour of the command-line entry points: user errors print a message, not a traceback."""
+"""Shared behaviour of the command-line entry points: user errors print a message, not a traceback.
+
+Exit codes: 0 done; 2 a configuration, data or checkpoint problem the user must fix;
+75 (`stopping.EXIT_PREEMPTED`) stopped early by a signal or `train.max_minutes` after committing
+a checkpoint, so requeue with `--resume auto`; 3 (`stopping.EXIT_DIVERGED`) stopped by too many
+consecutive non-finite steps, nothing saved after the last good checkpoint.
+"""
 from __future__ import annotations
 
 import sys
@@ -6,14 +12,19 @@ from typing import Callable
 
 from memgpt_dist.config import ConfigError
 from memgpt_dist.train.checkpoint import CheckpointError
+from memgpt_dist.train.stopping import Preempted, RunStopped
 
 EXIT_USER_ERROR = 2
 
 
 def run_cli(fn: Callable[[], int], extra_user_errors: tuple[type[BaseException], ...] = ()) -> int:
-    """Run `fn`; a configuration, data or checkpoint problem exits with code 2 and its message."""
+    """Run `fn`; a configuration, data or checkpoint problem exits with code 2 and its message,
+    an early stop with the code of its `RunStopped` exception."""
     try:
         return fn()
     except (ConfigError, CheckpointError, FileNotFoundError, *extra_user_errors) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except RunStopped as exc:
+        print(f"{'stopped' if isinstance(exc, Preempted) else 'error'}: {exc}", file=sys.stderr)
+        return exc.exit_code

@@ -260,11 +260,21 @@ class LoopConfig:
     # (truncated BPTT over data.n_segments per step), so documents longer than one sample are
     # read whole. Off: every sample starts from an empty memory (episodic).
     carry_memory: bool = False
+    # Wall-clock budget of the process in minutes (0: none). At the last step boundary that
+    # leaves time for one more step and a save, the run saves a checkpoint and exits with code 75
+    # (memgpt_dist.train.stopping.EXIT_PREEMPTED), like a preempted run: resume with --resume auto.
+    max_minutes: float = 0.0
+    # A step whose loss or gradient is NaN/Inf on any rank is skipped by every rank (weights,
+    # optimizer state and LR schedule untouched). The run stops (exit code 3) when more than this
+    # many consecutive steps were skipped; 0 stops at the first one.
+    max_nan_skips: int = 5
 
     def validate(self) -> None:
         _check(self.max_steps >= 1, "train.max_steps must be >= 1")
         _check(self.eval_every >= 0, "train.eval_every must be >= 0")
         _check(self.eval_batches >= 1, "train.eval_batches must be >= 1")
+        _check(self.max_minutes >= 0, "train.max_minutes must be >= 0 (0: no time budget)")
+        _check(self.max_nan_skips >= 0, "train.max_nan_skips must be >= 0 (0: stop at the first non-finite step)")
 
 
 @dataclass(frozen=True)

@@ -6,15 +6,30 @@ Layout under `<run_dir>/checkpoints/`:
         mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt, ...
         rank_state/rank_00000.pt   this rank's loader cursor and RNG (every rank writes its own;
                                    DeepSpeed's client_state is written by data-parallel rank 0 only)
-        COMMITTED.json             written last by rank 0 after a barrier: step, world size and the
-                                   sha256 + size of every file. A directory without it never counts.
+        COMMITTED.json             written last by rank 0 after a barrier: step, world size, config
+                                   hash, and the sha256 + size of every other file of the directory.
 
-DeepSpeed's own `latest` file is written before the final barrier, so it is not trusted: resume
-takes the newest directory whose marker verifies. Old checkpoints are deleted only after the new
-one is committed, and the newest committed one is never deleted.
+A save is crash-safe because nothing counts until the marker exists:
+
+1. preflight (every rank, agreed): the directory is writable and has room for a checkpoint as
+   large as the last one; otherwise every rank raises before anything is written;
+2. every rank writes its files and fsyncs them; a leftover uncommitted directory of the same step
+   (a save killed half-way) is first renamed aside, never deleted before the new commit;
+3. barrier; the ranks hash the files between them; rank 0 writes the marker (tmp, fsync, rename,
+   fsync of the directory): the commit point;
+4. barrier; only then rank 0 prunes: committed checkpoints beyond `keep_last` (marker removed
+   first, so a half-deleted directory is uncommitted), uncommitted directories older than the
+   newest committed one, and set-aside leftovers. The newest committed checkpoint is never pruned.
+
+DeepSpeed's own `latest` file is not written and never read: resume takes the newest directory
+whose marker verifies, and a checkpoint whose file is missing, truncated or corrupted is refused
+with a message naming the file, falling back to the previous one. Loading reads every file with
+`torch.load(weights_only=True)`, DeepSpeed's included, so a checkpoint cannot execute code.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -24,7 +39,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -34,6 +49,12 @@ log = logging.getLogger(__name__)
 
 MARKER = "COMMITTED.json"
 TAG_RE = re.compile(r"^step_(\d{8})$")
+# Directories renamed out of the way: an uncommitted leftover of a killed save ("partial", pruned
+# once a newer checkpoint is committed) or a committed checkpoint newer than the step a run
+# resumed from ("superseded": kept for the user, never read or deleted by the run).
+ASIDE_RE = re.compile(r"^step_(\d{8})\.(partial|superseded)-\d+$")
+# How much larger than the previous checkpoint the free space must be before a save starts.
+FREE_SPACE_FACTOR = 1.1
 
 
 class CheckpointError(RuntimeError):
@@ -60,6 +81,24 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Persist a directory's entries (a rename or a new file) on POSIX file systems."""
+    with contextlib.suppress(OSError):  # some file systems refuse fsync on directories
+        _fsync_file(path)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -67,12 +106,51 @@ def _atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _deepspeed_safe_globals() -> list:
+    """The non-tensor classes DeepSpeed pickles into its own checkpoint files."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+
+
+@contextlib.contextmanager
+def weights_only_loading(engine) -> Iterator[None]:
+    """Make DeepSpeed read its checkpoint files with `torch.load(weights_only=True)`.
+
+    DeepSpeed's TorchCheckpointEngine.load passes weights_only=False, which unpickles arbitrary
+    objects (and so can run code from a tampered file). Every load of model, optimizer and
+    scheduler state goes through `engine.checkpoint_engine.load`, so for the duration of a load
+    that method is shadowed on the instance by one that allows tensors, plain containers and the
+    few DeepSpeed classes listed above, nothing else.
+    """
+    ckpt_engine = getattr(engine, "checkpoint_engine", None)
+    if ckpt_engine is None:
+        yield
+        return
+    allowed = _deepspeed_safe_globals()
+
+    def load(path, map_location=None):
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    ckpt_engine.load = load
+    try:
+        yield
+    finally:
+        del ckpt_engine.load
 
 
 class Checkpointer:
@@ -81,122 +159,197 @@ class Checkpointer:
     def __init__(self, root: Path, topo: Topology, keep_last: int):
         self.root = Path(root)
         self.topo = topo
-        self.keep_last = keep_last
+        self.keep_last = max(int(keep_last), 1)  # the newest committed checkpoint is never deleted
 
     # ------------------------------------------------------------------ discovery
     def committed_steps(self) -> list[int]:
         """Steps of checkpoints with a commit marker, oldest first (not yet verified)."""
-        if not self.root.is_dir():
-            return []
-        steps = []
-        for child in self.root.iterdir():
-            m = TAG_RE.match(child.name)
-            if m and (child / MARKER).is_file():
-                steps.append(int(m.group(1)))
-        return sorted(steps)
+        return [step for step, committed in self._step_dirs() if committed]
 
     def has_any(self) -> bool:
-        return self.root.is_dir() and any(TAG_RE.match(c.name) for c in self.root.iterdir())
+        return bool(self._step_dirs())
+
+    def _step_dirs(self) -> list[tuple[int, bool]]:
+        """(step, committed) of every `step_*` directory, oldest first."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for child in self.root.iterdir():
+            m = TAG_RE.match(child.name)
+            if m and child.is_dir():
+                out.append((int(m.group(1)), (child / MARKER).is_file()))
+        return sorted(out)
+
+    def marker(self, step: int) -> dict[str, Any]:
+        return json.loads((self.root / tag_for(step) / MARKER).read_text())
 
     # ------------------------------------------------------------------ save
     def save(self, engine, step: int, client_state: dict[str, Any], rank_state: dict[str, Any],
              meta: Optional[dict[str, Any]] = None) -> Path:
         """Write checkpoint `step` from every rank; returns its directory once committed.
 
-        `meta` (JSON-serialisable, e.g. the resolved config) is stored in the commit marker so a
-        resume can check compatibility before touching any tensor file.
+        `meta` (JSON-serialisable: the resolved config, its hash, the tokenizer hash) is stored in
+        the commit marker so a resume can check compatibility before touching any tensor file.
+        Raises CheckpointError, naming the directory, when it cannot be written; the previous
+        checkpoints are then untouched.
         """
-        tag = tag_for(step)
-        path = self.root / tag
-        t0 = time.time()
+        path = self.root / tag_for(step)
+        t0 = time.perf_counter()
+        self._preflight(path)
         try:
-            if self.topo.is_main:
-                self.root.mkdir(parents=True, exist_ok=True)
-                if path.exists():  # an uncommitted leftover of a crashed save of the same step
-                    shutil.rmtree(path)
-            self.topo.barrier()
-            engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+            engine.save_checkpoint(str(self.root), tag=path.name, client_state=client_state, save_latest=False)
             (path / "rank_state").mkdir(parents=True, exist_ok=True)
             _atomic_torch_save(rank_state, path / "rank_state" / f"rank_{self.topo.rank:05d}.pt")
-        except OSError as exc:
-            raise CheckpointError(f"could not write checkpoint {path}: {exc}. The previous checkpoint is "
-                                  f"untouched; free disk space or fix permissions of {self.root}") from exc
+        except (OSError, RuntimeError) as exc:
+            # torch.save reports a full disk as RuntimeError ("file write failed"). No collective
+            # follows: the other ranks are stopped by the launcher when this one exits.
+            raise CheckpointError(f"could not write checkpoint {path}: {exc}. {self._untouched_note()}") from exc
         self.topo.barrier()
         self._commit(path, step, meta or {})
         self.topo.barrier()
         if self.topo.is_main:
             self._prune()
-            log.info("saved checkpoint %s in %.1fs", path, time.time() - t0)
+            log.info("saved checkpoint %s in %.2fs", path, time.perf_counter() - t0)
         return path
 
+    def _untouched_note(self) -> str:
+        steps = self.committed_steps()
+        previous = f"the previous checkpoint {self.root / tag_for(steps[-1])}" if steps else "no earlier checkpoint"
+        return (f"Nothing was committed and {previous} is untouched; free disk space or fix the permissions "
+                f"of {self.root}, then resume with --resume auto")
+
+    def _preflight(self, path: Path) -> None:
+        """Every rank checks that it can write; all raise together, before any file is written."""
+        problem = self._local_write_problem()
+        if problem is None and self.topo.is_main and (path / MARKER).is_file():
+            problem = f"{path} is already committed (refusing to overwrite it)"
+        problems = [p for p in self.topo.all_gather_object(problem) if p]
+        if problems:
+            raise CheckpointError(f"cannot write checkpoint {path}: {'; '.join(sorted(set(problems)))}. "
+                                  f"{self._untouched_note()}")
+        if self.topo.is_main and path.exists():  # an uncommitted leftover of a killed save of this step
+            self._set_aside(path, "partial")
+        self.topo.barrier()
+
+    def _local_write_problem(self) -> Optional[str]:
+        probe = self.root / f".write_probe_rank{self.topo.rank:05d}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with open(probe, "wb") as f:
+                f.write(b"x")
+                f.flush()
+                os.fsync(f.fileno())
+            probe.unlink()
+            free, need = shutil.disk_usage(self.root).free, self._expected_bytes()
+        except OSError as exc:
+            return f"{self.root} is not writable ({exc})"
+        if free < need:
+            return (f"{self.root} has {free / 2**20:,.1f} MiB free, the last checkpoint took "
+                    f"{need / FREE_SPACE_FACTOR / 2**20:,.1f} MiB ({os.strerror(errno.ENOSPC)})")
+        return None
+
+    def _expected_bytes(self) -> int:
+        """Free space a save needs: the size of the newest committed checkpoint, with a margin."""
+        steps = self.committed_steps()
+        if not steps:
+            return 0
+        try:
+            files = self.marker(steps[-1])["files"]
+        except (OSError, ValueError, KeyError):
+            return 0
+        return int(FREE_SPACE_FACTOR * sum(f["bytes"] for f in files.values()))
+
     def _commit(self, path: Path, step: int, meta: dict[str, Any]) -> None:
+        """Hash the files (shared out over ranks), then rank 0 writes the marker: the commit point."""
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != MARKER)
         mine = [p for i, p in enumerate(files) if i % self.topo.world_size == self.topo.rank]
-        hashed = {str(p.relative_to(path)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in mine}
+        hashed = {}
+        for p in mine:
+            _fsync_file(p)  # the data is on disk before the marker says it is
+            hashed[str(p.relative_to(path))] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
         merged: dict[str, Any] = {}
         for part in self.topo.all_gather_object(hashed):
             merged.update(part)
         if self.topo.is_main:
-            marker = {"step": step, "world_size": self.topo.world_size, "time": time.time(), "files": merged,
-                      "meta": meta}
+            for d in {p.parent for p in files}:
+                _fsync_dir(d)
+            marker = {"step": step, "world_size": self.topo.world_size, "time": time.time(),
+                      "config_sha256": meta.get("config_sha256"), "total_bytes": sum(f["bytes"] for f in merged.values()),
+                      "files": merged, "meta": meta}
             _atomic_write_text(path / MARKER, json.dumps(marker, indent=1, sort_keys=True))
 
     def _prune(self) -> None:
+        """After a commit: old committed checkpoints beyond keep_last, dead leftovers."""
         steps = self.committed_steps()
-        newest = steps[-1] if steps else None
+        if not steps:
+            return
+        newest = steps[-1]
         for step in steps[:-self.keep_last]:
-            shutil.rmtree(self.root / tag_for(step), ignore_errors=True)
-        # Uncommitted directories older than the newest committed one are dead saves.
+            _remove_checkpoint(self.root / tag_for(step))
         for child in self.root.iterdir():
-            m = TAG_RE.match(child.name)
-            if m and newest is not None and int(m.group(1)) < newest and not (child / MARKER).is_file():
+            tag, aside = TAG_RE.match(child.name), ASIDE_RE.match(child.name)
+            if tag and int(tag.group(1)) < newest and not (child / MARKER).is_file():
+                shutil.rmtree(child, ignore_errors=True)  # a save that died before its commit
+            elif aside and aside.group(2) == "partial" and int(aside.group(1)) <= newest:
                 shutil.rmtree(child, ignore_errors=True)
 
-    # ------------------------------------------------------------------ load
+    def _set_aside(self, path: Path, kind: str) -> Path:
+        target = path.with_name(f"{path.name}.{kind}-{time.time_ns()}")
+        os.replace(path, target)
+        _fsync_dir(path.parent)
+        return target
+
+    # ------------------------------------------------------------------ verify
     def verify(self, step: int) -> Optional[str]:
-        """None if checkpoint `step` is intact, else a message naming the bad file."""
+        """None if checkpoint `step` is intact, else a message naming the bad file (collective)."""
         path = self.root / tag_for(step)
         try:
             marker = json.loads((path / MARKER).read_text())
-        except (OSError, ValueError) as exc:
-            return f"{path / MARKER} is unreadable ({exc})"
-        names = sorted(marker.get("files", {}))
+            expected = marker["files"]
+            problems = [] if marker.get("step") == step else [f"{path / MARKER} is for step {marker.get('step')}"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            expected, problems = {}, [f"{path / MARKER} is unreadable ({exc})"]
+        names = sorted(expected)
         mine = [n for i, n in enumerate(names) if i % self.topo.world_size == self.topo.rank]
-        problems = [self._check_file(path / n, marker["files"][n]) for n in mine]
-        problems = [p for p in problems if p]
-        everyone = [p for part in self.topo.all_gather_object(problems) for p in part]
+        problems += [p for p in (_check_file(path / n, expected[n]) for n in mine) if p]
+        everyone = sorted({p for part in self.topo.all_gather_object(problems) for p in part})
         return "; ".join(everyone) if everyone else None
 
-    @staticmethod
-    def _check_file(file: Path, expected: dict[str, Any]) -> Optional[str]:
-        if not file.is_file():
-            return f"{file} is missing"
-        if file.stat().st_size != expected["bytes"]:
-            return f"{file} has {file.stat().st_size} bytes, expected {expected['bytes']} (truncated?)"
-        if sha256_file(file) != expected["sha256"]:
-            return f"{file} does not match its sha256 (corrupted)"
-        return None
-
-    def marker(self, step: int) -> dict[str, Any]:
-        return json.loads((self.root / tag_for(step) / MARKER).read_text())
-
     def latest_valid_step(self) -> Optional[int]:
-        """Newest committed checkpoint whose files verify; broken ones are reported and skipped."""
+        """Newest committed checkpoint whose files verify; broken ones are reported and skipped.
+
+        None when there is no committed checkpoint at all (a fresh run, or every save so far was
+        killed before its commit). When checkpoints are committed but none verifies, raises
+        rather than silently starting over.
+        """
+        refused = []
         for step in reversed(self.committed_steps()):
             problem = self.verify(step)
             if problem is None:
+                if refused and self.topo.is_main:
+                    log.warning("resuming from %s instead", self.root / tag_for(step))
                 return step
+            refused.append(f"{tag_for(step)}: {problem}")
             if self.topo.is_main:
-                log.warning("checkpoint %s is not usable: %s; falling back to an older one",
+                log.warning("refusing checkpoint %s: %s; falling back to the previous committed one",
                             self.root / tag_for(step), problem)
+        if refused:
+            raise CheckpointError(f"no usable checkpoint in {self.root}: {' | '.join(refused)}. Restore the "
+                                  f"damaged files, or move the directory away to start the run over")
         return None
 
+    # ------------------------------------------------------------------ load
     def load(self, engine, step: int) -> LoadedCheckpoint:
-        """Restore engine weights, optimizer and scheduler of `step` and this rank's state."""
-        tag = tag_for(step)
-        path = self.root / tag
-        loaded_path, client_state = engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True,
-                                                           load_lr_scheduler_states=True)
+        """Restore engine weights, optimizer and scheduler of `step` and this rank's state.
+
+        Committed checkpoints newer than `step` (a resume from an older step, or past damaged
+        ones) belong to a history this run abandons: they are renamed aside (`.superseded-*`),
+        kept for the user, so a later `--resume auto` cannot jump back to them.
+        """
+        path = self.root / tag_for(step)
+        with weights_only_loading(engine):
+            loaded_path, client_state = engine.load_checkpoint(str(self.root), tag=path.name, load_optimizer_states=True,
+                                                               load_lr_scheduler_states=True)
         if loaded_path is None:
             raise CheckpointError(f"DeepSpeed could not load {path}; delete it or pass --resume with another checkpoint")
         rank_file = path / "rank_state" / f"rank_{self.topo.rank:05d}.pt"
@@ -204,4 +357,35 @@ class Checkpointer:
             raise CheckpointError(f"{rank_file} is missing: checkpoint {path} was written by a different number "
                                   f"of ranks; resume with the world size it was saved with")
         rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
+        self.topo.barrier()  # every rank has read what it needs before anything is renamed
+        if self.topo.is_main:
+            self._set_aside_newer(step)
+        self.topo.barrier()
         return LoadedCheckpoint(step=step, path=path, client_state=client_state or {}, rank_state=rank_state)
+
+    def _set_aside_newer(self, step: int) -> None:
+        for newer, committed in self._step_dirs():
+            if newer > step:
+                target = self._set_aside(self.root / tag_for(newer), "superseded" if committed else "partial")
+                if committed:
+                    log.warning("resumed from step %d: moved the newer checkpoint %s aside to %s (not deleted)",
+                                step, tag_for(newer), target)
+
+
+def _check_file(file: Path, expected: dict[str, Any]) -> Optional[str]:
+    if not file.is_file():
+        return f"{file} is missing"
+    size = file.stat().st_size
+    if size != expected["bytes"]:
+        return f"{file} has {size} bytes, expected {expected['bytes']} (truncated?)"
+    if sha256_file(file) != expected["sha256"]:
+        return f"{file} does not match its sha256 (corrupted)"
+    return None
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """Uncommit first (marker gone), then delete: a deletion cut short leaves no false checkpoint."""
+    with contextlib.suppress(FileNotFoundError):
+        (path / MARKER).unlink()
+    _fsync_dir(path)
+    shutil.rmtree(path, ignore_errors=True)

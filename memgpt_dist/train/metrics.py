@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -44,6 +45,10 @@ class MetricsLogger:
         if self.enabled:
             log.info(text)
 
+    def warning(self, text: str) -> None:
+        if self.enabled:
+            log.warning(text)
+
     def flush(self) -> None:
         if self.writer is not None:
             self.writer.flush()
@@ -55,8 +60,18 @@ class MetricsLogger:
 
 
 def _truncate_after(path: Path, step: int) -> None:
-    """Drop records of steps after `step` (left by a run that died after its last checkpoint)."""
+    """Drop records of steps after `step` (left by a run that died after its last checkpoint),
+    and a last line torn by a kill in the middle of its write."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = [line for line in path.read_text().splitlines() if _record_step(line) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def _record_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")

@@ -16,6 +16,8 @@ class TrainState:
     step: int = 0  # optimizer steps completed
     tokens_seen: int = 0  # global loss-bearing tokens consumed
     samples_seen: int = 0  # global samples consumed (K segments each)
+    skipped_steps: int = 0  # steps whose update was skipped: non-finite loss or gradient on some rank
+    nonfinite_streak: int = 0  # consecutive skipped steps up to now (train.max_nan_skips bounds it)
 
     def state_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -24,6 +26,8 @@ class TrainState:
         self.step = int(sd["step"])
         self.tokens_seen = int(sd["tokens_seen"])
         self.samples_seen = int(sd["samples_seen"])
+        self.skipped_steps = int(sd.get("skipped_steps", 0))  # absent in checkpoints of older versions
+        self.nonfinite_streak = int(sd.get("nonfinite_streak", 0))
 
 
 def seed_everything(seed: int) -> None:

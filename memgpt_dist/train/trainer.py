@@ -4,11 +4,25 @@ Loss normalisation: every optimizer step minimises (sum of token losses) / (loss
 in the global batch). Each micro-batch's summed loss is scaled by dp * grad_accum / n_global so
 that DeepSpeed's averaging over ranks and micro-steps yields exactly that token-weighted mean,
 whatever the layout: a 2-rank run and a 1-rank run with the same global batch see the same loss.
+
+Non-finite steps: a rank whose loss is NaN/Inf multiplies what it backpropagates by NaN, so the
+gradient norm that DeepSpeed's ZeRO optimizer all-reduces is NaN on every rank and the optimizer
+discards the step everywhere (its overflow check: weights, fp32 master weights, Adam moments and
+step count untouched, LR scheduler not advanced). A NaN/Inf gradient under a finite loss takes the
+same path. The ranks then confirm the skip with one all-reduce at the step boundary, count it, and
+stop after more than `train.max_nan_skips` in a row. ZeRO-0 has no such check: there the run stops
+before the update instead of skipping it. The step counter advances over a skipped step (its
+batch is consumed), the LR schedule does not: DeepSpeed's convention for fp16 overflow.
+
+The step boundary is also where a stop signal or the time budget is agreed (see `stopping`).
 """
 from __future__ import annotations
 
+import json
+import logging
 import math
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 
@@ -18,12 +32,14 @@ import torch.nn.functional as F
 from memgpt_dist.config import TrainConfig
 from memgpt_dist.model.memory import MemoryState, detach_state, move_state, state_from_dict, state_to_dict
 from memgpt_dist.parallel.dist import Topology
-from memgpt_dist.train.checkpoint import Checkpointer
+from memgpt_dist.train.checkpoint import CheckpointError, Checkpointer, sha256_file, sha256_text, tag_for
 from memgpt_dist.train.metrics import MetricsLogger
 from memgpt_dist.train.state import TrainState, rng_state, set_rng_state
+from memgpt_dist.train.stopping import Diverged, Preempted, StopSignals, TimeBudget, any_rank
 
 Batch = dict[str, torch.Tensor]
 IGNORE = -100
+log = logging.getLogger("memgpt_dist")
 
 
 class StatefulBatches(Protocol):
@@ -58,6 +74,7 @@ class StepResult:
     step_time: float
     data_time: float
     stats: dict[str, float]
+    nonfinite: bool = False  # this rank saw a non-finite loss, or the optimizer discarded the step
 
 
 class Trainer:
@@ -77,6 +94,9 @@ class Trainer:
         self.client_extra: dict[str, Any] = {}
         # train.carry_memory: the memory of this rank's streams after the last micro-batch (detached)
         self.carried: Optional[MemoryState] = None
+        self.last_saved_step: Optional[int] = None  # saved or restored: never written twice
+        self.longest_step_s = 0.0
+        self.longest_save_s: Optional[float] = None
 
     # ------------------------------------------------------------------ state
     def client_state(self) -> dict[str, Any]:
@@ -89,18 +109,46 @@ class Trainer:
             out["memory_state"] = {k: v.cpu() for k, v in state_to_dict(self.carried).items()}
         return out
 
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What a resume checks before any tensor is read: config, its hash, the tokenizer hash."""
+        config = self.cfg.to_json()
+        return {"config": config, "config_sha256": sha256_text(config), "world_size": self.topo.world_size,
+                "tokenizer_sha256": self._tokenizer_sha256()}
+
+    def _tokenizer_sha256(self) -> Optional[str]:
+        tokenizer = Path(self.cfg.run_dir) / "tokenizer.json"  # the data's tokenizer, copied at start
+        return sha256_file(tokenizer) if tokenizer.is_file() else None
+
     def save(self) -> None:
-        meta = {"config": self.cfg.to_json(), "world_size": self.topo.world_size}
-        self.checkpointer.save(self.engine, self.state.step, self.client_state(), self.rank_state(), meta)
+        t0 = time.perf_counter()
+        self.checkpointer.save(self.engine, self.state.step, self.client_state(), self.rank_state(),
+                               self.checkpoint_meta())
+        self.last_saved_step = self.state.step
+        self.longest_save_s = max(self.longest_save_s or 0.0, time.perf_counter() - t0)
 
     def restore(self, step: int) -> None:
+        self._check_checkpoint_meta(step)
         loaded = self.checkpointer.load(self.engine, step)
+        self.last_saved_step = step
         self.state.load_state_dict(loaded.client_state["train_state"])
         self._apply_curriculum(max(self.state.step - 1, 0))  # the K the saved loader state was cut with
         self.train_batches.load_state_dict(loaded.rank_state["loader"])
         set_rng_state(loaded.rank_state["rng"])
         saved = loaded.rank_state.get("memory_state")
         self.carried = move_state(state_from_dict(saved), self.topo.device) if saved and self.cfg.train.carry_memory else None
+
+    def _check_checkpoint_meta(self, step: int) -> None:
+        """Refuse a checkpoint trained with another tokenizer; report config keys that changed."""
+        meta = self.checkpointer.marker(step).get("meta", {})
+        saved_tok, tok = meta.get("tokenizer_sha256"), self._tokenizer_sha256()
+        if saved_tok and tok and saved_tok != tok:
+            raise CheckpointError(f"checkpoint {tag_for(step)} was trained with a tokenizer of sha256 {saved_tok[:12]}..., "
+                                  f"the data's tokenizer ({self.cfg.data.path}) has {tok[:12]}...: token ids would "
+                                  f"mean different text. Resume with the original data or start a new run_dir")
+        saved_cfg = meta.get("config")
+        if saved_cfg and sha256_text(saved_cfg) != sha256_text(self.cfg.to_json()) and self.topo.is_main:
+            changed = _changed_keys(json.loads(saved_cfg), self.cfg.to_dict())
+            log.warning("resuming %s with changed settings: %s", tag_for(step), ", ".join(changed) or "(formatting only)")
 
     # ------------------------------------------------------------------ steps
     def _apply_curriculum(self, step: int) -> None:
@@ -120,13 +168,20 @@ class Trainer:
                            read_memory=read_memory)
 
     def train_step(self) -> StepResult:
-        """One optimizer step over grad_accum micro-batches on every rank."""
+        """One optimizer step over grad_accum micro-batches on every rank.
+
+        A step with a non-finite loss or gradient is discarded by the optimizer on every rank (see
+        the module docstring); `StepResult.nonfinite` says so, and the carried memory goes back to
+        where it was before the step.
+        """
         t0 = time.perf_counter()
         batches, data_time = self._next_micro_batches()
         n_local = sum(int((b["labels"] != IGNORE).sum()) for b in batches)
         n_global, samples = self.topo.all_reduce_sum([float(n_local), float(sum(len(b["input_ids"]) for b in batches))])
         scale = self.topo.dp_size * self.cfg.parallel.grad_accum / max(n_global, 1.0)
+        carried_before = self.carried
         loss_sum_local = 0.0
+        nonfinite = False
         stats: dict[str, torch.Tensor] = {}
         self.engine.train()
         grad_norm = None
@@ -136,12 +191,20 @@ class Trainer:
                 # the next sample of each stream continues its document: keep the memory, cut the graph
                 self.carried = detach_state(out.state)
             loss_sum = token_loss_sum(out.logits, batch["labels"].to(self.topo.device))
-            self.engine.backward(loss_sum * scale)
+            finite = bool(torch.isfinite(loss_sum))
+            nonfinite |= not finite
+            # NaN-poison a non-finite loss so that its gradient, and hence the all-reduced
+            # gradient norm, is NaN on every rank: the ZeRO optimizer then skips the step everywhere.
+            self.engine.backward(loss_sum * scale if finite else loss_sum * scale * float("nan"))
             if self.engine.is_gradient_accumulation_boundary():
                 grad_norm = _unpartitioned_grad_norm(self.engine)
+                self._maybe_stop_before_unskippable_update(grad_norm)
             self.engine.step()
             loss_sum_local += float(loss_sum.detach())
             stats = out.stats
+        nonfinite |= not self.engine.was_step_applied()
+        if nonfinite:
+            self.carried = carried_before
         (loss_sum_global,) = self.topo.all_reduce_sum([loss_sum_local])
         self.state.step += 1
         self.state.tokens_seen += int(n_global)
@@ -149,7 +212,20 @@ class Trainer:
         return StepResult(loss=loss_sum_global / max(n_global, 1.0), grad_norm=_grad_norm(self.engine, grad_norm),
                           lr=self.engine.get_lr()[0], tokens=int(n_global), samples=int(samples),
                           step_time=time.perf_counter() - t0, data_time=data_time,
-                          stats={k: float(v) for k, v in stats.items()})
+                          stats={k: float(v) for k, v in stats.items()}, nonfinite=nonfinite)
+
+    def _maybe_stop_before_unskippable_update(self, grad_norm: Optional[float]) -> None:
+        """ZeRO-0 applies whatever gradient it gets. Its gradients are already all-reduced here,
+        so every rank sees the same norm and stops at the same point, before the update."""
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            raise Diverged(f"non-finite gradient at step {self.state.step + 1}; parallel.zero_stage=0 cannot skip "
+                           f"a step, so the run stopped before the update. {self._last_checkpoint_note()}; use "
+                           f"parallel.zero_stage >= 1 to skip such steps")
+
+    def _last_checkpoint_note(self) -> str:
+        steps = self.checkpointer.committed_steps()
+        where = self.checkpointer.root / tag_for(steps[-1]) if steps else None
+        return f"The last committed checkpoint {where} is intact" if where else "No checkpoint was committed"
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -188,36 +264,84 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self, stop_after: Optional[int] = None) -> TrainState:
         """Train to `train.max_steps`; `stop_after` ends early (with a checkpoint) at that step,
-        leaving the schedule untouched, as a preempted job would."""
+        leaving the schedule untouched, as a preempted job would.
+
+        Raises `Preempted` after a committed checkpoint when a stop signal reached any rank or the
+        time budget ran out, and `Diverged` (without saving) after too many non-finite steps.
+        """
         cfg = self.cfg
         last = min(cfg.train.max_steps, stop_after) if stop_after else cfg.train.max_steps
-        while self.state.step < last:
-            result = self.train_step()
-            step = self.state.step
-            if step % cfg.log.every == 0 or step == 1 or step == cfg.train.max_steps:
-                self._log_step(result)
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                self._log_eval()
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                self.save()
+        budget = TimeBudget(cfg.train.max_minutes)
+        with StopSignals() as signals:
+            while self.state.step < last:
+                result = self.train_step()
+                self.longest_step_s = max(self.longest_step_s, result.step_time)
+                skipped, signalled, out_of_time = any_rank(
+                    [result.nonfinite, signals.received is not None,
+                     budget.exhausted(self.longest_step_s, self.longest_save_s)], self.topo.device)
+                self._count_skip(skipped)
+                self._log_step(result, skipped)
+                self._stop_if_diverged()
+                if signalled or out_of_time:
+                    self._stop_preempted(signals.received if signalled else None, out_of_time)
+                if cfg.train.eval_every and self.state.step % cfg.train.eval_every == 0:
+                    self._log_eval()
+                if cfg.checkpoint.every and self.state.step % cfg.checkpoint.every == 0:
+                    self.save()
         stopped_early = self.state.step < cfg.train.max_steps
-        if (cfg.checkpoint.save_at_end or stopped_early) and not self._saved_at(self.state.step):
+        if (cfg.checkpoint.save_at_end or stopped_early) and self.last_saved_step != self.state.step:
             self.save()
         self.metrics.flush()
         return self.state
 
-    def _saved_at(self, step: int) -> bool:
-        return bool(self.cfg.checkpoint.every) and step % self.cfg.checkpoint.every == 0
+    def _count_skip(self, skipped: bool) -> None:
+        """Account a step that some rank found non-finite (agreed by all-reduce)."""
+        if not skipped:
+            self.state.nonfinite_streak = 0
+            return
+        if self.engine.was_step_applied():  # the optimizer must have discarded it on this rank too
+            raise RuntimeError(f"step {self.state.step} was non-finite on some rank but its update was applied "
+                               f"here; the optimizer's overflow check did not fire")
+        self.state.skipped_steps += 1
+        self.state.nonfinite_streak += 1
 
-    def _log_step(self, r: StepResult) -> None:
+    def _stop_if_diverged(self) -> None:
+        """More than train.max_nan_skips skipped steps in a row end the run, unsaved."""
+        if self.state.nonfinite_streak <= self.cfg.train.max_nan_skips:
+            return
+        self.metrics.flush()
+        raise Diverged(f"{self.state.nonfinite_streak} consecutive steps (to step {self.state.step}) had a "
+                       f"non-finite loss or gradient, more than train.max_nan_skips={self.cfg.train.max_nan_skips}. "
+                       f"{self._last_checkpoint_note()}; lower optim.lr or check the data, then resume with "
+                       f"--resume auto")
+
+    def _stop_preempted(self, signal_name: Optional[str], out_of_time: bool) -> None:
+        reason = (f"{signal_name} received" if signal_name else "a stop signal on another rank") if not out_of_time \
+            else f"time budget train.max_minutes={self.cfg.train.max_minutes:g} nearly used"
+        if self.last_saved_step != self.state.step:
+            self.save()
+        self.metrics.flush()
+        raise Preempted(f"stopped at step {self.state.step} ({reason}); checkpoint "
+                        f"{self.checkpointer.root / tag_for(self.state.step)} is committed: run the same "
+                        f"command with --resume auto to continue")
+
+    def _log_step(self, r: StepResult, skipped: bool) -> None:
+        step = self.state.step
+        if not (skipped or step % self.cfg.log.every == 0 or step == 1 or step == self.cfg.train.max_steps):
+            return
         toks = r.tokens / max(r.step_time, 1e-9)
         values = {"train/loss": r.loss, "train/lr": r.lr, "train/grad_norm": r.grad_norm,
+                  "train/skipped_steps": self.state.skipped_steps,
                   "perf/tokens_per_s": toks, "perf/step_time_s": r.step_time, "perf/data_wait_s": r.data_time}
         values.update({f"memory/{k}": v for k, v in r.stats.items()})
-        self.metrics.scalars(values, self.state.step, self.state.tokens_seen)
-        self.metrics.line(f"step {self.state.step}/{self.cfg.train.max_steps} loss {r.loss:.4f} "
+        self.metrics.scalars(values, step, self.state.tokens_seen)
+        self.metrics.line(f"step {step}/{self.cfg.train.max_steps} loss {r.loss:.4f} "
                           f"lr {r.lr:.2e} gnorm {r.grad_norm:.3f} tok/s {toks:,.0f} "
                           f"step {r.step_time * 1000:.0f}ms data {r.data_time * 1000:.0f}ms")
+        if skipped:
+            self.metrics.warning(f"step {step} skipped on every rank: non-finite loss or gradient "
+                                 f"({self.state.nonfinite_streak} in a row, {self.state.skipped_steps} in all; "
+                                 f"the run stops after {self.cfg.train.max_nan_skips} in a row)")
 
     def _log_eval(self) -> None:
         result = self.evaluate()
@@ -242,6 +366,18 @@ def _grad_norm(engine, fallback: Optional[float]) -> float:
     if norm is None:
         return float("nan") if fallback is None else fallback
     return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+def _changed_keys(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """'section.key: old -> new' for every leaf that differs between two config dicts."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, "(absent)"), current.get(key, "(absent)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a} -> {b}")
+    return out
 
 
 def _masked_like(template: Optional[Batch]) -> Batch:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from memgpt_dist.parallel.dist import Topology
+from memgpt_dist.train import checkpoint as ckpt_mod
 from memgpt_dist.train.checkpoint import MARKER, CheckpointError, Checkpointer, tag_for
 
 
@@ -106,7 +107,105 @@ def test_unwritable_directory_is_a_clear_error_and_keeps_previous(tmp_path):
         def save_checkpoint(self, *a, **k):
             raise OSError(28, "No space left on device")
 
-    with pytest.raises(CheckpointError, match="previous checkpoint is untouched"):
+    with pytest.raises(CheckpointError, match="previous checkpoint .* is untouched"):
         ck.save(FullDisk(), 2, {}, {})
     assert ck.latest_valid_step() == 1
     assert tag_for(1) in {p.name for p in tmp_path.iterdir()}
+
+
+def test_uncommitted_leftover_of_same_step_is_set_aside_until_the_new_commit(tmp_path, monkeypatch):
+    ck = Checkpointer(tmp_path, TOPO, keep_last=3)
+    save(ck, 1)
+    leftover = save(ck, 2)
+    (leftover / MARKER).unlink()  # a save of step 2 killed before its commit
+    seen = {}
+
+    class Watching(FakeEngine):
+        def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+            seen["during"] = sorted(p.name for p in tmp_path.iterdir())
+            super().save_checkpoint(save_dir, tag, client_state, save_latest)
+
+    ck.save(Watching(), 2, {}, {}, meta={})
+    assert any(n.startswith("step_00000002.partial-") for n in seen["during"])  # renamed, not deleted
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step_")) == [tag_for(1), tag_for(2)]
+    assert ck.verify(2) is None
+
+
+def test_uncommitted_newer_than_newest_committed_is_kept(tmp_path):
+    ck = Checkpointer(tmp_path, TOPO, keep_last=3)
+    save(ck, 1)
+    (tmp_path / tag_for(5)).mkdir()  # a save in progress (or killed) of a later step
+    save(ck, 2)
+    assert (tmp_path / tag_for(5)).is_dir()
+    save(ck, 6)
+    assert not (tmp_path / tag_for(5)).exists()  # dead once a newer checkpoint is committed
+
+
+def test_prune_keeps_the_newest_committed_even_with_keep_last_0(tmp_path):
+    ck = Checkpointer(tmp_path, TOPO, keep_last=0)
+    save(ck, 1)
+    save(ck, 2)
+    assert ck.committed_steps() == [2]
+
+
+def test_prune_uncommits_before_deleting(tmp_path, monkeypatch):
+    ck = Checkpointer(tmp_path, TOPO, keep_last=1)
+    save(ck, 1)
+
+    def interrupted_rmtree(path, ignore_errors=False):
+        raise KeyboardInterrupt  # the process dies in the middle of deleting step 1
+
+    monkeypatch.setattr(ckpt_mod.shutil, "rmtree", interrupted_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        save(ck, 2)
+    assert ck.committed_steps() == [2]  # step 1 lost its marker first: never a half-deleted "checkpoint"
+
+
+def test_resume_refuses_when_every_committed_checkpoint_is_damaged(tmp_path):
+    ck = Checkpointer(tmp_path, TOPO, keep_last=3)
+    path = save(ck, 1)
+    (path / "mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt is missing"):
+        ck.latest_valid_step()
+
+
+def test_no_committed_checkpoint_means_a_fresh_start(tmp_path):
+    ck = Checkpointer(tmp_path, TOPO, keep_last=3)
+    (tmp_path / tag_for(2)).mkdir()  # the very first save was killed
+    assert ck.latest_valid_step() is None
+
+
+def test_loading_an_older_step_sets_newer_checkpoints_aside(tmp_path):
+    ck = Checkpointer(tmp_path, TOPO, keep_last=5)
+    for step in (1, 2, 3):
+        save(ck, step)
+    ck.load(FakeEngine(), 1)
+    assert ck.committed_steps() == [1]
+    aside = sorted(p.name.split(".")[1].split("-")[0] for p in tmp_path.iterdir() if "." in p.name)
+    assert aside == ["superseded", "superseded"]  # kept for the user, out of --resume auto's way
+    save(ck, 2)  # the new history writes step 2 again
+    assert ck.committed_steps() == [1, 2]
+
+
+def test_full_disk_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    ck = Checkpointer(tmp_path, TOPO, keep_last=2)
+    save(ck, 1)
+    monkeypatch.setattr(ckpt_mod.shutil, "disk_usage", lambda p: shutil_usage(free=100))
+    with pytest.raises(CheckpointError, match=f"{tmp_path} has 0.0 MiB free"):
+        save(ck, 2)
+    assert not (tmp_path / tag_for(2)).exists()
+    assert ck.latest_valid_step() == 1
+
+
+def test_committed_checkpoint_of_the_same_step_is_never_overwritten(tmp_path):
+    ck = Checkpointer(tmp_path, TOPO, keep_last=2)
+    save(ck, 1, value=1.0)
+    with pytest.raises(CheckpointError, match="already committed"):
+        save(ck, 1, value=2.0)
+    assert ck.verify(1) is None
+
+
+def shutil_usage(free: int):
+    import shutil
+
+    return shutil._ntuple_diskusage(total=10**9, used=10**9 - free, free=free)
