@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 
 def parse_args(argv):
@@ -38,7 +39,6 @@ def main(argv=None) -> int:
 
 
 def _train(args, overrides) -> int:
-    from data_pipeline.segment_stream import SegmentLoader
     from memgpt_dist.config import load_config
     from memgpt_dist.parallel.dist import init_distributed, shutdown
     from memgpt_dist.parallel.layout import dry_run_report
@@ -49,36 +49,39 @@ def _train(args, overrides) -> int:
         world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
         print(dry_run_report(cfg, world, args.device or ("cuda" if _has_cuda() else "cpu"), as_json=args.json))
         return 0
-    topo = init_distributed()
+    topo = init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
     try:
         setup_logging(topo, Path(cfg.run_dir))
-        d, m = cfg.data, cfg.model
-
-        def loader(split: str, path: str = d.path) -> SegmentLoader:
-            return SegmentLoader(path, split=split, segment_len=m.segment_len, n_segments=d.n_segments,
-                                 micro_batch_size=cfg.parallel.micro_batch_size, dp_rank=topo.dp_rank,
-                                 dp_size=topo.dp_size, seed=d.seed, num_workers=d.num_workers,
-                                 max_skip_fraction=d.max_skip_fraction,
-                                 expected_tokenizer_hash=_tokenizer_hash(d.tokenizer),
-                                 verify_checksums=d.verify_checksums)
-
-        train = _train_loader(d, loader)
-        _check_vocab(train.vocab_size, m.vocab_size)
-        run_training(cfg, topo, train, lambda: loader("validation"), resume=args.resume,
-                     tokenizer_file=Path(d.path) / "tokenizer.json", stop_after=args.stop_after_steps)
+        train = build_train_loader(cfg, topo)
+        _check_vocab(train.vocab_size, cfg.model.vocab_size)
+        run_training(cfg, topo, train, lambda: build_loader(cfg, topo, "validation"), resume=args.resume,
+                     tokenizer_file=Path(cfg.data.path) / "tokenizer.json", stop_after=args.stop_after_steps)
     finally:
         shutdown()
     return 0
 
 
-def _train_loader(d, loader):
+def build_loader(cfg, topo, split: str, path: Optional[str] = None):
+    """A split of a corpus as read by this rank's data-parallel replica: its streams are chosen by
+    the data-parallel rank and degree, so the TP ranks of one replica read the same batches."""
+    from data_pipeline.segment_stream import SegmentLoader
+
+    d, m = cfg.data, cfg.model
+    return SegmentLoader(path or d.path, split=split, segment_len=m.segment_len, n_segments=d.n_segments,
+                         micro_batch_size=cfg.parallel.micro_batch_size, dp_rank=topo.dp_rank, dp_size=topo.dp_size,
+                         seed=d.seed, num_workers=d.num_workers, max_skip_fraction=d.max_skip_fraction,
+                         expected_tokenizer_hash=_tokenizer_hash(d.tokenizer), verify_checksums=d.verify_checksums)
+
+
+def build_train_loader(cfg, topo):
     """The training loader: one corpus, or a weighted blend of data.path and data.mix."""
     from data_pipeline.segment_stream import MixedLoader
 
-    sources = d.mix_sources()
+    sources = cfg.data.mix_sources()
     if len(sources) == 1:
-        return loader("train")
-    return MixedLoader([loader("train", p) for p, _ in sources], [w for _, w in sources], d.seed)
+        return build_loader(cfg, topo, "train")
+    return MixedLoader([build_loader(cfg, topo, "train", p) for p, _ in sources], [w for _, w in sources],
+                       cfg.data.seed)
 
 
 def _tokenizer_hash(path: str):

@@ -54,3 +54,13 @@ def test_bf16_on_cpu_is_rejected_with_advice():
 def test_world_size_must_fit_layout():
     cfg = load_config(None)
     assert cfg.parallel.dp(3) == 3
+
+
+def test_tensor_parallel_asks_for_autotp_with_our_rules():
+    from memgpt_dist.parallel.tensor_parallel import autotp_partition_config
+
+    cfg = load_config(None, ["parallel.tp=2", "parallel.micro_batch_size=3"])
+    ds = build_ds_config(cfg, world_size=8)
+    assert ds["tensor_parallel"] == {"autotp_size": 2, "partition_config": autotp_partition_config()}
+    assert ds["train_batch_size"] == 3 * 4  # dp = 8 / tp
+    assert "tensor_parallel" not in build_ds_config(load_config(None), world_size=8)

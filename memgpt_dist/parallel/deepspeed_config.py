@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from memgpt_dist.config import ConfigError, TrainConfig
+from memgpt_dist.parallel.tensor_parallel import autotp_partition_config
 
 
 def resolve_precision(requested: str, device_type: str, bf16_supported: bool) -> str:
@@ -25,7 +26,7 @@ def build_ds_config(cfg: TrainConfig, world_size: int, device_type: str = "cpu",
     par, opt = cfg.parallel, cfg.optim
     dp = par.dp(world_size)
     precision = resolve_precision(par.precision, device_type, bf16_supported)
-    return {
+    ds: dict[str, Any] = {
         "train_batch_size": par.micro_batch_size * par.grad_accum * dp,
         "train_micro_batch_size_per_gpu": par.micro_batch_size,
         "gradient_accumulation_steps": par.grad_accum,
@@ -40,6 +41,15 @@ def build_ds_config(cfg: TrainConfig, world_size: int, device_type: str = "cpu",
         "wall_clock_breakdown": False,
         "dump_state": False,
     }
+    if par.tp > 1:
+        ds["tensor_parallel"] = _tensor_parallel(par.tp)
+    return ds
+
+
+def _tensor_parallel(tp: int) -> dict[str, Any]:
+    """AutoTP training: DeepSpeed replaces the Linear layers our rules name with its column- and
+    row-parallel layers (memgpt_dist/parallel/tensor_parallel.py) inside deepspeed.initialize."""
+    return {"autotp_size": tp, "partition_config": autotp_partition_config()}
 
 
 def _optimizer(cfg: TrainConfig, device_type: str) -> dict[str, Any]:

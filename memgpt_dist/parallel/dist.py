@@ -1,22 +1,29 @@
 """Process-group setup and the `Topology` object that carries ranks through the program.
 
 There are no module-level process-group globals: `init_distributed` returns a `Topology`
-that is passed explicitly to whoever needs a rank, a degree or a collective.
+that is passed explicitly to whoever needs a rank, a degree or a collective. Ranks are laid out
+as DeepSpeed's `PipeModelDataParallelTopology` lays them out (tp fastest, then dp, then pp; see
+`memgpt_dist.parallel.layout`), so dp = world / (tp * pp). The tp ranks of one data-parallel
+replica read the same batch: data is assigned by `dp_rank` and `dp_size`, never by the global rank.
 """
 from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
+from memgpt_dist.config import ConfigError
+from memgpt_dist.parallel.layout import RankCoord, rank_coord
+
 
 @dataclass(frozen=True)
 class Topology:
-    """Where this process sits: global rank/world, data-parallel rank/degree, device."""
+    """Where this process sits: global rank and world, its data-, tensor- and pipeline-parallel
+    ranks and degrees, and its device."""
 
     rank: int
     world_size: int
@@ -24,20 +31,33 @@ class Topology:
     dp_rank: int
     dp_size: int
     device: torch.device
+    tp_rank: int = 0
+    tp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
+    # the process group of this rank's data-parallel peers (same tp and pp rank); None: the world
+    dp_group: Any = field(default=None, repr=False, compare=False)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def coord(self) -> RankCoord:
+        return RankCoord(dp=self.dp_rank, pp=self.pp_rank, tp=self.tp_rank)
 
     def barrier(self) -> None:
         if dist.is_initialized() and self.world_size > 1:
             dist.barrier()
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
-        """Sum a few floats over all ranks (float64, so token counts stay exact)."""
+        """Sum a few floats over the data-parallel replicas (float64, so token counts stay exact).
+
+        The tp ranks of one replica see the same batch and compute the same (replicated) logits,
+        so each replica's tokens and losses are counted once, not tp times."""
         t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
-        if dist.is_initialized() and self.world_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        if dist.is_initialized() and self.dp_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.dp_group)
         return t.cpu().tolist()
 
     def all_gather_object(self, obj: Any) -> list[Any]:
@@ -59,6 +79,18 @@ class Topology:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
 
+def rank_layout_state(topo: Topology, stream_ids: Optional[list[int]], n_head: int) -> dict[str, Any]:
+    """Where a rank's per-rank checkpoint state sits in the global picture: the layout's degrees,
+    the rank's (dp, tp, pp) coordinates, the global ids of the streams whose loader cursors and
+    memory state it holds (rows of its batch), and the heads [first, last + 1) of that memory
+    state. Enough for a later step to reshard memory states to another layout."""
+    heads_per_rank = n_head // topo.tp_size
+    return {"layout": {"dp": topo.dp_size, "tp": topo.tp_size, "pp": topo.pp_size},
+            "coord": {"dp": topo.dp_rank, "tp": topo.tp_rank, "pp": topo.pp_rank},
+            "stream_ids": None if stream_ids is None else [int(g) for g in stream_ids],
+            "heads": [topo.tp_rank * heads_per_rank, (topo.tp_rank + 1) * heads_per_rank]}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -74,11 +106,12 @@ def _default_single_process_env() -> None:
     os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
 
 
-def init_distributed(backend: Optional[str] = None) -> Topology:
-    """Initialise torch.distributed through DeepSpeed and describe this process.
+def init_distributed(tp: int = 1, pp: int = 1, backend: Optional[str] = None) -> Topology:
+    """Initialise torch.distributed through DeepSpeed and describe this process in a grid of
+    tp x pp model-parallel ranks per data-parallel replica (`parallel.tp`, `parallel.pp`).
 
     Works under the `deepspeed` launcher, torchrun, srun wrappers that export RANK/WORLD_SIZE,
-    and as a single plain process. Data parallelism spans the whole world until TP/PP arrive.
+    and as a single plain process.
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -90,11 +123,32 @@ def init_distributed(backend: Optional[str] = None) -> Topology:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend)
     rank, world = dist.get_rank(), dist.get_world_size()
+    if world % (tp * pp):
+        raise ConfigError(f"world size {world} is not divisible by parallel.tp x parallel.pp = {tp} x {pp}; "
+                          f"launch a multiple of {tp * pp} ranks")
+    dp = world // (tp * pp)
+    coord = rank_coord(rank, dp, tp)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cpu") if accel.device_name() == "cpu" else torch.device(accel.device_name(), local_rank)
     if device.type != "cpu":
         accel.set_device(local_rank)
-    return Topology(rank=rank, world_size=world, local_rank=local_rank, dp_rank=rank, dp_size=world, device=device)
+    return Topology(rank=rank, world_size=world, local_rank=local_rank, dp_rank=coord.dp, dp_size=dp, device=device,
+                    tp_rank=coord.tp, tp_size=tp, pp_rank=coord.pp, pp_size=pp,
+                    dp_group=_data_parallel_group(coord, dp, tp, pp))
+
+
+def _data_parallel_group(coord: RankCoord, dp: int, tp: int, pp: int):
+    """The group of ranks that share this rank's (pp, tp) coordinates; None when it is the world.
+    `new_group` is collective: every rank creates every group, in the same order."""
+    if tp * pp == 1:
+        return None
+    mine = None
+    for p in range(pp):
+        for t in range(tp):
+            group = dist.new_group([(p * dp + d) * tp + t for d in range(dp)])
+            if (p, t) == (coord.pp, coord.tp):
+                mine = group
+    return mine
 
 
 def shutdown() -> None:

@@ -1,4 +1,9 @@
-"""The one call to `deepspeed.initialize`, and the optimizer parameter groups it receives."""
+"""The one call to `deepspeed.initialize`, and the optimizer parameter groups it receives.
+
+With parallel.tp > 1 the generated config asks for AutoTP training: DeepSpeed shards the Linear
+layers inside `deepspeed.initialize` (after `apply_plan` sliced the other per-head parameters),
+then ZeRO partitions each shard over the rank's data-parallel group.
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -9,6 +14,7 @@ from torch import nn
 from memgpt_dist.config import OptimConfig, TrainConfig
 from memgpt_dist.parallel.deepspeed_config import build_ds_config
 from memgpt_dist.parallel.dist import Topology
+from memgpt_dist.parallel.tensor_parallel import check_tp_inputs_once
 
 GATE_SUFFIX = "mem_beta"
 
@@ -48,8 +54,36 @@ def build_engine(model: nn.Module, cfg: TrainConfig, topo: Topology):
         model_parameters=param_groups(model, cfg.optim),
         config=ds_config,
         dist_init_required=False,
+        mpu=_autotp_mpu(topo),
     )
+    if topo.tp_size > 1:
+        _replace_tp_input_check(engine)
     return engine, ds_config
+
+
+def _autotp_mpu(topo: Topology):
+    """DeepSpeed's own (data, tensor) process-group mesh, built before the engine so that its
+    batch-size check counts data-parallel ranks (world / tp), not the world; None without TP."""
+    if topo.tp_size == 1:
+        return None
+    from deepspeed.utils import groups
+
+    groups._init_tp_mesh_device(tensor_model_parallel_size=topo.tp_size)  # mesh (dp, tp): tp fastest
+    assert (groups.get_tensor_model_parallel_rank(), groups.get_data_parallel_rank()) == (topo.tp_rank, topo.dp_rank), \
+        "DeepSpeed's TP mesh disagrees with the Topology the per-head parameters were sliced by"
+    return groups
+
+
+def _replace_tp_input_check(engine) -> None:
+    """DeepSpeed's AutoTP engine compares every forward argument across TP ranks once; the memory
+    state legitimately differs there (each rank holds its heads), so compare the data only."""
+    from deepspeed.utils import groups
+
+    ds_check = getattr(engine, "first_dataloader_check", None)
+    if ds_check is not None:
+        ds_check.remove()
+    check_tp_inputs_once(engine.module, groups.get_tensor_model_parallel_group(),
+                         groups.get_tensor_model_parallel_src_rank())
 
 
 def _bf16_supported(device: torch.device) -> bool:

@@ -51,6 +51,11 @@ class RankCoord:
     tp: int
 
 
+def rank_coord(rank: int, dp: int, tp: int) -> RankCoord:
+    """Coordinates of a global rank in a grid of dp replicas of tp ranks per pipeline stage."""
+    return RankCoord(dp=rank // tp % dp, pp=rank // (tp * dp), tp=rank % tp)
+
+
 @dataclass(frozen=True)
 class Layout:
     """A validated layout at one world size. Derived values are computed here, once."""
@@ -67,7 +72,7 @@ class Layout:
 
     def coord(self, rank: int) -> RankCoord:
         """Coordinates of a global rank, in PipeModelDataParallelTopology order (tp fastest)."""
-        return RankCoord(dp=rank // self.tp % self.dp, pp=rank // (self.tp * self.dp), tp=rank % self.tp)
+        return rank_coord(rank, self.dp, self.tp)
 
     def rank(self, coord: RankCoord) -> int:
         """The global rank at `coord`; the inverse of `coord`."""
@@ -90,14 +95,16 @@ def validate_layout(cfg: TrainConfig, world_size: int) -> Layout:
 
 
 def require_executable_layout(cfg: TrainConfig, world_size: int) -> Layout:
-    """The trainer's gate: a valid layout that this version can also execute (no TP/PP yet)."""
+    """The trainer's gate: a valid layout that this version can also execute: ZeRO-0..3 x TP x DP
+    (no pipeline yet)."""
     layout = validate_layout(cfg, world_size)
     for warning in layout.warnings:
         log.warning(warning)
-    if layout.tp > 1 or layout.pp > 1:
+    if layout.pp > 1:
         raise ConfigError(f"parallel.tp={layout.tp}, parallel.pp={layout.pp}: the layout is valid (inspect it with "
-                          f"--dry-run) but tensor- and pipeline-parallel execution is not implemented yet; train "
-                          f"with parallel.tp=1 parallel.pp=1 (ZeRO-3 over all {world_size} ranks shards the model)")
+                          f"--dry-run) but pipeline-parallel execution is not implemented yet; train "
+                          f"with parallel.pp=1 (ZeRO-3 over all {world_size} ranks shards the model, "
+                          f"parallel.tp splits the heads)")
     return layout
 
 

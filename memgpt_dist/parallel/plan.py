@@ -2,7 +2,10 @@
 
 The model file stays free of parallel and memory-saving code; `apply_plan` is the one place
 that changes a built model before DeepSpeed wraps it. Order: activation checkpointing first
-(it wraps whole blocks), then tensor-parallel partitioning (added with TP), then compile.
+(it wraps whole blocks), then tensor-parallel partitioning, then compile. Tensor parallelism is
+split in two by DeepSpeed's AutoTP flow: here the per-head parameters that are not Linear weights
+keep only the rank's heads; `deepspeed.initialize` (memgpt_dist/parallel/engine.py) then shards
+the Linear layers by the rules in memgpt_dist/parallel/tensor_parallel.py, before ZeRO partitions.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from memgpt_dist.config import ParallelConfig
+from memgpt_dist.parallel.tensor_parallel import shard_head_parameters
 
 
 def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
@@ -26,8 +30,9 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     return model
 
 
-def apply_plan(model: nn.Module, parallel: ParallelConfig) -> nn.Module:
-    """Apply the configured transforms to a freshly built model."""
+def apply_plan(model: nn.Module, parallel: ParallelConfig, tp_rank: int = 0) -> nn.Module:
+    """Apply the configured transforms to a freshly built model on TP rank `tp_rank`."""
     if parallel.activation_checkpointing:
         apply_activation_checkpointing(model)
+    shard_head_parameters(model, tp_rank, parallel.tp)
     return model

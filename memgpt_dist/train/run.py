@@ -17,9 +17,9 @@ import torch
 
 from memgpt_dist.config import ConfigError, TrainConfig, config_from_json
 from memgpt_dist.model import GPT
-from memgpt_dist.parallel.dist import Topology
+from memgpt_dist.parallel.dist import Topology, rank_layout_state
 from memgpt_dist.parallel.engine import build_engine
-from memgpt_dist.parallel.layout import require_executable_layout
+from memgpt_dist.parallel.layout import parameter_numels, require_executable_layout
 from memgpt_dist.parallel.plan import apply_plan
 from memgpt_dist.train.checkpoint import CheckpointError, Checkpointer
 from memgpt_dist.train.metrics import MetricsLogger
@@ -60,12 +60,23 @@ def setup_logging(topo: Topology, run_dir: Optional[Path] = None) -> None:
                         force=True)
 
 
-def build_model(cfg: TrainConfig) -> GPT:
-    """The same initial weights on every rank: seeded from the run seed, not the rank."""
+def build_model(cfg: TrainConfig, tp_rank: int = 0) -> GPT:
+    """The same initial weights on every rank: seeded from the run seed, not the rank; a TP rank
+    then keeps its heads' share of them (the whole model is initialised first, so a TP run
+    starts from exactly the weights of a single-process run)."""
     seed_everything(cfg.train.seed)
     model = GPT(cfg.model, cfg.memory)
     model.init_weights()
-    return apply_plan(model, cfg.parallel)
+    return apply_plan(model, cfg.parallel, tp_rank)
+
+
+class LayoutTrainer(Trainer):
+    """A Trainer whose per-rank checkpoint file also records the rank's place in the layout
+    (`rank_layout_state`: coordinates, global stream ids, memory heads)."""
+
+    def rank_state(self) -> dict:
+        stream_ids = getattr(self.train_batches, "stream_ids", None)  # SegmentLoader, MixedLoader
+        return {**super().rank_state(), **rank_layout_state(self.topo, stream_ids, self.cfg.model.n_head)}
 
 
 def resolve_resume(resume: str, checkpointer: Checkpointer) -> Optional[int]:
@@ -97,6 +108,11 @@ def check_resume_compatible(saved_json: str, cfg: TrainConfig, saved_world: int,
     if saved_world != topo.world_size:
         raise CheckpointError(f"--resume: checkpoint was written by {saved_world} ranks, this run has "
                               f"{topo.world_size}; resume with {saved_world} ranks")
+    if (saved.parallel.tp, saved.parallel.pp) != (cfg.parallel.tp, cfg.parallel.pp):
+        raise ConfigError(f"--resume: the checkpoint was written with parallel.tp={saved.parallel.tp} "
+                          f"parallel.pp={saved.parallel.pp}, this run has parallel.tp={cfg.parallel.tp} "
+                          f"parallel.pp={cfg.parallel.pp}; each rank's files hold its own shard, so resume with "
+                          f"the saved degrees")
     if saved.data.n_segments != cfg.data.n_segments or saved.parallel.micro_batch_size != cfg.parallel.micro_batch_size:
         raise ConfigError("--resume: data.n_segments and parallel.micro_batch_size must match the checkpoint")
 
@@ -116,21 +132,23 @@ def run_training(cfg: TrainConfig, topo: Topology, train_batches: StatefulBatche
                  make_val_batches: Optional[Callable[[], Iterable[Batch]]], resume: str = "none",
                  tokenizer_file: Optional[Path] = None, stop_after: Optional[int] = None) -> TrainState:
     """Train `cfg` end to end; returns the final train state."""
-    require_executable_layout(cfg, topo.world_size)  # before any directory or engine: TP/PP do not run yet
+    require_executable_layout(cfg, topo.world_size)  # before any directory or engine: PP does not run yet
     paths = prepare_run_dir(cfg, topo, tokenizer_file)
     checkpointer = Checkpointer(paths.checkpoints, topo, cfg.checkpoint.keep_last)
     start = resolve_resume(resume, checkpointer)
-    model = build_model(cfg)
+    model = build_model(cfg, topo.tp_rank)
     engine, _ = build_engine(model, cfg, topo)
-    seed_everything(cfg.train.seed + 1000 * topo.rank)  # dropout etc. differ per rank, reproducibly
+    # dropout etc. differ per data-parallel replica, reproducibly; the TP ranks of a replica draw
+    # the same masks, so the activations they hold replicated stay identical
+    seed_everything(cfg.train.seed + 1000 * topo.dp_rank)
     metrics = MetricsLogger(paths.tensorboard, enabled=topo.is_main, tensorboard=cfg.log.tensorboard,
                             start_step=start or 0, jsonl=paths.root / "metrics.jsonl")
-    trainer = Trainer(cfg, topo, engine, train_batches, make_val_batches, checkpointer, metrics)
+    trainer = LayoutTrainer(cfg, topo, engine, train_batches, make_val_batches, checkpointer, metrics)
     if start is not None:
         _restore(trainer, start, cfg, topo)
-    log.info("model: %s parameters; world size %d; global batch %d samples x %d segments x %d tokens",
-             f"{count_parameters(model):,}", topo.world_size,
-             cfg.parallel.micro_batch_size * cfg.parallel.grad_accum * topo.dp_size,
+    log.info("model: %s parameters; world size %d = dp %d x tp %d x pp %d; global batch %d samples x %d "
+             "segments x %d tokens", f"{sum(parameter_numels(cfg).values()):,}", topo.world_size, topo.dp_size,
+             topo.tp_size, topo.pp_size, cfg.parallel.micro_batch_size * cfg.parallel.grad_accum * topo.dp_size,
              cfg.data.n_segments, cfg.model.segment_len)
     try:
         return trainer.fit(stop_after)

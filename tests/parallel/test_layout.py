@@ -77,11 +77,17 @@ def test_fewer_micro_batches_than_stages_is_a_logged_bubble_warning(caplog):
     assert layout_of(4, "parallel.pp=4", "parallel.zero_stage=1", "parallel.grad_accum=4").warnings == ()
 
 
-def test_trainer_refuses_tp_and_pp_until_they_execute():
-    cfg = load_config(None, SMALL + ["parallel.tp=2"])
-    with pytest.raises(ConfigError, match=r"parallel.tp=2, parallel.pp=1: the layout is valid.*not implemented yet"):
-        require_executable_layout(cfg, 2)
+def test_trainer_refuses_pp_until_it_executes():
+    cfg = load_config(None, SMALL + ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1"])
+    with pytest.raises(ConfigError, match=r"parallel.tp=2, parallel.pp=2: the layout is valid.*pipeline-parallel "
+                                          r"execution is not implemented yet; train with parallel.pp=1"):
+        require_executable_layout(cfg, 4)
     assert require_executable_layout(load_config(None, SMALL), 2).dp == 2
+
+
+def test_trainer_runs_tensor_parallel_layouts():
+    layout = require_executable_layout(load_config(None, SMALL + ["parallel.tp=2"]), 4)
+    assert (layout.dp, layout.tp, layout.pp, layout.zero_stage) == (2, 2, 1, 3)
 
 
 def test_rank_grid_follows_deepspeed_topology():

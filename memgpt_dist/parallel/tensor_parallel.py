@@ -1,0 +1,137 @@
+"""Tensor parallelism for ZeRO x TP x DP layouts: DeepSpeed AutoTP rules for our module names,
+and the per-head parameters AutoTP does not partition.
+
+Attention is split by heads and the MLP by hidden units (Megatron's scheme, run by DeepSpeed's
+AutoTP training layers inside `deepspeed.initialize`, before ZeRO partitions the shards):
+
+* column-parallel (output features split; the input gradient is all-reduced in backward):
+  attn.q_proj, k_proj, v_proj, the memory's attn.mem_q_proj, mem_k_proj, mem_v_proj and
+  attn.mem_write_gate (d -> n_head, one row per head), mlp.up_proj;
+* row-parallel (input features split; the output is all-reduced in forward): attn.o_proj,
+  mlp.down_proj.
+
+AutoTP splits a dimension of size d into tp equal contiguous blocks, so TP rank t holds output
+rows [t d/tp, (t+1) d/tp): heads [t H/tp, (t+1) H/tp), because `view(B, T, -1, head_dim)` puts
+head h at features [h hd, (h+1) hd). AutoTP replaces only nn.Linear layers; the per-head
+parameters that are not Linear weights are sliced to the same heads by `shard_head_parameters`
+before `deepspeed.initialize`: attn.mem_beta (n_head,) and the depthwise convolution weights
+(C, 1, taps) of attn.mem_q_conv, mem_k_conv, mem_v_conv over the memory projections' channels.
+The model then computes, reads and writes the memory state A, z (B, H/tp, dk, hd) of its own
+heads only: the memory adds no communication. LayerNorms, the (tied) embedding and row-parallel
+biases stay replicated; their gradients are equal on every TP rank because the residual stream
+is replicated and the column-parallel layers all-reduce their input gradient.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+COLUMN_PARALLEL = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.mem_q_proj", "attn.mem_k_proj",
+                   "attn.mem_v_proj", "attn.mem_write_gate", "mlp.up_proj")
+ROW_PARALLEL = ("attn.o_proj", "mlp.down_proj")
+# Per-head parameters that are not Linear weights, split along dim 0 into the ranks' heads.
+HEAD_SLICED = ("attn.mem_beta", "attn.mem_q_conv.weight", "attn.mem_k_conv.weight", "attn.mem_v_conv.weight")
+
+
+def autotp_partition_config() -> dict[str, Any]:
+    """`tensor_parallel.partition_config` for DeepSpeed: our rules only, no built-in presets.
+
+    strict_mode makes a Linear layer without a rule an error at `deepspeed.initialize`: a new
+    layer silently left replicated would be wrong if it reads the rank's heads."""
+    return {
+        "use_default_specs": False,
+        "strict_mode": True,
+        "layer_specs": [
+            {"patterns": [_weight_pattern(m) for m in ROW_PARALLEL], "partition_type": "row"},
+            {"patterns": [_weight_pattern(m) for m in COLUMN_PARALLEL], "partition_type": "column"},
+        ],
+    }
+
+
+def _weight_pattern(module_suffix: str) -> str:
+    # AutoTP matches with re.match against the full name; every rule's module has a parent
+    return r".*\." + re.escape(module_suffix) + r"\.weight$"
+
+
+def tp_sharded_suffixes() -> tuple[str, ...]:
+    """Names (suffixes) of the parameters split across TP ranks: column-parallel weights and
+    biases, row-parallel weights (their bias is replicated), and the head-sliced parameters.
+    `memgpt_dist.parallel.layout.TP_SHARDED_SUFFIXES` must list the same set (tested)."""
+    column = tuple(f"{m}.{p}" for m in COLUMN_PARALLEL for p in ("weight", "bias"))
+    return column + tuple(f"{m}.weight" for m in ROW_PARALLEL) + HEAD_SLICED
+
+
+def head_slice(n: int, tp_rank: int, tp: int) -> slice:
+    """The rank's contiguous block of a dimension of size n split into tp equal parts (as AutoTP)."""
+    if n % tp:
+        raise ValueError(f"a per-head dimension of size {n} does not split into parallel.tp={tp} equal parts")
+    size = n // tp
+    return slice(tp_rank * size, (tp_rank + 1) * size)
+
+
+@torch.no_grad()
+def shard_head_parameters(model: nn.Module, tp_rank: int, tp: int) -> list[str]:
+    """Keep only TP rank `tp_rank`'s heads of the per-head parameters AutoTP does not split
+    (`HEAD_SLICED`); returns their names. Run before `deepspeed.initialize`, on full tensors."""
+    if tp == 1:
+        return []
+    sliced = []
+    for name, param in list(model.named_parameters()):
+        if not name.endswith(HEAD_SLICED):
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        shard = nn.Parameter(param.detach()[head_slice(param.shape[0], tp_rank, tp)].clone(),
+                             requires_grad=param.requires_grad)
+        _describe_for_universal_checkpoint(shard, tuple(param.shape), tp)
+        setattr(model.get_submodule(owner_name), attr, shard)
+        sliced.append(name)
+    return sliced
+
+
+def _describe_for_universal_checkpoint(shard: nn.Parameter, full_shape: tuple[int, ...], tp: int) -> None:
+    """Record on `shard` that it is split along dim 0 like a column-parallel weight, in the
+    metadata AutoTP's own layers carry. DeepSpeed collects it into the checkpoint's universal-
+    checkpoint info (ds_to_universal merges the ranks' shards by it); a parameter without it
+    counts as replicated there, and would be merged from one rank's heads only."""
+    from deepspeed.checkpoint.constants import DS_AUTOTP_UC_META
+    from deepspeed.module_inject.layers import _build_param_uc_restore_meta, _derive_affine_map
+
+    sizes = (full_shape[0] // tp,) * tp
+    affine_map = _derive_affine_map(tp_world_size=tp, logical_shape=full_shape, partition_dim=0, partition_sizes=sizes,
+                                    sub_param_shard_widths=None, replicated=False, unsupported_reason=None)
+    setattr(shard, DS_AUTOTP_UC_META, _build_param_uc_restore_meta(
+        partition_type="column", partition_dim=0, logical_shape=full_shape, output_shape=(full_shape[0],),
+        partition_sizes=sizes, target_partition_shape=tuple(shard.shape), original_shape=full_shape,
+        affine_map=affine_map))
+
+
+def check_tp_inputs_once(module: nn.Module, tp_group, tp_src_rank: int):
+    """On the first forward, check that every TP rank of a replica got the same batch.
+
+    This replaces the check DeepSpeed's AutoTP engine registers, which compares every argument:
+    the memory state passed as `state` legitimately differs between TP ranks (each holds its own
+    heads), so only the data (input_ids, reset) is compared. Returns the hook handle."""
+    def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        handle.remove()
+        data = [t for t in (args[0] if args else kwargs.get("input_ids"), kwargs.get("reset")) if t is not None]
+        same = all(_equal_to_source(t, tp_group, tp_src_rank) for t in data)
+        flag = torch.tensor([1 if same else 0], dtype=torch.int64, device=data[0].device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=tp_group)  # every rank raises, none hangs
+        if not flag.item():
+            raise RuntimeError("tensor-parallel ranks of one data-parallel replica were given different batches; "
+                               "the loader must be built with the data-parallel rank and size (Topology.dp_rank, "
+                               "Topology.dp_size), not the global rank")
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+    return handle
+
+
+def _equal_to_source(t: torch.Tensor, group, src: int) -> bool:
+    mine = t.detach().to(torch.int64)  # token ids and reset flags; int64 goes through every backend
+    ref = mine.clone()
+    dist.broadcast(ref, src=src, group=group)
+    return torch.equal(ref, mine)
