@@ -124,7 +124,10 @@ def _finished(run: Path, steps: int) -> bool:
 def _run(cmd: list[str], log: Path) -> str:
     if not cmd[0].startswith("/") and cmd[0].startswith("memgpt-"):
         cmd = [str(Path(sys.executable).parent / cmd[0]), *cmd[1:]]
-    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "PYTHONUNBUFFERED": "1"}
+    # One thread per process unless told otherwise: two OpenMP threads spinning on a shared
+    # 2-core machine made steps 20x slower; the figures here are accuracies, not speeds.
+    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     log.write_text(proc.stdout + proc.stderr)
     if proc.returncode:
