@@ -37,6 +37,8 @@ class Topology:
     pp_size: int = 1
     # the process group of this rank's data-parallel peers (same tp and pp rank); None: the world
     dp_group: Any = field(default=None, repr=False, compare=False)
+    # the process group of this rank's tensor-parallel peers (same dp and pp rank); None when tp == 1
+    tp_group: Any = field(default=None, repr=False, compare=False)
 
     @property
     def is_main(self) -> bool:
@@ -134,7 +136,7 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: Optional[str] = None) ->
         accel.set_device(local_rank)
     return Topology(rank=rank, world_size=world, local_rank=local_rank, dp_rank=coord.dp, dp_size=dp, device=device,
                     tp_rank=coord.tp, tp_size=tp, pp_rank=coord.pp, pp_size=pp,
-                    dp_group=_data_parallel_group(coord, dp, tp, pp))
+                    dp_group=_data_parallel_group(coord, dp, tp, pp), tp_group=_tensor_parallel_group(coord, dp, tp, pp))
 
 
 def _data_parallel_group(coord: RankCoord, dp: int, tp: int, pp: int):
@@ -142,13 +144,16 @@ def _data_parallel_group(coord: RankCoord, dp: int, tp: int, pp: int):
     `new_group` is collective: every rank creates every group, in the same order."""
     if tp * pp == 1:
         return None
-    mine = None
-    for p in range(pp):
-        for t in range(tp):
-            group = dist.new_group([(p * dp + d) * tp + t for d in range(dp)])
-            if (p, t) == (coord.pp, coord.tp):
-                mine = group
-    return mine
+    groups = {(p, t): dist.new_group([(p * dp + d) * tp + t for d in range(dp)]) for p in range(pp) for t in range(tp)}
+    return groups[coord.pp, coord.tp]
+
+
+def _tensor_parallel_group(coord: RankCoord, dp: int, tp: int, pp: int):
+    """The group of ranks that share this rank's (pp, dp) coordinates (consecutive ranks); None when tp == 1."""
+    if tp == 1:
+        return None
+    groups = {(p, d): dist.new_group([(p * dp + d) * tp + t for t in range(tp)]) for p in range(pp) for d in range(dp)}
+    return groups[coord.pp, coord.dp]
 
 
 def shutdown() -> None:

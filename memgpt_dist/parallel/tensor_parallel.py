@@ -86,6 +86,8 @@ def shard_head_parameters(model: nn.Module, tp_rank: int, tp: int) -> list[str]:
         owner_name, _, attr = name.rpartition(".")
         shard = nn.Parameter(param.detach()[head_slice(param.shape[0], tp_rank, tp)].clone(),
                              requires_grad=param.requires_grad)
+        # counted on every TP rank in DeepSpeed's gradient norm (else on TP rank 0 only, as replicated)
+        shard.tensor_model_parallel = True
         _describe_for_universal_checkpoint(shard, tuple(param.shape), tp)
         setattr(model.get_submodule(owner_name), attr, shard)
         sliced.append(name)
@@ -107,6 +109,26 @@ def _describe_for_universal_checkpoint(shard: nn.Parameter, full_shape: tuple[in
         partition_type="column", partition_dim=0, logical_shape=full_shape, output_shape=(full_shape[0],),
         partition_sizes=sizes, target_partition_shape=tuple(shard.shape), original_shape=full_shape,
         affine_map=affine_map))
+
+
+def unsharded_grad_norm(model: nn.Module, tp_group) -> float:
+    """L2 norm of the whole model's gradient, from this TP rank's gradients, when no ZeRO
+    optimizer computes it (ZeRO-0): squares of TP-sharded gradients (parameters marked
+    `tensor_model_parallel`, as AutoTP and `shard_head_parameters` mark them) are summed over the
+    TP group, replicated ones counted once. `tp_group` None: no tensor parallelism."""
+    grads = [(p.grad.detach(), getattr(p, "tensor_model_parallel", False)) for p in model.parameters()
+             if p.grad is not None]
+    if not grads:
+        return 0.0
+    sharded, replicated = torch.zeros(2, dtype=torch.float64, device=grads[0][0].device)  # on the grads' device
+    for g, is_sharded in grads:
+        if is_sharded:
+            sharded += g.double().pow(2).sum()
+        else:
+            replicated += g.double().pow(2).sum()
+    if tp_group is not None:
+        dist.all_reduce(sharded, group=tp_group)
+    return float((sharded + replicated).sqrt())
 
 
 def check_tp_inputs_once(module: nn.Module, tp_group, tp_src_rank: int):

@@ -6,7 +6,8 @@ layout; dumps what the test compares with a single-process run to OUT/rank_XXXXX
     deepspeed --num_gpus N tests/dist/tp_worker.py OUT DATA [...]         N ranks
 
 Dumped per rank: layout coordinates and stream ids; per step the loss, gradient norm and the
-gradients (ZeRO-gathered, this rank's TP shard) of `GRAD_NAMES` before the optimizer step;
+gradients (ZeRO-gathered, this rank's TP shard) of `GRAD_NAMES` before the optimizer step
+(and, at ZeRO-0, `unsharded_grad_norm`); the names of the parameters marked TP-sharded;
 every parameter's ZeRO-gathered TP shard after step 3 (saved then, in OUT/checkpoints) and after
 step 5, with the carried memory state; the losses of steps 4-5 again after restoring the step-3
 checkpoint into the same engine.
@@ -30,6 +31,7 @@ from memgpt_dist.model.memory import state_to_dict  # noqa: E402
 from memgpt_dist.parallel.dist import init_distributed, shutdown  # noqa: E402
 from memgpt_dist.parallel.engine import build_engine  # noqa: E402
 from memgpt_dist.parallel.plan import apply_plan  # noqa: E402
+from memgpt_dist.parallel.tensor_parallel import unsharded_grad_norm  # noqa: E402
 from memgpt_dist.train.checkpoint import Checkpointer  # noqa: E402
 from memgpt_dist.train.metrics import MetricsLogger  # noqa: E402
 from memgpt_dist.train.run import LayoutTrainer  # noqa: E402
@@ -55,15 +57,18 @@ def build_model_with_distinct_heads(cfg, tp_rank: int) -> GPT:
     return apply_plan(model, cfg.parallel, tp_rank)
 
 
-def record_grads_before_step(engine, sink: list) -> None:
+def record_grads_before_step(engine, topo, grads: list, norms: list) -> None:
     """Wrap engine.step so that the averaged, unclipped gradients are recorded first (collective:
-    every rank gathers the same parameters in the same order)."""
+    every rank gathers the same parameters in the same order), and without a ZeRO optimizer
+    their norm as `unsharded_grad_norm` computes it."""
     params = dict(engine.module.named_parameters())
     step = engine.step
 
     def recording_step(*args, **kwargs):
         if engine.is_gradient_accumulation_boundary():
-            sink.append({n: safe_get_full_grad(params[n]).detach().clone() for n in GRAD_NAMES})
+            grads.append({n: safe_get_full_grad(params[n]).detach().clone() for n in GRAD_NAMES})
+            if engine.zero_optimization_stage() == 0:
+                norms.append(unsharded_grad_norm(engine.module, topo.tp_group))
         return step(*args, **kwargs)
 
     engine.step = recording_step
@@ -79,8 +84,8 @@ def main(out: Path, data: Path, overrides: list[str]) -> None:
     cfg = load_config(None, [f"data.path={data}", f"run_dir={out}", *overrides])
     topo = init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
     engine, _ = build_engine(build_model_with_distinct_heads(cfg, topo.tp_rank), cfg, topo)
-    grads: list = []
-    record_grads_before_step(engine, grads)
+    grads, norms = [], []
+    record_grads_before_step(engine, topo, grads, norms)
     loader = build_train_loader(cfg, topo)
     trainer = LayoutTrainer(cfg, topo, engine, loader, None, Checkpointer(out / "checkpoints", topo, keep_last=2),
                             MetricsLogger(None, enabled=False, tensorboard=False))
@@ -94,7 +99,8 @@ def main(out: Path, data: Path, overrides: list[str]) -> None:
     trainer.restore(SAVE_AT)
     resumed = [trainer.train_step().loss for _ in range(SAVE_AT, STEPS)]
     torch.save({"losses": [r.loss for r in results], "grad_norms": [r.grad_norm for r in results], "grads": grads,
-                "params": params, "saved_params": saved_params, "memory": memory, "resumed_losses": resumed},
+                "unsharded_grad_norms": norms, "params": params,
+                "tp_sharded": [n for n, p in engine.module.named_parameters() if getattr(p, "tensor_model_parallel", False)], "saved_params": saved_params, "memory": memory, "resumed_losses": resumed},
                out / f"rank_{topo.rank:05d}.pt")
     shutdown()
 
