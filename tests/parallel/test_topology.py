@@ -1,0 +1,25 @@
+"""What a rank records about its place in the layout, and resuming only in the same layout."""
+import pytest
+import torch
+
+from memgpt_dist.config import ConfigError, load_config
+from memgpt_dist.parallel.dist import Topology, rank_layout_state
+from memgpt_dist.train.run import check_resume_compatible
+
+
+def topo(rank: int, dp: int, tp: int) -> Topology:
+    return Topology(rank=rank, world_size=dp * tp, local_rank=rank, dp_rank=rank // tp, dp_size=dp,
+                    device=torch.device("cpu"), tp_rank=rank % tp, tp_size=tp)
+
+
+def test_rank_state_records_coordinates_streams_and_heads():
+    assert rank_layout_state(topo(3, dp=2, tp=2), [2, 3], n_head=8) == {
+        "layout": {"dp": 2, "tp": 2, "pp": 1}, "coord": {"dp": 1, "tp": 1, "pp": 0},
+        "stream_ids": [2, 3], "heads": [4, 8]}
+
+
+def test_resume_refuses_another_tensor_parallel_degree():
+    saved = load_config(None, ["parallel.tp=2"])
+    with pytest.raises(ConfigError, match=r"written with parallel.tp=2 parallel.pp=1, this run has parallel.tp=1"):
+        check_resume_compatible(saved.to_json(), load_config(None), 2, topo(0, dp=2, tp=1))
+    check_resume_compatible(saved.to_json(), saved, 2, topo(0, dp=1, tp=2))  # same layout: fine
