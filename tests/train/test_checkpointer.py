@@ -209,3 +209,12 @@ def shutil_usage(free: int):
     import shutil
 
     return shutil._ntuple_diskusage(total=10**9, used=10**9 - free, free=free)
+
+
+def test_deepspeed_latest_file_is_never_trusted(tmp_path):
+    ck = Checkpointer(tmp_path, TOPO, keep_last=3)
+    save(ck, 1)
+    (tmp_path / tag_for(2)).mkdir()
+    (tmp_path / "latest").write_text(tag_for(2))  # what DeepSpeed writes before its final barrier
+    assert ck.latest_valid_step() == 1
+    assert not (tmp_path / tag_for(1) / "latest").exists() and ck.marker(1)["step"] == 1

@@ -6,10 +6,17 @@ their gradient) of chosen steps are multiplied by NaN, what a numerically broken
 """
 from __future__ import annotations
 
+import math
+import re
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
-from inprocess import assert_same_leaves, full_params, make_trainer, optimizer_state
+from helpers import ROOT, bin_path, cli_env, free_port, read_metrics, tiny_args
+from inprocess import assert_same_leaves, flatten, full_params, make_trainer, optimizer_state
+from stress.kill_during_save import committed, damaged
 from memgpt_dist.parallel.dist import init_distributed
 from memgpt_dist.train.stopping import EXIT_DIVERGED, Diverged
 
@@ -80,3 +87,49 @@ def test_zero0_stops_before_applying_a_nonfinite_update(topo, tmp_path, monkeypa
     with pytest.raises(Diverged, match="zero_stage=0 cannot skip"):
         t.fit(stop_after=4)
     assert_same_leaves(before, full_params(t.engine))
+
+
+# ---------------------------------------------------------------- two ranks, real launcher
+
+def train_with_nan(tiny_data, run_dir, rank: int, steps: str, *extra: str) -> subprocess.CompletedProcess:
+    env = {**cli_env(), "NAN_RANK": str(rank), "NAN_STEPS": steps}
+    cmd = [bin_path("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           "tests/train/nan_inject_train.py", *tiny_args(tiny_data, run_dir, "--train.eval_every=0", *extra)]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def rank_files(step_dir: Path) -> dict[str, dict]:
+    """Every rank's DeepSpeed files of a checkpoint, loaded weights-only, minus bookkeeping."""
+    from memgpt_dist.train.checkpoint import _deepspeed_safe_globals
+
+    out = {}
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        for f in sorted(step_dir.glob("*_states.pt")):
+            sd = torch.load(f, weights_only=True, map_location="cpu")
+            out.update({f.name + k: v for k, v in flatten(sd).items()
+                        if not re.search(r"global_steps|global_samples|skipped_steps|lr_scheduler|client_state|"
+                                         r"/overflow|ds_config|iteration|/params/|/train_state/", k)})
+    return out
+
+
+def test_nan_on_one_rank_is_skipped_by_both_and_too_many_stop_the_run(tiny_data, tmp_path):
+    run = tmp_path / "skip"
+    proc = train_with_nan(tiny_data, run, 1, "4", "--checkpoint.every=1", "--checkpoint.keep_last=10")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = read_metrics(run)
+    assert [m[s]["train/skipped_steps"] for s in range(1, 7)] == [0, 0, 0, 1, 1, 1]
+    assert math.isnan(m[4]["train/loss"]) and m[4]["train/lr"] == m[3]["train/lr"]  # schedule held back
+    assert "step 4 skipped on every rank" in proc.stdout
+    before, after = rank_files(run / "checkpoints" / "step_00000003"), rank_files(run / "checkpoints" / "step_00000004")
+    assert {k.split("/")[0] for k in before} == {f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt"
+                                                 for r in (0, 1) for kind in ("model", "optim")}
+    assert any("fp32_flat_groups" in k for k in before) and any("exp_avg_sq" in k for k in before)
+    assert_same_leaves(before, after)  # weights, fp32 master partitions, Adam moments and steps: untouched
+    applied = rank_files(run / "checkpoints" / "step_00000005")
+    assert any(torch.is_tensor(v) and not torch.equal(v, applied[k]) for k, v in after.items())  # step 5 was
+
+    stop = tmp_path / "stop"
+    proc = train_with_nan(tiny_data, stop, 0, "4,5,6", "--checkpoint.every=2", "--train.max_nan_skips=1")
+    assert proc.returncode == EXIT_DIVERGED, proc.stderr[-3000:]
+    assert "2 consecutive steps (to step 5) had a non-finite loss" in proc.stderr
+    assert committed(stop / "checkpoints") == [2, 4] and not damaged(stop / "checkpoints", 4)
