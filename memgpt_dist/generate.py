@@ -2,7 +2,7 @@
 
 Weights are consolidated from the DeepSpeed checkpoint with DeepSpeed's own
 `get_fp32_state_dict_from_zero_checkpoint` (ZeRO-1/2/3) or read from the model-states file
-(ZeRO-0). The prompt is read segment by segment: each full segment is written into the memory
+(ZeRO-0); a tensor-parallel checkpoint's shards are merged by `consolidated_tp_state_dict`. The prompt is read segment by segment: each full segment is written into the memory
 state, and tokens of the current, partial segment attend locally and read that state.
 """
 from __future__ import annotations
@@ -58,11 +58,15 @@ def load_model(ckpt_dir: Path) -> tuple[GPT, TrainConfig]:
     """Rebuild the model of a checkpoint with consolidated fp32 weights, in eval mode."""
     cfg = checkpoint_config(ckpt_dir)
     model = GPT(cfg.model, cfg.memory)
-    model.load_state_dict(consolidated_state_dict(ckpt_dir, cfg.parallel.zero_stage))
+    model.load_state_dict(consolidated_state_dict(ckpt_dir, cfg.parallel.zero_stage, cfg.parallel.tp))
     return model.eval(), cfg
 
 
-def consolidated_state_dict(ckpt_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
+def consolidated_state_dict(ckpt_dir: Path, zero_stage: int, tp: int = 1) -> dict[str, torch.Tensor]:
+    if tp > 1:  # one shard per tensor-parallel rank
+        from memgpt_dist.parallel.tensor_parallel import consolidated_tp_state_dict
+
+        return consolidated_tp_state_dict(ckpt_dir, zero_stage, tp)
     if zero_stage == 0:
         states = torch.load(ckpt_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         return states["module"]

@@ -24,7 +24,11 @@ is replicated and the column-parallel layers all-reduce their input gradient.
 from __future__ import annotations
 
 import re
-from typing import Any
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -63,6 +67,50 @@ def tp_sharded_suffixes() -> tuple[str, ...]:
     `memgpt_dist.parallel.layout.TP_SHARDED_SUFFIXES` must list the same set (tested)."""
     column = tuple(f"{m}.{p}" for m in COLUMN_PARALLEL for p in ("weight", "bias"))
     return column + tuple(f"{m}.weight" for m in ROW_PARALLEL) + HEAD_SLICED
+
+
+def tp_shard_dim(name: str) -> Optional[int]:
+    """The dimension along which TP splits parameter `name` (0: column-parallel and head-sliced,
+    1: row-parallel weights); None: replicated on every TP rank."""
+    module = name.rpartition(".")[0]
+    if name.endswith(HEAD_SLICED) or module.endswith(COLUMN_PARALLEL):
+        return 0
+    if module.endswith(ROW_PARALLEL) and name.endswith(".weight"):
+        return 1
+    return None
+
+
+def merge_tp_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The whole model's state dict from the TP ranks' state dicts (in tp-rank order)."""
+    def merged(name: str) -> torch.Tensor:
+        dim = tp_shard_dim(name)
+        return shards[0][name] if dim is None else torch.cat([s[name] for s in shards], dim=dim)
+
+    return {name: merged(name) for name in shards[0]}
+
+
+def consolidated_tp_state_dict(ckpt_dir: Path, zero_stage: int, tp: int) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of a tensor-parallel DeepSpeed checkpoint directory, for one process.
+
+    ZeRO-0 keeps each TP rank's module in its own mp_rank_XX_model_states.pt, merged here by the
+    rules above. ZeRO-1/2/3 partitions the shards further over data-parallel ranks, which
+    DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint` does not handle with TP; DeepSpeed's
+    universal-checkpoint conversion does (it knows how AutoTP split each parameter, and how the
+    head-sliced ones are split from `_describe_for_universal_checkpoint`), so it is run into a
+    temporary directory and its per-parameter fp32 tensors are read back.
+    """
+    if zero_stage == 0:
+        files = [ckpt_dir / f"mp_rank_{t:02d}_model_states.pt" for t in range(tp)]
+        return merge_tp_shards([torch.load(f, map_location="cpu", weights_only=False)["module"] for f in files])
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                        str(ckpt_dir), "--output_folder", tmp], check=True, stdout=sys.stderr)
+        return {p.name: _universal_fp32(p / "fp32.pt") for p in sorted((Path(tmp) / "zero").iterdir()) if p.is_dir()}
+
+
+def _universal_fp32(path: Path) -> torch.Tensor:
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    return saved["param"] if isinstance(saved, dict) else saved
 
 
 def head_slice(n: int, tp_rank: int, tp: int) -> slice:

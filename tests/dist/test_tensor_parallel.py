@@ -7,8 +7,8 @@ checkpointer on gloo). Compared: losses and gradient norms (step 1 within 1e-5 r
 steps within 1e-4), gradients of named parameters reassembled from the TP shards (likewise,
 relative in L2 norm), weights after 5 steps, replicated parameters bitwise equal across TP ranks,
 each rank's memory-state slice against the single-process state's rows (streams) and heads, the
-layout recorded in each rank's checkpoint file, a resume in the layout, and DeepSpeed's
-universal-checkpoint conversion of a TP checkpoint.
+layout recorded in each rank's checkpoint file, a resume in the layout, and loading a TP
+checkpoint as the whole model (generation and evaluation).
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from helpers import ROOT, bin_path, free_port, run_cmd
-from memgpt_dist.parallel.tensor_parallel import COLUMN_PARALLEL, HEAD_SLICED, ROW_PARALLEL
+from memgpt_dist.generate import load_model
+from memgpt_dist.parallel.tensor_parallel import merge_tp_shards, tp_shard_dim
 
 WORKER = str(ROOT / "tests" / "dist" / "tp_worker.py")
 COMMON = ["--model.vocab_size=320", "--model.n_layer=2", "--model.n_head=4", "--model.n_embd=64",
@@ -69,22 +70,6 @@ def layout_run(request, tiny_data, tmp_path_factory) -> LayoutRun:
     return LayoutRun(request.param, launch(out, tiny_data, nproc, extra), rank_states(out, nproc), out)
 
 
-def shard_dim(name: str):
-    """Dimension along which TP splits a parameter; None: replicated on every TP rank."""
-    module = name.rpartition(".")[0]
-    if name.endswith(HEAD_SLICED) or module.endswith(COLUMN_PARALLEL):
-        return 0
-    if module.endswith(ROW_PARALLEL) and name.endswith(".weight"):
-        return 1
-    return None
-
-
-def assemble(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
-    """The full tensor from the TP ranks' shards (in tp-rank order)."""
-    dim = shard_dim(name)
-    return shards[0] if dim is None else torch.cat(shards, dim=dim)
-
-
 def replica0(dumps: list[dict], states: list[dict]) -> list[dict]:
     """The dumps of data-parallel replica 0, in tp-rank order."""
     return [d for d, s in sorted(zip(dumps, states), key=lambda x: x[1]["coord"]["tp"]) if s["coord"]["dp"] == 0]
@@ -116,7 +101,7 @@ def test_every_sharded_parameter_is_marked_for_deepspeeds_gradient_norm(layout_r
     `tensor_model_parallel`, else once (as replicated): the head-sliced ones must be marked too."""
     dumps = layout_run.dumps
     for dump in dumps:
-        assert set(dump["tp_sharded"]) == {n for n in dump["params"] if shard_dim(n) is not None}
+        assert set(dump["tp_sharded"]) == {n for n in dump["params"] if tp_shard_dim(n) is not None}
 
 
 def test_gradients_of_named_parameters_match_single_process(layout_run, single):
@@ -124,22 +109,22 @@ def test_gradients_of_named_parameters_match_single_process(layout_run, single):
     replica = replica0(dumps, states)
     for step, want in enumerate(single["grads"][:5]):  # then come the 2 steps after the resume
         tol = 1e-5 if step == 0 else 1e-4
+        got = merge_tp_shards([d["grads"][step] for d in replica])
         for name, full in want.items():
-            got = assemble(name, [d["grads"][step][name] for d in replica])
-            assert got.shape == full.shape, name
-            assert rel_err(got, full) < tol, (step + 1, name, rel_err(got, full))
+            assert got[name].shape == full.shape, name
+            assert rel_err(got[name], full) < tol, (step + 1, name, rel_err(got[name], full))
 
 
 def test_weights_after_five_steps_match_single_process(layout_run, single):
     dumps, states = layout_run.dumps, layout_run.states
-    replica = replica0(dumps, states)
+    merged = merge_tp_shards([d["params"] for d in replica0(dumps, states)])
     for name, full in single["params"].items():
-        assert rel_err(assemble(name, [d["params"][name] for d in replica]), full) < 1e-4, name
+        assert rel_err(merged[name], full) < 1e-4, name
 
 
 def test_replicated_parameters_are_bitwise_equal_across_tp_ranks(layout_run):
     dumps, states = layout_run.dumps, layout_run.states
-    replicated = [n for n in dumps[0]["params"] if shard_dim(n) is None]
+    replicated = [n for n in dumps[0]["params"] if tp_shard_dim(n) is None]
     assert {"blocks.0.ln1.weight", "blocks.1.ln2.bias", "ln_f.weight", "wte.weight"} <= set(replicated)
     for dp in {s["coord"]["dp"] for s in states}:
         ranks = [d for d, s in zip(dumps, states) if s["coord"]["dp"] == dp]
@@ -178,17 +163,12 @@ def test_resume_in_the_layout_reproduces_the_losses(layout_run):
         assert dump["resumed_losses"] == pytest.approx(dump["losses"][3:], rel=1e-6)
 
 
-def test_universal_checkpoint_merges_the_tp_shards(layout_run, single):
-    """DeepSpeed's ds_to_universal reassembles every parameter of a TP x ZeRO-3 checkpoint, the
-    head-sliced memory parameters included, into the single-process model's weights."""
-    out, name = layout_run.out, layout_run.name
-    if name.endswith("zero0"):
-        pytest.skip("ds_to_universal converts ZeRO-1/2/3 checkpoints (their *_optim_states.pt files)")
-    universal = out / "universal"
-    run_cmd([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-             str(out / "checkpoints" / "step_00000003"), "--output_folder", str(universal)], timeout=120)
-    for name, full in single["saved_params"].items():
-        merged = torch.load(universal / "zero" / name / "fp32.pt", weights_only=False)
-        merged = merged["param"] if isinstance(merged, dict) else merged
-        assert merged.numel() == full.numel(), name
-        torch.testing.assert_close(merged.reshape(full.shape), full, rtol=1e-4, atol=1e-6, msg=name)
+def test_a_tp_checkpoint_loads_as_the_whole_model_for_generation_and_eval(layout_run, single):
+    """memgpt-generate and memgpt-eval read a TP checkpoint as the single-process model: ZeRO-0's
+    per-TP-rank modules merged by the TP rules, ZeRO-3's through DeepSpeed's universal-checkpoint
+    conversion (head-sliced memory parameters included)."""
+    model, cfg = load_model(layout_run.out / "checkpoints" / "step_00000003")
+    assert cfg.parallel.tp == TP
+    for name, param in model.named_parameters():
+        full = single["saved_params"][name]
+        torch.testing.assert_close(param.detach(), full, rtol=1e-4, atol=1e-6, msg=name)

@@ -11,7 +11,8 @@ from memgpt_dist.config import load_config
 from memgpt_dist.model import GPT
 from memgpt_dist.parallel.layout import TP_SHARDED_SUFFIXES
 from memgpt_dist.parallel.tensor_parallel import (COLUMN_PARALLEL, ROW_PARALLEL, autotp_partition_config,
-                                                  head_slice, shard_head_parameters, tp_sharded_suffixes)
+                                                  head_slice, shard_head_parameters, tp_shard_dim,
+                                                  tp_sharded_suffixes)
 from memgpt_dist.train.run import build_model
 
 OVR = ["model.vocab_size=97", "model.n_embd=32", "model.n_head=4", "model.n_layer=2", "model.segment_len=8",
@@ -22,6 +23,7 @@ def test_the_dry_run_estimates_shard_what_execution_shards():
     names = [n for n, _ in build_model(load_config(None, OVR)).named_parameters()]
     executed = {n for n in names if n.endswith(tp_sharded_suffixes())}
     assert executed == {n for n in names if n.endswith(TP_SHARDED_SUFFIXES)}
+    assert executed == {n for n in names if tp_shard_dim(n) is not None}
     assert len(executed) == 2 * 19  # per block: 8 column weights, 5 column biases, 2 row weights, 4 head-sliced
 
 
