@@ -1,7 +1,9 @@
 """The memory demonstrably works (short CI version of benchmarks/long_range.py): on multi-query
-associative recall across segments, the memory model trained a few hundred steps reaches >= 10x
-chance, while the same model without memory, and the memory model with its read switched off at
-evaluation, stay at chance (<= 1.5x). Everything runs through the real CLIs."""
+associative recall across segments, the memory model trained a few hundred steps recalls the
+values (>= 80%, far above the ~38% a model reaches that remembers which values a document held
+but not which key each belonged to), also beyond the distance it was trained at, while the same
+model without memory, and the memory model with its read switched off at evaluation, stay at
+chance (<= 1.5x). Everything runs through the real CLIs."""
 from __future__ import annotations
 
 import json
@@ -38,12 +40,12 @@ def results(tmp_path_factory):
 
 def test_memory_recalls_across_segments(results):
     r = results["memory"][2]
-    assert r["accuracy"] >= 10 * r["chance"], r
+    assert r["accuracy"] >= max(0.8, 10 * r["chance"]), r
 
 
 def test_memory_keeps_recalling_beyond_the_trained_distance(results):
     r = results["memory"][7]  # trained with 2 filler segments, asked after 7
-    assert r["accuracy"] >= 5 * r["chance"], r
+    assert r["accuracy"] >= max(0.6, 10 * r["chance"]), r
 
 
 def test_without_the_memory_read_it_is_chance(results):
