@@ -57,7 +57,7 @@ def build_engine(model: nn.Module, cfg: TrainConfig, topo: Topology):
         mpu=_autotp_mpu(topo),
     )
     if topo.tp_size > 1:
-        _replace_tp_input_check(engine)
+        _replace_tp_input_check(engine, topo)
     return engine, ds_config
 
 
@@ -74,16 +74,14 @@ def _autotp_mpu(topo: Topology):
     return groups
 
 
-def _replace_tp_input_check(engine) -> None:
+def _replace_tp_input_check(engine, topo: Topology) -> None:
     """DeepSpeed's AutoTP engine compares every forward argument across TP ranks once; the memory
-    state legitimately differs there (each rank holds its heads), so compare the data only."""
-    from deepspeed.utils import groups
-
+    state legitimately differs there (each rank holds its heads; a resumed run passes it on its
+    first step), so compare the data only."""
     ds_check = getattr(engine, "first_dataloader_check", None)
     if ds_check is not None:
         ds_check.remove()
-    check_tp_inputs_once(engine.module, groups.get_tensor_model_parallel_group(),
-                         groups.get_tensor_model_parallel_src_rank())
+    check_tp_inputs_once(engine.module, topo.tp_group, tp_src_rank=topo.rank - topo.tp_rank)
 
 
 def _bf16_supported(device: torch.device) -> bool:

@@ -188,7 +188,7 @@ def check_tp_inputs_once(module: nn.Module, tp_group, tp_src_rank: int):
     def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
         handle.remove()
         data = [t for t in (args[0] if args else kwargs.get("input_ids"), kwargs.get("reset")) if t is not None]
-        same = all(_equal_to_source(t, tp_group, tp_src_rank) for t in data)
+        same = all([_equal_to_source(t, tp_group, tp_src_rank) for t in data])  # a list: every broadcast runs
         flag = torch.tensor([1 if same else 0], dtype=torch.int64, device=data[0].device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=tp_group)  # every rank raises, none hangs
         if not flag.item():
