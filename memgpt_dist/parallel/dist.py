@@ -8,6 +8,7 @@ replica read the same batch: data is assigned by `dp_rank` and `dp_size`, never 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from dataclasses import dataclass, field
@@ -88,7 +89,7 @@ def rank_layout_state(topo: Topology, stream_ids: Optional[list[int]], n_head: i
     state. Enough for a later step to reshard memory states to another layout."""
     heads_per_rank = n_head // topo.tp_size
     return {"layout": {"dp": topo.dp_size, "tp": topo.tp_size, "pp": topo.pp_size},
-            "coord": {"dp": topo.dp_rank, "tp": topo.tp_rank, "pp": topo.pp_rank},
+            "coord": dataclasses.asdict(topo.coord),
             "stream_ids": None if stream_ids is None else [int(g) for g in stream_ids],
             "heads": [topo.tp_rank * heads_per_rank, (topo.tp_rank + 1) * heads_per_rank]}
 
