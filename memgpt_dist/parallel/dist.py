@@ -158,5 +158,25 @@ def _tensor_parallel_group(coord: RankCoord, dp: int, tp: int, pp: int):
 
 
 def shutdown() -> None:
+    """Tear down the process group and remove this rank's shared-memory allreduce buffer.
+
+    DeepSpeed's CPU shm allreduce (csrc/cpu/comm/shm.cpp) creates one 66 MB file per rank in
+    /dev/shm and never unlinks it; /dev/shm is RAM, so a few hundred runs filled 16 GB of this
+    machine. Every rank mapped every other rank's file when the group started, so unlinking our
+    own at exit is safe."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    remove_shm_buffer(os.environ)
+
+
+def shm_buffer_path(env) -> Optional[str]:
+    """This rank's DeepSpeed shm allreduce file, or None outside a launched run."""
+    if not all(k in env for k in ("MASTER_ADDR", "MASTER_PORT", "RANK")):
+        return None
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{env['MASTER_ADDR']}_{env['MASTER_PORT']}_{env['RANK']}"
+
+
+def remove_shm_buffer(env) -> None:
+    path = shm_buffer_path(env)
+    if path is not None and os.path.exists(path):
+        os.unlink(path)
