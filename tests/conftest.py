@@ -22,3 +22,20 @@ def tiny_data(tmp_path_factory) -> Path:
              "--min-shards", "8", "--val-fraction", "0.1", "--workers", "1"])
     assert (out / "manifest.json").is_file()
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leaked_shm_buffers():
+    """Tests SIGKILL training processes on purpose, and a killed rank cannot remove its DeepSpeed
+    shm allreduce file (66 MB of RAM in /dev/shm each); remove the ones this session made."""
+    import glob
+    import time
+
+    start = time.time()
+    yield
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*"):
+        try:
+            if os.stat(path).st_mtime >= start:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
