@@ -282,15 +282,15 @@ class Trainer:
                 self._count_skip(skipped)
                 self._log_step(result, skipped)
                 self._stop_if_diverged()
-                if signalled or out_of_time:
+                if (signalled or out_of_time) and self.state.step < last:  # before eval: the grace time is short
                     self._stop_preempted(signals.received if signalled else None, out_of_time)
                 if cfg.train.eval_every and self.state.step % cfg.train.eval_every == 0:
                     self._log_eval()
                 if cfg.checkpoint.every and self.state.step % cfg.checkpoint.every == 0:
                     self.save()
-        stopped_early = self.state.step < cfg.train.max_steps
-        if (cfg.checkpoint.save_at_end or stopped_early) and self.last_saved_step != self.state.step:
-            self.save()
+            stopped_early = self.state.step < cfg.train.max_steps
+            if (cfg.checkpoint.save_at_end or stopped_early) and self.last_saved_step != self.state.step:
+                self.save()  # still under the handlers: a signal now cannot cut the final save short
         self.metrics.flush()
         return self.state
 

@@ -10,7 +10,7 @@ import torch
 from inprocess import assert_same_leaves, flatten, full_params, make_trainer, optimizer_state
 from memgpt_dist.model.memory import state_to_dict
 from memgpt_dist.parallel.dist import init_distributed
-from memgpt_dist.train.checkpoint import weights_only_loading
+from memgpt_dist.train.checkpoint import CheckpointError, weights_only_loading
 from memgpt_dist.train.state import rng_state
 
 CARRY = ("train.carry_memory=true",)
@@ -77,3 +77,17 @@ def test_deepspeed_files_are_loaded_weights_only(topo, tmp_path, monkeypatch):
     with pytest.raises(pickle.UnpicklingError), weights_only_loading(a.engine):
         a.engine.load_checkpoint(str(tmp_path / "checkpoints"), tag="step_00000001")
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_resume_refuses_another_tokenizer_and_reports_changed_settings(topo, tmp_path, caplog):
+    (tmp_path / "tokenizer.json").write_text('{"model": "A"}')
+    a = make_trainer(topo, tmp_path)
+    a.train_step()
+    a.save()
+    assert a.checkpointer.marker(1)["config_sha256"] == a.checkpoint_meta()["config_sha256"]
+    longer = make_trainer(topo, tmp_path, extra=("train.max_steps=20",))
+    longer.restore(1)
+    assert "train.max_steps: 10 -> 20" in caplog.text
+    (tmp_path / "tokenizer.json").write_text('{"model": "B"}')  # the data was re-prepared with another vocabulary
+    with pytest.raises(CheckpointError, match="trained with a tokenizer of sha256"):
+        make_trainer(topo, tmp_path).restore(1)
