@@ -18,6 +18,7 @@ launches that reaches the last step is compared with the reference run; then a n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -49,11 +50,20 @@ def train_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
             f"--checkpoint.every={EVERY}", "--checkpoint.keep_last=2", *extra]
 
 
-def train_cmd(args: list[str], nproc: int) -> list[str]:
+def train_cmd(args: list[str], nproc: int, port: int | None = None) -> list[str]:
     if nproc == 1:
         return [sys.executable, "launch/train.py", *args]
-    return [bin_path("deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
+    return [bin_path("deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port or free_port()),
             "launch/train.py", *args]
+
+
+def remove_shm_buffers(port: int) -> None:
+    """A SIGKILLed rank cannot unlink DeepSpeed's shm allreduce buffer (66 MB of RAM each)."""
+    import glob
+
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def reference_run(data: Path, run_dir: Path, nproc: int) -> tuple[dict[int, dict], float]:
@@ -124,8 +134,13 @@ class Kill:
 
 
 def launch(data: Path, run_dir: Path, nproc: int, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(train_cmd(train_args(data, run_dir, "--resume", "auto"), nproc), cwd=ROOT, env=cli_env(),
+    """`--resume auto` on a known rendezvous port (`proc.port`), so its shm buffers can be found."""
+    port = free_port()
+    env = {**cli_env(), "MASTER_PORT": str(port)}  # a single process takes its port from here
+    proc = subprocess.Popen(train_cmd(train_args(data, run_dir, "--resume", "auto"), nproc, port), cwd=ROOT, env=env,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc.port = port
+    return proc
 
 
 def inode(path: Path) -> int | None:
@@ -180,6 +195,8 @@ def kill_during_save(data: Path, run_dir: Path, nproc: int, rng: random.Random, 
     stale = inode(ckpt_root / f"step_{target:08d}")
     proc = launch(data, run_dir, nproc, log)
     if not wait_for_dir(ckpt_root / f"step_{target:08d}", proc, stale):
+        proc.wait(timeout=600)
+        remove_shm_buffers(proc.port)
         return None
     if rng.random() < MARKER_SHARE:
         delay = wait_for_marker(ckpt_root / f"step_{target:08d}", proc)
@@ -189,6 +206,7 @@ def kill_during_save(data: Path, run_dir: Path, nproc: int, rng: random.Random, 
     before = committed(ckpt_root)
     os.kill(victim_pid(proc, nproc, rng), signal.SIGKILL)
     proc.wait(timeout=120)
+    remove_shm_buffers(proc.port)
     after = committed(ckpt_root)
     return Kill(target_step=target, delay_s=delay, phase=phase_of(ckpt_root / f"step_{target:08d}"),
                 committed_before=before, committed_after=after, resumed_from_expected=(after or [0])[-1])
@@ -234,6 +252,7 @@ def run_chains(data: Path, workdir: Path, points: int, nproc: int, seed: int, re
         finish = workdir / f"chain{chain:03d}_final.log"
         proc = launch(data, run_dir, nproc, finish)
         assert proc.wait(timeout=600) == 0, finish.read_text()[-3000:]
+        remove_shm_buffers(proc.port)
         if kills:
             assert resumed_step(finish) == kills[-1].resumed_from_expected or n_launch == 0
         compare(read_metrics(run_dir), reference)
