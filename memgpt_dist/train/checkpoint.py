@@ -274,8 +274,8 @@ class Checkpointer:
             for d in {p.parent for p in files}:
                 _fsync_dir(d)
             marker = {"step": step, "world_size": self.topo.world_size, "time": time.time(),
-                      "config_sha256": meta.get("config_sha256"), "total_bytes": sum(f["bytes"] for f in merged.values()),
-                      "files": merged, "meta": meta}
+                      "config_sha256": meta.get("config_sha256"),
+                      "total_bytes": sum(f["bytes"] for f in merged.values()), "files": merged, "meta": meta}
             _atomic_write_text(path / MARKER, json.dumps(marker, indent=1, sort_keys=True))
 
     def _prune(self) -> None:
@@ -348,10 +348,11 @@ class Checkpointer:
         """
         path = self.root / tag_for(step)
         with weights_only_loading(engine):
-            loaded_path, client_state = engine.load_checkpoint(str(self.root), tag=path.name, load_optimizer_states=True,
-                                                               load_lr_scheduler_states=True)
+            loaded_path, client_state = engine.load_checkpoint(
+                str(self.root), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True)
         if loaded_path is None:
-            raise CheckpointError(f"DeepSpeed could not load {path}; delete it or pass --resume with another checkpoint")
+            raise CheckpointError(f"DeepSpeed could not load {path}; delete it or pass --resume with another "
+                                  f"checkpoint")
         rank_file = path / "rank_state" / f"rank_{self.topo.rank:05d}.pt"
         if not rank_file.is_file():
             raise CheckpointError(f"{rank_file} is missing: checkpoint {path} was written by a different number "

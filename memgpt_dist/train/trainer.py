@@ -142,13 +142,15 @@ class Trainer:
         meta = self.checkpointer.marker(step).get("meta", {})
         saved_tok, tok = meta.get("tokenizer_sha256"), self._tokenizer_sha256()
         if saved_tok and tok and saved_tok != tok:
-            raise CheckpointError(f"checkpoint {tag_for(step)} was trained with a tokenizer of sha256 {saved_tok[:12]}..., "
-                                  f"the data's tokenizer ({self.cfg.data.path}) has {tok[:12]}...: token ids would "
-                                  f"mean different text. Resume with the original data or start a new run_dir")
+            raise CheckpointError(f"checkpoint {tag_for(step)} was trained with a tokenizer of sha256 "
+                                  f"{saved_tok[:12]}..., the data's tokenizer ({self.cfg.data.path}) has "
+                                  f"{tok[:12]}...: token ids would mean different text. Resume with the original "
+                                  f"data or start a new run_dir")
         saved_cfg = meta.get("config")
         if saved_cfg and sha256_text(saved_cfg) != sha256_text(self.cfg.to_json()) and self.topo.is_main:
             changed = _changed_keys(json.loads(saved_cfg), self.cfg.to_dict())
-            log.warning("resuming %s with changed settings: %s", tag_for(step), ", ".join(changed) or "(formatting only)")
+            log.warning("resuming %s with changed settings: %s", tag_for(step),
+                        ", ".join(changed) or "(formatting only)")
 
     # ------------------------------------------------------------------ steps
     def _apply_curriculum(self, step: int) -> None:
