@@ -54,8 +54,9 @@ EXPERIMENTS = (
                ("--task", "passkey", "--segment-len", "32", "--gap", "2", "--digits", "5",
                 "--tokenizer", "{corpus}/tokenizer.json", "--filler-corpus", "{corpus}"),
                train=("--model.vocab_size=4096",)),
-    Experiment("corpus", "configs/tiny.yaml", 600, (),
-               train=("--train.eval_every=0",), eval=("--segments", "16", "--corpus-docs", "32")),
+    Experiment("corpus", "configs/tiny.yaml", 1200, (),
+               train=("--train.eval_every=0", "--parallel.micro_batch_size=8"),
+               eval=("--segments", "16", "--corpus-docs", "32")),
 )
 
 
