@@ -17,7 +17,7 @@ import torch
 
 from memgpt_dist.config import ConfigError, TrainConfig, config_from_json
 from memgpt_dist.model import GPT
-from memgpt_dist.parallel.dist import Topology, rank_layout_state
+from memgpt_dist.parallel.dist import Topology
 from memgpt_dist.parallel.engine import build_engine
 from memgpt_dist.parallel.layout import parameter_numels, require_executable_layout
 from memgpt_dist.parallel.plan import apply_plan
@@ -70,15 +70,6 @@ def build_model(cfg: TrainConfig, tp_rank: int = 0) -> GPT:
     return apply_plan(model, cfg.parallel, tp_rank)
 
 
-class LayoutTrainer(Trainer):
-    """A Trainer whose per-rank checkpoint file also records the rank's place in the layout
-    (`rank_layout_state`: coordinates, global stream ids, memory heads)."""
-
-    def rank_state(self) -> dict:
-        stream_ids = getattr(self.train_batches, "stream_ids", None)  # SegmentLoader, MixedLoader
-        return {**super().rank_state(), **rank_layout_state(self.topo, stream_ids, self.cfg.model.n_head)}
-
-
 def resolve_resume(resume: str, checkpointer: Checkpointer) -> Optional[int]:
     """Map --resume (none | auto | STEP) to a checkpoint step; refuse to silently restart."""
     if resume == "none":
@@ -122,7 +113,9 @@ def prepare_run_dir(cfg: TrainConfig, topo: Topology, tokenizer_file: Optional[P
     if topo.is_main:
         paths.root.mkdir(parents=True, exist_ok=True)
         paths.config.write_text(cfg.to_json())
-        if tokenizer_file is not None and tokenizer_file.is_file():
+        # never over a run's own copy: a resume with another tokenizer is refused later, and the
+        # tokenizer the checkpoints were trained with must survive that
+        if tokenizer_file is not None and tokenizer_file.is_file() and not paths.tokenizer.exists():
             shutil.copyfile(tokenizer_file, paths.tokenizer)
     topo.barrier()
     return paths
@@ -143,7 +136,7 @@ def run_training(cfg: TrainConfig, topo: Topology, train_batches: StatefulBatche
     seed_everything(cfg.train.seed + 1000 * topo.dp_rank)
     metrics = MetricsLogger(paths.tensorboard, enabled=topo.is_main, tensorboard=cfg.log.tensorboard,
                             start_step=start or 0, jsonl=paths.root / "metrics.jsonl")
-    trainer = LayoutTrainer(cfg, topo, engine, train_batches, make_val_batches, checkpointer, metrics)
+    trainer = Trainer(cfg, topo, engine, train_batches, make_val_batches, checkpointer, metrics)
     if start is not None:
         _restore(trainer, start, cfg, topo)
     log.info("model: %s parameters; world size %d = dp %d x tp %d x pp %d; global batch %d samples x %d "

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from memgpt_dist.config import TrainConfig
 from memgpt_dist.model.memory import MemoryState, detach_state, move_state, state_from_dict, state_to_dict
-from memgpt_dist.parallel.dist import Topology
+from memgpt_dist.parallel.dist import Topology, rank_layout_state
+from memgpt_dist.parallel.tensor_parallel import unsharded_grad_norm
 from memgpt_dist.train.checkpoint import CheckpointError, Checkpointer, sha256_file, sha256_text, tag_for
 from memgpt_dist.train.metrics import MetricsLogger
 from memgpt_dist.train.state import TrainState, rng_state, set_rng_state
@@ -104,8 +105,10 @@ class Trainer:
                 "world_size": self.topo.world_size, **self.client_extra}
 
     def rank_state(self) -> dict[str, Any]:
-        out = {"loader": self.train_batches.state_dict(), "rng": rng_state(), "rank": self.topo.rank}
-        if self.carried is not None:  # this rank's streams' memory, every layer and head, fp32
+        out = {"loader": self.train_batches.state_dict(), "rng": rng_state(), "rank": self.topo.rank,
+               # where this file sits in the layout: coordinates, global stream ids, memory heads
+               **rank_layout_state(self.topo, getattr(self.train_batches, "stream_ids", None), self.cfg.model.n_head)}
+        if self.carried is not None:  # this rank's streams' memory, every layer and its heads, fp32
             out["memory_state"] = {k: v.cpu() for k, v in state_to_dict(self.carried).items()}
         return out
 
@@ -199,7 +202,7 @@ class Trainer:
             # gradient norm, is NaN on every rank: the ZeRO optimizer then skips the step everywhere.
             self.engine.backward(loss_sum * scale if finite else loss_sum * scale * float("nan"))
             if self.engine.is_gradient_accumulation_boundary():
-                grad_norm = _unpartitioned_grad_norm(self.engine)
+                grad_norm = _unpartitioned_grad_norm(self.engine, self.topo)
                 self._maybe_stop_before_unskippable_update(grad_norm)
             self.engine.step()
             loss_sum_local += float(loss_sum.detach())
@@ -354,13 +357,13 @@ class Trainer:
                               f"ppl {result['val/ppl']:.2f} by segment [{by_seg}]")
 
 
-def _unpartitioned_grad_norm(engine) -> Optional[float]:
+def _unpartitioned_grad_norm(engine, topo: Topology) -> Optional[float]:
     """Without a ZeRO optimizer DeepSpeed does not record the norm; gradients are already
-    averaged over ranks after the boundary backward, so the local norm is the global one."""
+    averaged over data-parallel ranks after the boundary backward, and TP-sharded ones are
+    summed over the TP group, so every rank gets the whole model's norm."""
     if engine.zero_optimization_stage() > 0:
         return None
-    grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+    return unsharded_grad_norm(engine.module, topo.tp_group)
 
 
 def _grad_norm(engine, fallback: Optional[float]) -> float:

@@ -34,7 +34,7 @@ from memgpt_dist.parallel.plan import apply_plan  # noqa: E402
 from memgpt_dist.parallel.tensor_parallel import unsharded_grad_norm  # noqa: E402
 from memgpt_dist.train.checkpoint import Checkpointer  # noqa: E402
 from memgpt_dist.train.metrics import MetricsLogger  # noqa: E402
-from memgpt_dist.train.run import LayoutTrainer  # noqa: E402
+from memgpt_dist.train.trainer import Trainer  # noqa: E402
 from memgpt_dist.train.state import seed_everything  # noqa: E402
 
 STEPS, SAVE_AT = 5, 3
@@ -87,7 +87,7 @@ def main(out: Path, data: Path, overrides: list[str]) -> None:
     grads, norms = [], []
     record_grads_before_step(engine, topo, grads, norms)
     loader = build_train_loader(cfg, topo)
-    trainer = LayoutTrainer(cfg, topo, engine, loader, None, Checkpointer(out / "checkpoints", topo, keep_last=2),
+    trainer = Trainer(cfg, topo, engine, loader, None, Checkpointer(out / "checkpoints", topo, keep_last=2),
                             MetricsLogger(None, enabled=False, tensorboard=False))
     results, saved_params = [], None
     for step in range(1, STEPS + 1):
