@@ -7,10 +7,11 @@ import resource
 import shutil
 import signal
 import subprocess
+import sys
 
 import pytest
 
-from helpers import ROOT, cli_env, read_metrics
+from helpers import ROOT, cli_env, read_metrics, run_cmd
 from stress.kill_during_save import MAX_STEPS, compare, committed, damaged, reference_run, run_chains, train_args, \
     train_cmd
 
@@ -56,7 +57,14 @@ def limit_file_size():
     resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
 
 
+def build_deepspeed_comm_op() -> None:
+    """DeepSpeed compiles its CPU shm-comm op on first use; under the file-size limit the
+    compiler's own output would fail instead of the checkpoint write, so build it first."""
+    run_cmd([sys.executable, "-c", "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()"])
+
+
 def test_write_failure_during_save_names_the_directory_and_keeps_the_previous(tiny_data, reference, tmp_path):
+    build_deepspeed_comm_op()
     run_dir = tmp_path / "run"
     shutil.copytree(reference[0], run_dir)
     proc = resume(tiny_data, run_dir, f"--train.max_steps={MAX_STEPS + 2}", preexec_fn=limit_file_size)
