@@ -97,5 +97,18 @@ def build_pipeline_module(model: GPT, parallel: ParallelConfig, loss_fn: Callabl
     labels. Needs torch.distributed initialised (the stage comes from the global rank)."""
     from deepspeed.pipe import PipelineModule
 
-    return PipelineModule(layers=pipeline_specs(model), num_stages=parallel.pp, loss_fn=loss_fn,
-                          partition_method=parallel.pp_partition, activation_checkpoint_interval=0)
+    net = PipelineModule(layers=pipeline_specs(model), num_stages=parallel.pp, loss_fn=loss_fn,
+                         partition_method=parallel.pp_partition, activation_checkpoint_interval=0)
+    _count_final_norm_in_grad_norm(net)
+    return net
+
+
+def _count_final_norm_in_grad_norm(net) -> None:
+    """DeepSpeed flags every parameter of a tied module on its non-first stages `ds_pipe_replicated`,
+    so that the gradient norm counts the tied weight once; our tied head module also holds ln_f,
+    which exists only on the last stage and must be counted there (else clipping sees a norm
+    without ln_f's gradient)."""
+    head = net.tied_modules[TIED_KEY] if TIED_KEY in net.tied_modules else None
+    if isinstance(head, HeadStage):
+        for p in head.ln_f.parameters():
+            p.ds_pipe_replicated = False

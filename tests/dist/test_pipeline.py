@@ -47,6 +47,14 @@ def test_losses_match_single_process_over_five_steps(runs, layout):
 
 
 @pytest.mark.parametrize("layout", ["pp2", "pp2dp2"])
+def test_grad_norms_match_single_process(runs, layout):
+    # the tied embedding counted once, the final LayerNorm on the last stage counted too
+    for step in range(1, 6):
+        assert runs[layout][step]["train/grad_norm"] == pytest.approx(runs["one"][step]["train/grad_norm"],
+                                                                      rel=1e-5), step
+
+
+@pytest.mark.parametrize("layout", ["pp2", "pp2dp2"])
 def test_validation_loss_matches_single_process(runs, layout):
     assert runs[layout][3]["val/loss"] == pytest.approx(runs["one"][3]["val/loss"], rel=1e-5)
 
