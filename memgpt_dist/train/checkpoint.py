@@ -122,8 +122,9 @@ def _deepspeed_safe_globals() -> list:
     """The non-tensor classes DeepSpeed pickles into its own checkpoint files."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address  # ZeRO-1/2 optimizer: (numel, start) of a slice
 
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 @contextlib.contextmanager

@@ -20,11 +20,12 @@ from memgpt_dist.model import GPT
 from memgpt_dist.parallel.dist import Topology
 from memgpt_dist.parallel.engine import build_engine
 from memgpt_dist.parallel.layout import parameter_numels, require_executable_layout
+from memgpt_dist.parallel.pipeline import build_pipeline_module
 from memgpt_dist.parallel.plan import apply_plan
 from memgpt_dist.train.checkpoint import CheckpointError, Checkpointer
 from memgpt_dist.train.metrics import MetricsLogger
 from memgpt_dist.train.state import TrainState, seed_everything
-from memgpt_dist.train.trainer import Batch, StatefulBatches, Trainer
+from memgpt_dist.train.trainer import Batch, StatefulBatches, Trainer, scaled_token_loss
 
 log = logging.getLogger("memgpt_dist")
 
@@ -125,11 +126,13 @@ def run_training(cfg: TrainConfig, topo: Topology, train_batches: StatefulBatche
                  make_val_batches: Optional[Callable[[], Iterable[Batch]]], resume: str = "none",
                  tokenizer_file: Optional[Path] = None, stop_after: Optional[int] = None) -> TrainState:
     """Train `cfg` end to end; returns the final train state."""
-    require_executable_layout(cfg, topo.world_size)  # before any directory or engine: PP does not run yet
+    require_executable_layout(cfg, topo.world_size)  # before any directory or engine
     paths = prepare_run_dir(cfg, topo, tokenizer_file)
     checkpointer = Checkpointer(paths.checkpoints, topo, cfg.checkpoint.keep_last)
     start = resolve_resume(resume, checkpointer)
     model = build_model(cfg, topo.tp_rank)
+    if topo.pp_size > 1:
+        model = build_pipeline_module(model, cfg.parallel, scaled_token_loss)
     engine, _ = build_engine(model, cfg, topo)
     # dropout etc. differ per data-parallel replica, reproducibly; the TP ranks of a replica draw
     # the same masks, so the activations they hold replicated stay identical

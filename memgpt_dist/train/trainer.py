@@ -65,6 +65,19 @@ def loss_by_segment(logits: torch.Tensor, labels: torch.Tensor, n_segments: int)
     return per_tok.sum(dim=(0, 2)), valid.sum(dim=(0, 2)).to(per_tok.dtype)
 
 
+def scaled_token_loss(logits: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The pipeline's loss_fn: `token_loss_sum` times the step's normalising scale, which travels
+    with the labels as `target = (labels, scale)` (see `pipeline_micro_batches`)."""
+    labels, scale = target
+    return token_loss_sum(logits, labels) * scale
+
+
+def pipeline_micro_batches(batches: list[Batch], scale: float) -> list[tuple[tuple, tuple]]:
+    """(inputs for the first stage, labels for the last) per micro-batch, as `train_batch` reads them."""
+    s = torch.tensor(scale, dtype=torch.float32)
+    return [((b["input_ids"], b["reset"]), (b["labels"], s)) for b in batches]
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -184,11 +197,29 @@ class Trainer:
         n_local = sum(int((b["labels"] != IGNORE).sum()) for b in batches)
         n_global, samples = self.topo.all_reduce_sum([float(n_local), float(sum(len(b["input_ids"]) for b in batches))])
         scale = self.topo.dp_size * self.cfg.parallel.grad_accum / max(n_global, 1.0)
+        self.engine.train()
+        if self.topo.pp_size > 1:
+            loss, grad_norm, nonfinite, stats = self._pipeline_micro_steps(batches, scale)
+        else:
+            loss_sum_local, grad_norm, nonfinite, stats = self._micro_steps(batches, scale)
+            (loss_sum_global,) = self.topo.all_reduce_sum([loss_sum_local])
+            loss = loss_sum_global / max(n_global, 1.0)
+        self.state.step += 1
+        self.state.tokens_seen += int(n_global)
+        self.state.samples_seen += int(samples)
+        return StepResult(loss=loss, grad_norm=_grad_norm(self.engine, grad_norm),
+                          lr=self.engine.get_lr()[0], tokens=int(n_global), samples=int(samples),
+                          step_time=time.perf_counter() - t0, data_time=data_time,
+                          stats={k: float(v) for k, v in stats.items()}, nonfinite=nonfinite)
+
+    def _micro_steps(self, batches: list[Batch], scale: float
+                     ) -> tuple[float, Optional[float], bool, dict[str, torch.Tensor]]:
+        """Forward, backward and step per micro-batch; returns (this rank's summed token loss,
+        the gradient norm where DeepSpeed does not record it, non-finite, memory stats)."""
         carried_before = self.carried
         loss_sum_local = 0.0
         nonfinite = False
         stats: dict[str, torch.Tensor] = {}
-        self.engine.train()
         grad_norm = None
         for batch in batches:
             out = self._forward(batch, state=self.carried)
@@ -210,14 +241,17 @@ class Trainer:
         nonfinite |= not self.engine.was_step_applied()
         if nonfinite:
             self.carried = carried_before
-        (loss_sum_global,) = self.topo.all_reduce_sum([loss_sum_local])
-        self.state.step += 1
-        self.state.tokens_seen += int(n_global)
-        self.state.samples_seen += int(samples)
-        return StepResult(loss=loss_sum_global / max(n_global, 1.0), grad_norm=_grad_norm(self.engine, grad_norm),
-                          lr=self.engine.get_lr()[0], tokens=int(n_global), samples=int(samples),
-                          step_time=time.perf_counter() - t0, data_time=data_time,
-                          stats={k: float(v) for k, v in stats.items()}, nonfinite=nonfinite)
+        return loss_sum_local, grad_norm, nonfinite, stats
+
+    def _pipeline_micro_steps(self, batches: list[Batch], scale: float
+                              ) -> tuple[float, Optional[float], bool, dict[str, torch.Tensor]]:
+        """One 1F1B `train_batch` over the micro-batches; every stage of the replica read the same
+        ones. The last stage's loss_fn (`scaled_token_loss`) gets the labels with the step's scale,
+        and DeepSpeed broadcasts the step's mean loss (over micro-batches and replicas, i.e. the
+        global token mean) to every stage. Memory stats stay on the stages and are not logged."""
+        loss = float(self.engine.train_batch(data_iter=iter(pipeline_micro_batches(batches, scale))))
+        nonfinite = not math.isfinite(loss) or not self.engine.was_step_applied()
+        return loss, None, nonfinite, {}
 
     def _maybe_stop_before_unskippable_update(self, grad_norm: Optional[float]) -> None:
         """ZeRO-0 applies whatever gradient it gets. Its gradients are already all-reduced here,
@@ -241,6 +275,8 @@ class Trainer:
         """
         if self.make_val_batches is None:
             return {}
+        if self.topo.pp_size > 1:
+            return self._evaluate_pipeline()
         K = self.cfg.data.n_segments
         self.engine.eval()
         sums = torch.zeros(K, dtype=torch.float64)
@@ -265,6 +301,29 @@ class Trainer:
             if counts[k] > 0:
                 result[f"val/loss_segment_{k + 1}"] = float(sums[k] / counts[k])
         return result
+
+    def _val_batches(self) -> list[Batch]:
+        """`eval_batches` validation micro-batches; fully masked ones where this rank's stream ended."""
+        it = iter(self.make_val_batches())
+        batches: list[Batch] = []
+        for _ in range(self.cfg.train.eval_batches):
+            batch = next(it, None)
+            batches.append(batch if batch is not None else _masked_like(batches[0] if batches else None))
+        return batches
+
+    def _evaluate_pipeline(self) -> dict[str, float]:
+        """Validation loss through the pipeline's `eval_batch` (the loss by segment index needs the
+        logits, which stay on the last stage: not reported under pipeline parallelism yet)."""
+        batches = self._val_batches()
+        n_local = sum(int((b["labels"] != IGNORE).sum()) for b in batches)
+        (n_global,) = self.topo.all_reduce_sum([float(n_local)])
+        # eval_batch averages over micro-batches and replicas: scale so that the mean is the token mean
+        scale = self.topo.dp_size * len(batches) / max(n_global, 1.0)
+        self.engine.eval()
+        loss = float(self.engine.eval_batch(iter(pipeline_micro_batches(batches, scale)),
+                                            num_micro_batches=len(batches)))
+        self.engine.train()
+        return {"val/loss": loss, "val/ppl": math.exp(min(loss, 30.0))}
 
     # ------------------------------------------------------------------ loop
     def fit(self, stop_after: Optional[int] = None) -> TrainState:
@@ -354,7 +413,7 @@ class Trainer:
             self.metrics.scalars(result, self.state.step, self.state.tokens_seen)
             by_seg = " ".join(f"{result[k]:.3f}" for k in sorted(result) if k.startswith("val/loss_segment_"))
             self.metrics.line(f"eval step {self.state.step}: val loss {result['val/loss']:.4f} "
-                              f"ppl {result['val/ppl']:.2f} by segment [{by_seg}]")
+                              f"ppl {result['val/ppl']:.2f}" + (f" by segment [{by_seg}]" if by_seg else ""))
 
 
 def _unpartitioned_grad_norm(engine, topo: Topology) -> Optional[float]:

@@ -71,18 +71,35 @@ def test_fewer_micro_batches_than_stages_is_a_logged_bubble_warning(caplog):
     (warning,) = validate_layout(cfg, 4).warnings
     assert "idle 60% of the step" in warning and bubble_fraction(4, 2) == pytest.approx(0.6)
     assert "raise parallel.grad_accum to 4 (43%)" in warning
-    with caplog.at_level(logging.WARNING, logger="memgpt_dist"), pytest.raises(ConfigError):
+    with caplog.at_level(logging.WARNING, logger="memgpt_dist"):
         require_executable_layout(cfg, 4)
     assert "pipeline bubble" in caplog.text
     assert layout_of(4, "parallel.pp=4", "parallel.zero_stage=1", "parallel.grad_accum=4").warnings == ()
 
 
-def test_trainer_refuses_pp_until_it_executes():
+def test_trainer_refuses_tp_inside_pipeline_stages():
     cfg = load_config(None, SMALL + ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1"])
-    with pytest.raises(ConfigError, match=r"parallel.tp=2, parallel.pp=2: the layout is valid.*pipeline-parallel "
-                                          r"execution is not implemented yet; train with parallel.pp=1"):
+    with pytest.raises(ConfigError, match=r"parallel.tp=2, parallel.pp=2: the layout is valid.*tensor parallelism "
+                                          r"inside pipeline stages is not implemented yet; train with parallel.tp=1 "
+                                          r"parallel.pp=2"):
         require_executable_layout(cfg, 4)
     assert require_executable_layout(load_config(None, SMALL), 2).dp == 2
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.carry_memory=true"], r"train.carry_memory=true with parallel.pp=2: stream training .* not implemented "
+                                  r"under pipeline parallelism yet; use train.carry_memory=false or parallel.pp=1"),
+    (["data.n_segments_schedule=0:2,10:4"], r"data.n_segments_schedule with parallel.pp=2: .*fixed shape"),
+])
+def test_trainer_refuses_what_the_pipeline_cannot_run_yet(overrides, message):
+    cfg = load_config(None, SMALL + ["parallel.pp=2", "parallel.zero_stage=1", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        require_executable_layout(cfg, 2)
+
+
+def test_trainer_runs_pipeline_x_data_parallel_layouts():
+    layout = require_executable_layout(load_config(None, SMALL + ["parallel.pp=2", "parallel.zero_stage=1"]), 4)
+    assert (layout.dp, layout.tp, layout.pp, layout.zero_stage) == (2, 1, 2, 1)
 
 
 def test_trainer_runs_tensor_parallel_layouts():

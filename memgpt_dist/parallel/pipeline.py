@@ -1,0 +1,114 @@
+"""The pipeline-parallel view of the GPT: a DeepSpeed `PipelineModule` built from the model's own modules.
+
+The layer list is `layout.pipeline_items`: [embed, block 0 .. block L-1, norm+head], split into
+`parallel.pp` stages by DeepSpeed's `partition_method` ("parameters" or "uniform"), so the real
+split is the one `--dry-run` prints. The head is tied to the embedding as DeepSpeed ties weights
+across stages: both ends are `TiedLayerSpec("embed", ...)` holding their own copy of `wte.weight`,
+and DeepSpeed all-reduces its gradient between the first and the last stage.
+
+The layers wrap the modules of a GPT built (and initialised) as for a single process, so a
+pipeline run starts from exactly the single-process weights. Between stages only tensors travel:
+the activations x (B, T, C) and the reset flags (B, S) bool. Each block computes its rotary tables
+from the segment length, and its memory state is created and consumed inside its own scan over
+the K segments of the micro-batch, so no state crosses a stage. Carrying the memory from one
+micro-batch to the next (train.carry_memory) is not supported under pipeline parallelism.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from memgpt_dist.config import ModelConfig, ParallelConfig
+from memgpt_dist.model.gpt import GPT, Block, build_rope
+
+TIED_KEY = "embed"  # DeepSpeed's tie key for the embedding and the LM head
+TIED_ATTR = "wte.weight"  # the tied parameter, as an attribute path inside both tied layers
+
+Activations = tuple[Tensor, Tensor]  # (x (B, T, C), reset (B, S) bool)
+
+
+def _positions(T: int, segment_len: int, device: torch.device) -> Tensor:
+    return torch.arange(T, device=device) % segment_len  # (T,): positions restart in every segment
+
+
+class EmbedStage(nn.Module):
+    """Token (+ learned position) embedding and dropout: (input_ids, reset) -> (x, reset)."""
+
+    def __init__(self, wte: nn.Embedding, wpe: Optional[nn.Embedding], drop: nn.Dropout, segment_len: int):
+        super().__init__()
+        self.wte, self.wpe, self.drop = wte, wpe, drop
+        self.segment_len = segment_len
+
+    def forward(self, inputs: Activations) -> Activations:
+        input_ids, reset = inputs
+        x = self.wte(input_ids)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(_positions(input_ids.shape[1], self.segment_len, input_ids.device))
+        return self.drop(x), reset
+
+
+class BlockStage(nn.Module):
+    """One transformer block; the memory starts from zero at the micro-batch and stays inside."""
+
+    def __init__(self, block: Block, cfg: ModelConfig):
+        super().__init__()
+        self.block = block
+        self.cfg = cfg
+
+    def forward(self, inputs: Activations) -> Activations:
+        x, reset = inputs
+        cfg = self.cfg
+        rope = None
+        if cfg.position == "rope":
+            rope = build_rope(_positions(x.shape[1], cfg.segment_len, x.device), cfg.head_dim, cfg.rope_theta)
+        x, _, _ = self.block(x, rope, None, reset, True)
+        return x, reset
+
+
+class HeadStage(nn.Module):
+    """Final LayerNorm and the LM head tied to the embedding: (x, reset) -> logits (B, T, vocab)."""
+
+    def __init__(self, ln_f: nn.LayerNorm, wte: nn.Embedding):
+        super().__init__()
+        self.ln_f, self.wte = ln_f, wte
+
+    def forward(self, inputs: Activations) -> Tensor:
+        x, _ = inputs
+        return F.linear(self.ln_f(x), self.wte.weight)  # (B, T, vocab)
+
+
+def pipeline_specs(model: GPT) -> list:
+    """DeepSpeed layer specs in `layout.pipeline_items` order, wrapping `model`'s modules."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    return [TiedLayerSpec(TIED_KEY, EmbedStage, model.wte, model.wpe, model.drop, model.cfg.segment_len,
+                          tied_weight_attr=TIED_ATTR),
+            *(LayerSpec(BlockStage, block, model.cfg) for block in model.blocks.values()),
+            TiedLayerSpec(TIED_KEY, HeadStage, model.ln_f, model.wte, tied_weight_attr=TIED_ATTR)]
+
+
+def build_pipeline_module(model: GPT, parallel: ParallelConfig, loss_fn: Callable[[Tensor, tuple], Tensor]):
+    """This rank's stage of `model` as a PipelineModule of `parallel.pp` stages.
+
+    `loss_fn(logits, labels)` runs on the last stage with whatever the data iterator yields as
+    labels. Needs torch.distributed initialised (the stage comes from the global rank)."""
+    from deepspeed.pipe import PipelineModule
+
+    net = PipelineModule(layers=pipeline_specs(model), num_stages=parallel.pp, loss_fn=loss_fn,
+                         partition_method=parallel.pp_partition, activation_checkpoint_interval=0)
+    _count_final_norm_in_grad_norm(net)
+    return net
+
+
+def _count_final_norm_in_grad_norm(net) -> None:
+    """DeepSpeed flags every parameter of a tied module on its non-first stages `ds_pipe_replicated`,
+    so that the gradient norm counts the tied weight once; our tied head module also holds ln_f,
+    which exists only on the last stage and must be counted there (else clipping sees a norm
+    without ln_f's gradient)."""
+    head = net.tied_modules[TIED_KEY] if TIED_KEY in net.tied_modules else None
+    if isinstance(head, HeadStage):
+        for p in head.ln_f.parameters():
+            p.ds_pipe_replicated = False
