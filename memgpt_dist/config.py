@@ -268,6 +268,11 @@ class LoopConfig:
     # optimizer state and LR schedule untouched). The run stops (exit code 3) when more than this
     # many consecutive steps were skipped; 0 stops at the first one.
     max_nan_skips: int = 5
+    # A file whose appearance acts like SIGUSR1 (save, commit, exit 75): job scripts touch it when
+    # the scheduler warns the batch shell (Slurm `--signal=B:USR1@T`), and a user can touch it to
+    # stop a run cleanly. Only a file newer than the process counts, so a stale one left by a
+    # preempted job cannot stop its requeued successor. Empty: no stop file.
+    stop_file: str = ""
 
     def validate(self) -> None:
         _check(self.max_steps >= 1, "train.max_steps must be >= 1")

@@ -5,6 +5,8 @@
   one all-reduce (MAX) over the whole world, so a signal that reached a single rank stops every
   rank at the same step and nobody waits in a collective the others never enter. The run then
   saves a committed checkpoint and stops with `EXIT_PREEMPTED`.
+* Stop file: `train.stop_file`, once it appears (newer than the process), counts as a signal.
+  Job scripts use it because the scheduler's warning goes to the batch shell, not to the ranks.
 * Time budget: `train.max_minutes` stops the same way, with the same exit code, at the last step
   boundary that still leaves time for one more step and a save.
 * Divergence: a step whose loss or gradient is not finite on any rank is skipped by every rank;
@@ -17,6 +19,7 @@ The exceptions below carry their exit code up to `memgpt_dist.cli.run_cli`; noth
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -55,16 +58,25 @@ class Diverged(RunStopped):
 
 
 class StopSignals:
-    """While active, SIGTERM and SIGUSR1 set `received` (the signal's name) instead of killing.
+    """While active, SIGTERM and SIGUSR1 set `received` (the signal's name) instead of killing;
+    `poll()` also reports a stop file that appeared after the process started.
 
     The handler only records the signal: saving from inside a handler could interrupt a
     collective half-way. Handlers can only be installed from the main thread; elsewhere (a
     test calling `fit` from a worker thread) the default behaviour is kept.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, stop_file: str = "", since: Optional[float] = None) -> None:
         self.received: Optional[str] = None
         self._previous: dict[int, object] = {}
+        self._stop_file = stop_file
+        self._since = _process_start_time() if since is None else since
+
+    def poll(self) -> Optional[str]:
+        """Why the run should stop (a signal's name or the stop file), or None. One stat per call."""
+        if self.received is None and self._stop_file and _mtime(self._stop_file) >= self._since:
+            self.received = f"stop file {self._stop_file}"
+        return self.received
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
@@ -100,6 +112,13 @@ class TimeBudget:
             return False
         left = self.seconds - (time.time() - self.start)
         return left < self.MARGIN * (step_s + (step_s if save_s is None else save_s))
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return float("-inf")
 
 
 def _process_start_time() -> float:

@@ -336,12 +336,12 @@ class Trainer:
         cfg = self.cfg
         last = min(cfg.train.max_steps, stop_after) if stop_after else cfg.train.max_steps
         budget = TimeBudget(cfg.train.max_minutes)
-        with StopSignals() as signals:
+        with StopSignals(cfg.train.stop_file) as signals:
             while self.state.step < last:
                 result = self.train_step()
                 self.longest_step_s = max(self.longest_step_s, result.step_time)
                 skipped, signalled, out_of_time = any_rank(
-                    [result.nonfinite, signals.received is not None,
+                    [result.nonfinite, signals.poll() is not None,
                      budget.exhausted(self.longest_step_s, self.longest_save_s)], self.topo.device)
                 self._count_skip(skipped)
                 self._log_step(result, skipped)
