@@ -342,6 +342,18 @@ class SegmentLoader:
         self._cache.clear()
         self._futures.clear()
 
+    def load_state_dicts(self, states: list[dict[str, Any]]) -> None:
+        """Restore from the states of every data-parallel replica of another layout (a resume with
+        another dp, same streams): each of this rank's streams takes the cursor of the replica
+        that read it. The damaged-document counters are the run's totals (their ratio is what
+        `max_skip_fraction` bounds)."""
+        merged = dict(states[0])
+        merged["streams"] = {g: c for sd in states for g, c in sd["streams"].items()}
+        merged["seen_samples"] = sum(sd["seen_samples"] for sd in states)
+        merged["skipped_samples"] = sum(sd["skipped_samples"] for sd in states)
+        merged["bad_files"] = sorted({f for sd in states for f in sd.get("bad_files", [])})
+        self.load_state_dict(merged)
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
@@ -415,6 +427,15 @@ class MixedLoader:
         for ld, st in zip(self.sources, sd["mix"]):
             ld.load_state_dict(st)
         self.drawn = {g: int(sd["drawn"][str(g)]) for g in self.stream_ids}
+
+    def load_state_dicts(self, states: list[dict[str, Any]]) -> None:
+        """`SegmentLoader.load_state_dicts` for every source; each stream's draw count likewise."""
+        if any("mix" not in sd or len(sd["mix"]) != len(self.sources) for sd in states):
+            raise DataError("the checkpoint's loader state does not match data.mix; resume with the same corpora")
+        for j, ld in enumerate(self.sources):
+            ld.load_state_dicts([sd["mix"][j] for sd in states])
+        drawn = {g: n for sd in states for g, n in sd["drawn"].items()}
+        self.drawn = {g: int(drawn[str(g)]) for g in self.stream_ids}
 
     def close(self) -> None:
         for ld in self.sources:

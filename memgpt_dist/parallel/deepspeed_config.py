@@ -21,8 +21,11 @@ def resolve_precision(requested: str, device_type: str, bf16_supported: bool) ->
 
 
 def build_ds_config(cfg: TrainConfig, world_size: int, device_type: str = "cpu",
-                    bf16_supported: bool = False) -> dict[str, Any]:
-    """DeepSpeed config for `cfg` at `world_size` ranks on `device_type` ("cpu", "cuda", ...)."""
+                    bf16_supported: bool = False, load_universal: bool = False) -> dict[str, Any]:
+    """DeepSpeed config for `cfg` at `world_size` ranks on `device_type` ("cpu", "cuda", ...).
+
+    `load_universal`: the engine will restore a universal checkpoint (a resume on another layout,
+    see `memgpt_dist.train.reshard`); DeepSpeed reads the flag only when loading."""
     par, opt = cfg.parallel, cfg.optim
     dp = par.dp(world_size)
     precision = resolve_precision(par.precision, device_type, bf16_supported)
@@ -43,6 +46,8 @@ def build_ds_config(cfg: TrainConfig, world_size: int, device_type: str = "cpu",
     }
     if par.tp > 1:
         ds["tensor_parallel"] = _tensor_parallel(par.tp)
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
     return ds
 
 

@@ -43,12 +43,13 @@ def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-def build_engine(model: nn.Module, cfg: TrainConfig, topo: Topology):
-    """Wrap `model` in a DeepSpeed engine configured from `cfg`; returns (engine, ds_config)."""
+def build_engine(model: nn.Module, cfg: TrainConfig, topo: Topology, load_universal: bool = False):
+    """Wrap `model` in a DeepSpeed engine configured from `cfg`; returns (engine, ds_config).
+    `load_universal`: the engine will load a universal checkpoint (a resume on another layout)."""
     import deepspeed
 
     ds_config = build_ds_config(cfg, topo.world_size, device_type=topo.device.type,
-                                bf16_supported=_bf16_supported(topo.device))
+                                bf16_supported=_bf16_supported(topo.device), load_universal=load_universal)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, cfg.optim),

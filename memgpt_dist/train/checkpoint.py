@@ -66,7 +66,8 @@ class LoadedCheckpoint:
     step: int
     path: Path
     client_state: dict[str, Any]
-    rank_state: dict[str, Any]
+    rank_state: dict[str, Any]  # this rank's own saved state (same layout)
+    rank_states: tuple[dict[str, Any], ...] = ()  # every saved rank's state (a resume on another layout)
 
 
 def tag_for(step: int) -> str:
@@ -93,7 +94,7 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Persist a directory's entries (a rename or a new file) on POSIX file systems."""
     with contextlib.suppress(OSError):  # some file systems refuse fsync on directories
         _fsync_file(path)
@@ -106,7 +107,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -152,6 +153,29 @@ def weights_only_loading(engine) -> Iterator[None]:
         yield
     finally:
         del ckpt_engine.load
+
+
+@contextlib.contextmanager
+def torch_load_weights_only() -> Iterator[None]:
+    """Every `torch.load` in this process reads with `weights_only=True` while inside.
+
+    DeepSpeed's universal-checkpoint conversion and loading call `torch.load(weights_only=False)`
+    directly rather than through the engine's checkpoint engine (`weights_only_loading`), so
+    for their duration the function itself is shadowed: same allow-list, nothing else unpickled.
+    Single-threaded use only (the conversion runs without worker pools)."""
+    original = torch.load
+    allowed = _deepspeed_safe_globals()
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(allowed):
+            return original(f, *args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
 
 
 class Checkpointer:
@@ -273,7 +297,7 @@ class Checkpointer:
             merged.update(part)
         if self.topo.is_main:
             for d in {p.parent for p in files}:
-                _fsync_dir(d)
+                fsync_dir(d)
             marker = {"step": step, "world_size": self.topo.world_size, "time": time.time(),
                       "config_sha256": meta.get("config_sha256"),
                       "total_bytes": sum(f["bytes"] for f in merged.values()), "files": merged, "meta": meta}
@@ -297,7 +321,7 @@ class Checkpointer:
     def _set_aside(self, path: Path, kind: str) -> Path:
         target = path.with_name(f"{path.name}.{kind}-{time.time_ns()}")
         os.replace(path, target)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return target
 
     # ------------------------------------------------------------------ verify
@@ -340,30 +364,51 @@ class Checkpointer:
         return None
 
     # ------------------------------------------------------------------ load
-    def load(self, engine, step: int) -> LoadedCheckpoint:
-        """Restore engine weights, optimizer and scheduler of `step` and this rank's state.
+    def load(self, engine, step: int, universal: Optional[Path] = None) -> LoadedCheckpoint:
+        """Restore engine weights, optimizer and scheduler of `step` and the saved per-rank state.
+
+        `universal`: the root of the checkpoint's universal form (a resume on another layout, see
+        `reshard`), loaded by an engine built with `checkpoint.load_universal`; `rank_states` then
+        holds every saved rank's state for the caller to redistribute, `rank_state` is empty.
+        Otherwise `rank_state` is this rank's own file.
 
         Committed checkpoints newer than `step` (a resume from an older step, or past damaged
         ones) belong to a history this run abandons: they are renamed aside (`.superseded-*`),
         kept for the user, so a later `--resume auto` cannot jump back to them.
         """
         path = self.root / tag_for(step)
-        with weights_only_loading(engine):
+        load_dir = self.root if universal is None else universal
+        with weights_only_loading(engine), (torch_load_weights_only() if universal else contextlib.nullcontext()):
             loaded_path, client_state = engine.load_checkpoint(
-                str(self.root), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True)
+                str(load_dir), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True)
+            if universal is not None and loaded_path is not None:
+                _repair_universal_optimizer_state(engine, universal / path.name)
         if loaded_path is None:
-            raise CheckpointError(f"DeepSpeed could not load {path}; delete it or pass --resume with another "
-                                  f"checkpoint")
-        rank_file = path / "rank_state" / f"rank_{self.topo.rank:05d}.pt"
-        if not rank_file.is_file():
-            raise CheckpointError(f"{rank_file} is missing: checkpoint {path} was written by a different number "
-                                  f"of ranks; resume with the world size it was saved with")
-        rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
+            raise CheckpointError(f"DeepSpeed could not load {load_dir / path.name}; delete it or pass --resume with "
+                                  f"another checkpoint")
+        if universal is None:
+            rank_state, rank_states = self._own_rank_state(path), ()
+        else:
+            rank_state, rank_states = {}, self.all_rank_states(step)
         self.topo.barrier()  # every rank has read what it needs before anything is renamed
         if self.topo.is_main:
             self._set_aside_newer(step)
         self.topo.barrier()
-        return LoadedCheckpoint(step=step, path=path, client_state=client_state or {}, rank_state=rank_state)
+        return LoadedCheckpoint(step=step, path=path, client_state=client_state or {}, rank_state=rank_state,
+                                rank_states=rank_states)
+
+    def _own_rank_state(self, path: Path) -> dict[str, Any]:
+        rank_file = path / "rank_state" / f"rank_{self.topo.rank:05d}.pt"
+        if not rank_file.is_file():
+            raise CheckpointError(f"{rank_file} is missing: checkpoint {path} was written by a different number "
+                                  f"of ranks; resume with the world size it was saved with")
+        return torch.load(rank_file, map_location="cpu", weights_only=True)
+
+    def all_rank_states(self, step: int) -> tuple[dict[str, Any], ...]:
+        """Every saved rank's state of checkpoint `step`, in rank order. Memory-mapped: a rank
+        copies only the tensors it keeps (its streams' memory), not every rank's."""
+        files = sorted((self.root / tag_for(step) / "rank_state").glob("rank_*.pt"))
+        return tuple(torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in files)
 
     def _set_aside_newer(self, step: int) -> None:
         for newer, committed in self._step_dirs():
@@ -372,6 +417,31 @@ class Checkpointer:
                 if committed:
                     log.warning("resumed from step %d: moved the newer checkpoint %s aside to %s (not deleted)",
                                 step, tag_for(newer), target)
+
+
+def _repair_universal_optimizer_state(engine, universal_tag_dir: Path) -> None:
+    """Undo two things DeepSpeed's ZeRO-3 universal load (0.19.8,
+    `load_hp_checkpoint_state_from_checkpoint_dir_stage3`) gets wrong for more than one param group.
+
+    1. It copies every key of saved group 0 into every group, its name included: weight decay
+       would hit the norms, biases and memory gates, and the gates would lose their learning-rate
+       multiplier (`engine.param_groups`). The torch optimizer inside ZeRO holds one group per
+       group we passed, in that order, at every layout and stage, so saved group i is group i.
+    2. It gives every group's Adam state the same `step` tensor object; torch's AdamW increments
+       it in place once per group, so the groups' bias corrections would run ahead (measured:
+       steps 4, 5, 6 instead of 4, 4, 4 after one step with our three groups).
+    ZeRO-1/2 restore both per group already; doing it again there changes nothing."""
+    saved = torch.load(universal_tag_dir / "zero" / "optimizer_state.pt", map_location="cpu",
+                       weights_only=True)["param_groups"]
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer inside ZeRO's
+    if len(saved) != len(optimizer.param_groups):
+        raise CheckpointError(f"{universal_tag_dir}: the saved optimizer has {len(saved)} parameter groups, this "
+                              f"model has {len(optimizer.param_groups)}; resume with the layout that wrote it")
+    for group, source in zip(optimizer.param_groups, saved):
+        group.update({k: v for k, v in source.items() if k != "params"})
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def _check_file(file: Path, expected: dict[str, Any]) -> Optional[str]:
@@ -389,5 +459,5 @@ def _remove_checkpoint(path: Path) -> None:
     """Uncommit first (marker gone), then delete: a deletion cut short leaves no false checkpoint."""
     with contextlib.suppress(FileNotFoundError):
         (path / MARKER).unlink()
-    _fsync_dir(path)
+    fsync_dir(path)
     shutil.rmtree(path, ignore_errors=True)

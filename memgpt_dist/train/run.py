@@ -22,8 +22,9 @@ from memgpt_dist.parallel.engine import build_engine
 from memgpt_dist.parallel.layout import parameter_numels, require_executable_layout
 from memgpt_dist.parallel.pipeline import build_pipeline_module
 from memgpt_dist.parallel.plan import apply_plan
-from memgpt_dist.train.checkpoint import CheckpointError, Checkpointer
+from memgpt_dist.train.checkpoint import CheckpointError, Checkpointer, tag_for
 from memgpt_dist.train.metrics import MetricsLogger
+from memgpt_dist.train.reshard import LayoutChange, Redistributed, RunLayout, check_layout_change, ensure_universal
 from memgpt_dist.train.state import TrainState, seed_everything
 from memgpt_dist.train.trainer import Batch, StatefulBatches, Trainer, scaled_token_loss
 
@@ -89,24 +90,29 @@ def resolve_resume(resume: str, checkpointer: Checkpointer) -> Optional[int]:
     raise ConfigError(f"--resume {resume!r}: use none, auto or a step number")
 
 
-def check_resume_compatible(saved_json: str, cfg: TrainConfig, saved_world: int, topo: Topology) -> None:
-    """Model shape, data and layout must match the checkpoint; training length may change."""
+def check_resume_compatible(saved_json: str, cfg: TrainConfig, saved_world: int,
+                            topo: Topology) -> Optional[LayoutChange]:
+    """Model shape and data must match the checkpoint; training length may change, and so may the
+    layout (dp, tp, pp, ZeRO stage) when the run can continue exactly: that change is returned
+    (None: same layout), anything else is refused with what to set (`reshard.check_layout_change`)."""
     saved = config_from_json(saved_json)
     for section in ("model", "memory"):
         if getattr(saved, section) != getattr(cfg, section):
             raise ConfigError(f"--resume: the checkpoint's {section} section differs from the config "
                               f"({getattr(saved, section)} vs {getattr(cfg, section)}); resume with the saved "
                               f"settings or start a new run_dir")
-    if saved_world != topo.world_size:
-        raise CheckpointError(f"--resume: checkpoint was written by {saved_world} ranks, this run has "
-                              f"{topo.world_size}; resume with {saved_world} ranks")
-    if (saved.parallel.tp, saved.parallel.pp) != (cfg.parallel.tp, cfg.parallel.pp):
-        raise ConfigError(f"--resume: the checkpoint was written with parallel.tp={saved.parallel.tp} "
-                          f"parallel.pp={saved.parallel.pp}, this run has parallel.tp={cfg.parallel.tp} "
-                          f"parallel.pp={cfg.parallel.pp}; each rank's files hold its own shard, so resume with "
-                          f"the saved degrees")
-    if saved.data.n_segments != cfg.data.n_segments or saved.parallel.micro_batch_size != cfg.parallel.micro_batch_size:
-        raise ConfigError("--resume: data.n_segments and parallel.micro_batch_size must match the checkpoint")
+    if saved.data.n_segments != cfg.data.n_segments:
+        raise ConfigError("--resume: data.n_segments must match the checkpoint")
+    return check_layout_change(RunLayout.of(saved, saved_world), RunLayout.of(cfg, topo.world_size))
+
+
+def layout_change_of(checkpointer: Checkpointer, step: Optional[int], cfg: TrainConfig,
+                     topo: Topology) -> Optional[LayoutChange]:
+    """Check checkpoint `step` against this run before any engine is built; the layout change, if any."""
+    if step is None:
+        return None
+    meta = checkpointer.marker(step).get("meta", {})
+    return check_resume_compatible(meta["config"], cfg, int(meta["world_size"]), topo)
 
 
 def prepare_run_dir(cfg: TrainConfig, topo: Topology, tokenizer_file: Optional[Path]) -> RunPaths:
@@ -130,10 +136,11 @@ def run_training(cfg: TrainConfig, topo: Topology, train_batches: StatefulBatche
     paths = prepare_run_dir(cfg, topo, tokenizer_file)
     checkpointer = Checkpointer(paths.checkpoints, topo, cfg.checkpoint.keep_last)
     start = resolve_resume(resume, checkpointer)
+    change = layout_change_of(checkpointer, start, cfg, topo)
     model = build_model(cfg, topo.tp_rank)
     if topo.pp_size > 1:
         model = build_pipeline_module(model, cfg.parallel, scaled_token_loss)
-    engine, _ = build_engine(model, cfg, topo)
+    engine, _ = build_engine(model, cfg, topo, load_universal=change is not None)
     # dropout etc. differ per data-parallel replica, reproducibly; the TP ranks of a replica draw
     # the same masks, so the activations they hold replicated stay identical
     seed_everything(cfg.train.seed + 1000 * topo.dp_rank)
@@ -141,7 +148,7 @@ def run_training(cfg: TrainConfig, topo: Topology, train_batches: StatefulBatche
                             start_step=start or 0, jsonl=paths.root / "metrics.jsonl")
     trainer = Trainer(cfg, topo, engine, train_batches, make_val_batches, checkpointer, metrics)
     if start is not None:
-        _restore(trainer, start, cfg, topo)
+        _restore(trainer, start, change, topo)
     log.info("model: %s parameters; world size %d = dp %d x tp %d x pp %d; global batch %d samples x %d "
              "segments x %d tokens", f"{sum(parameter_numels(cfg).values()):,}", topo.world_size, topo.dp_size,
              topo.tp_size, topo.pp_size, cfg.parallel.micro_batch_size * cfg.parallel.grad_accum * topo.dp_size,
@@ -152,12 +159,30 @@ def run_training(cfg: TrainConfig, topo: Topology, train_batches: StatefulBatche
         metrics.close()
 
 
-def _restore(trainer: Trainer, step: int, cfg: TrainConfig, topo: Topology) -> None:
-    meta = trainer.checkpointer.marker(step).get("meta", {})
-    check_resume_compatible(meta["config"], cfg, int(meta["world_size"]), topo)
-    trainer.restore(step)
+def _restore(trainer: Trainer, step: int, change: Optional[LayoutChange], topo: Topology) -> None:
+    universal, seconds = None, None
+    if change is not None:
+        universal, seconds = ensure_universal(trainer.checkpointer.root / tag_for(step), change.saved, topo)
+    moved = trainer.restore(step, universal)
+    if change is not None:
+        _report_layout_change(trainer, step, change, universal, seconds, moved)
     log.info("resumed from %s at step %d (%s tokens seen)", trainer.checkpointer.root, trainer.state.step,
              f"{trainer.state.tokens_seen:,}")
+
+
+def _report_layout_change(trainer: Trainer, step: int, change: LayoutChange, universal: Path,
+                          seconds: Optional[float], moved: Redistributed) -> None:
+    """Say what a resume on another layout did (rank 0), and warn about memory that could not move."""
+    how = f"converted to universal at {universal} in {seconds:.1f}s" if seconds is not None \
+        else f"already converted to universal at {universal}"
+    carry = trainer.cfg.train.carry_memory
+    memory = "; memory state redistributed by global stream id and head" if carry and moved.memory is not None else ""
+    log.info("checkpoint step %d written by %s %s; loaded into %s; the %d data streams continue from their saved "
+             "cursors (%s global samples seen)%s", step, change.saved, how, change.now, change.now.streams,
+             f"{trainer.state.samples_seen:,}", memory)
+    if carry and moved.missing_streams:
+        log.warning("rank %d: the checkpoint holds no memory state for %d of its %d streams; they start from zero "
+                    "memory", trainer.topo.rank, moved.missing_streams, trainer.cfg.parallel.micro_batch_size)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

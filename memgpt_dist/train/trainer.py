@@ -35,6 +35,7 @@ from memgpt_dist.parallel.dist import Topology, rank_layout_state
 from memgpt_dist.parallel.tensor_parallel import unsharded_grad_norm
 from memgpt_dist.train.checkpoint import CheckpointError, Checkpointer, sha256_file, sha256_text, tag_for
 from memgpt_dist.train.metrics import MetricsLogger
+from memgpt_dist.train.reshard import Redistributed, redistribute_memory, replica_states, state_at
 from memgpt_dist.train.state import TrainState, rng_state, set_rng_state
 from memgpt_dist.train.stopping import Diverged, Preempted, StopSignals, TimeBudget, any_rank
 
@@ -47,6 +48,8 @@ class StatefulBatches(Protocol):
     def __next__(self) -> Batch: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, sd: dict[str, Any]) -> None: ...
+    # a resume on another layout: the saved states of every data-parallel replica, in dp order
+    def load_state_dicts(self, states: list[dict[str, Any]]) -> None: ...
     def set_n_segments(self, k: int) -> None: ...  # only called with data.n_segments_schedule
 
 
@@ -142,16 +145,43 @@ class Trainer:
         self.last_saved_step = self.state.step
         self.longest_save_s = max(self.longest_save_s or 0.0, time.perf_counter() - t0)
 
-    def restore(self, step: int) -> None:
+    def restore(self, step: int, universal: Optional[Path] = None) -> Optional[Redistributed]:
+        """Load checkpoint `step`. `universal`: its universal form, for a resume on another layout
+        (`reshard`); the per-rank state is then redistributed, and what moved is returned."""
         self._check_checkpoint_meta(step)
-        loaded = self.checkpointer.load(self.engine, step)
+        loaded = self.checkpointer.load(self.engine, step, universal)
         self.last_saved_step = step
         self.state.load_state_dict(loaded.client_state["train_state"])
         self._apply_curriculum(max(self.state.step - 1, 0))  # the K the saved loader state was cut with
-        self.train_batches.load_state_dict(loaded.rank_state["loader"])
-        set_rng_state(loaded.rank_state["rng"])
-        saved = loaded.rank_state.get("memory_state")
-        self.carried = move_state(state_from_dict(saved), self.topo.device) if saved and self.cfg.train.carry_memory else None
+        if universal is None:
+            self._restore_rank_state(loaded.rank_state)
+            return None
+        return self._redistribute_rank_states(loaded.rank_states)
+
+    def _restore_rank_state(self, saved: dict[str, Any]) -> None:
+        self.train_batches.load_state_dict(saved["loader"])
+        set_rng_state(saved["rng"])
+        self._set_carried(saved.get("memory_state"))
+
+    def _set_carried(self, memory: Optional[dict[str, torch.Tensor]]) -> None:
+        self.carried = move_state(state_from_dict(memory), self.topo.device) if memory and self.cfg.train.carry_memory \
+            else None
+
+    def _redistribute_rank_states(self, saved: tuple[dict[str, Any], ...]) -> Redistributed:
+        """Per-rank state written by another layout: each of this rank's streams takes its loader
+        cursor and memory rows from the saved rank that held it (by global stream id; memory
+        heads by head index), the RNG from the saved rank at the same coordinates, if any."""
+        if not all("coord" in s for s in saved):
+            raise CheckpointError("this checkpoint's rank files do not record their layout (written by an older "
+                                  "version); resume it with the layout that wrote it")
+        self.train_batches.load_state_dicts([s["loader"] for s in replica_states(list(saved))])
+        mine = rank_layout_state(self.topo, getattr(self.train_batches, "stream_ids", None), self.cfg.model.n_head)
+        same_place = state_at(list(saved), mine["coord"])
+        if same_place is not None:
+            set_rng_state(same_place["rng"])
+        moved = redistribute_memory(list(saved), mine["stream_ids"] or [], (mine["heads"][0], mine["heads"][1]))
+        self._set_carried(moved.memory)
+        return moved
 
     def _check_checkpoint_meta(self, step: int) -> None:
         """Refuse a checkpoint trained with another tokenizer; report config keys that changed."""

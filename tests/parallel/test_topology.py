@@ -1,4 +1,4 @@
-"""What a rank records about its place in the layout, and resuming only in the same layout."""
+"""What a rank records about its place in the layout, and which layout changes a resume accepts."""
 import pytest
 import torch
 
@@ -18,8 +18,12 @@ def test_rank_state_records_coordinates_streams_and_heads():
         "stream_ids": [2, 3], "heads": [4, 8]}
 
 
-def test_resume_refuses_another_tensor_parallel_degree():
-    saved = load_config(None, ["parallel.tp=2"])
-    with pytest.raises(ConfigError, match=r"written with parallel.tp=2 parallel.pp=1, this run has parallel.tp=1"):
+def test_resume_on_another_tp_degree_must_keep_the_data_streams():
+    saved = load_config(None, ["parallel.tp=2"])  # dp1 x micro-batch 4: 4 streams
+    with pytest.raises(ConfigError, match=r"4 data streams .* this run is dp2 .* with 8 streams.*"
+                                          r"set parallel.micro_batch_size=2 and parallel.grad_accum=1"):
         check_resume_compatible(saved.to_json(), load_config(None), 2, topo(0, dp=2, tp=1))
-    check_resume_compatible(saved.to_json(), saved, 2, topo(0, dp=1, tp=2))  # same layout: fine
+    assert check_resume_compatible(saved.to_json(), saved, 2, topo(0, dp=1, tp=2)) is None  # same layout
+    change = check_resume_compatible(saved.to_json(), load_config(None, ["parallel.micro_batch_size=2"]), 2,
+                                     topo(0, dp=2, tp=1))
+    assert (change.saved.tp, change.now.dp, change.now.streams) == (2, 2, 4)

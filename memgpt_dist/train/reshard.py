@@ -1,0 +1,267 @@
+"""Resume on a different layout: dp, tp, pp or ZeRO stage changed since the checkpoint was written.
+
+Each rank's DeepSpeed files hold its own shard (of the weights, of ZeRO's fp32 master weights and
+Adam moments), so they fit only the layout that wrote them. On `--resume auto` with another
+layout the checkpoint is converted once by DeepSpeed's Universal Checkpointing
+(`deepspeed.checkpoint.ds_to_universal`: one folder of whole fp32 tensors per parameter, TP
+shards merged by the AutoTP metadata the model carries) into `<step_dir>/universal/`, next to
+the original files, which are never modified; the engine is then built with
+`checkpoint.load_universal` and each rank slices what it needs. A finished conversion is reused.
+
+What is per rank and not DeepSpeed's is redistributed here, by global ids:
+
+* Data. The run reads S = dp x micro_batch_size *streams* (rows of the global batch, see
+  `data_pipeline.segment_stream`); what a stream reads depends only on its global id and S. A
+  layout change keeps S and the global batch (the micro-batch size absorbs the change of dp:
+  dp2 x mb 2 -> dp1 x mb 4), so every stream continues from its saved cursor on whichever rank
+  now holds it: the samples after the change are exactly the uninterrupted run's, none skipped
+  or repeated. A change of S would re-cut the shards between streams mid-epoch, which cannot
+  continue exactly, and is refused with the micro-batch size to set.
+* Memory state (`train.carry_memory`): each saved rank recorded its streams and heads; every
+  rank assembles its streams' rows and its heads' slices from those records. Streams that no
+  saved rank holds start from zero memory, with a warning that says how many.
+* RNG: a rank takes the saved state of the rank at the same (dp, tp, pp) coordinates, if any.
+
+Layouts not supported: ZeRO-0 on either side (DeepSpeed's conversion reads ZeRO optimizer
+partitions, and its universal load restores weights only through a ZeRO optimizer) and a
+pipeline target (pp > 1), whose layer files DeepSpeed's universal load does not fill.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from memgpt_dist.config import ConfigError, TrainConfig
+from memgpt_dist.train.checkpoint import CheckpointError, fsync_dir, torch_load_weights_only
+
+log = logging.getLogger("memgpt_dist")
+
+UNIVERSAL_DIR = "universal"  # inside a checkpoint's step directory
+DONE = "CONVERTED.json"  # written inside the conversion before it is renamed into place
+_PIPE_BLOCK = re.compile(r"^(\d+)\.block\.(.+)$")  # a PipelineModule's block layer i+1 = GPT block i
+_PIPE_TIED = "tied_modules.embed."  # embedding and (last stage) final norm, tied to the head
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The parts of a run's layout that decide how its checkpoint files are sharded and how its
+    data is split into streams."""
+
+    dp: int
+    tp: int
+    pp: int
+    zero_stage: int
+    micro_batch_size: int
+    grad_accum: int
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, world_size: int) -> "RunLayout":
+        par = cfg.parallel
+        return cls(dp=par.dp(world_size), tp=par.tp, pp=par.pp, zero_stage=par.zero_stage,
+                   micro_batch_size=par.micro_batch_size, grad_accum=par.grad_accum)
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    @property
+    def streams(self) -> int:
+        """Rows of the global batch: the loader's streams (each read by one dp replica)."""
+        return self.dp * self.micro_batch_size
+
+    def same_shards(self, other: "RunLayout") -> bool:
+        """True when each rank's checkpoint files fit `other` as they are."""
+        return (self.dp, self.tp, self.pp, self.zero_stage) == (other.dp, other.tp, other.pp, other.zero_stage)
+
+    def __str__(self) -> str:
+        parts = [f"dp{self.dp}"] + [f"{name}{n}" for name, n in (("tp", self.tp), ("pp", self.pp)) if n > 1]
+        return f"{' x '.join(parts)} ZeRO-{self.zero_stage} (micro-batch {self.micro_batch_size})"
+
+
+@dataclass(frozen=True)
+class LayoutChange:
+    """A resume whose checkpoint was written by another layout."""
+
+    saved: RunLayout
+    now: RunLayout
+
+
+def check_layout_change(saved: RunLayout, now: RunLayout) -> Optional[LayoutChange]:
+    """None for the same layout; the change when it can continue the run exactly; otherwise a
+    ConfigError that says what to set."""
+    if saved.same_shards(now):
+        if saved != now:
+            raise ConfigError(_streams_message(saved, now))
+        return None
+    if saved.streams != now.streams or saved.grad_accum != now.grad_accum:
+        raise ConfigError(_streams_message(saved, now))
+    if 0 in (saved.zero_stage, now.zero_stage):
+        raise ConfigError(f"--resume: the checkpoint was written by {saved}, this run is {now}; a ZeRO-0 checkpoint "
+                          f"cannot be converted or loaded on another layout (DeepSpeed's universal checkpoint reads and "
+                          f"restores ZeRO optimizer partitions). Resume with the saved layout, or use "
+                          f"parallel.zero_stage >= 1 on both sides")
+    if now.pp > 1:
+        raise ConfigError(f"--resume: the checkpoint was written by {saved}, this run is {now}; loading into a "
+                          f"pipeline (parallel.pp > 1) from another layout is not supported (DeepSpeed's universal "
+                          f"load does not fill the pipeline's layer files). Resume with the saved layout, or with "
+                          f"parallel.pp=1")
+    return LayoutChange(saved=saved, now=now)
+
+
+def _streams_message(saved: RunLayout, now: RunLayout) -> str:
+    fix = (f"set parallel.micro_batch_size={saved.streams // now.dp} and parallel.grad_accum={saved.grad_accum}"
+           if saved.streams % now.dp == 0 else
+           f"launch a number of ranks whose data-parallel degree divides {saved.streams}")
+    return (f"--resume: the checkpoint was written by {saved} with {saved.streams} data streams (dp x "
+            f"micro_batch_size) and grad_accum {saved.grad_accum}; this run is {now} with {now.streams} streams and "
+            f"grad_accum {now.grad_accum}. The streams and the global batch must stay the same for the run to "
+            f"continue its data exactly: {fix}")
+
+
+# ---------------------------------------------------------------------------- conversion
+def universal_root(step_dir: Path) -> Path:
+    """Where the universal form of a checkpoint lives; DeepSpeed loads it as tag `step_dir.name`."""
+    return step_dir / UNIVERSAL_DIR
+
+
+def ensure_universal(step_dir: Path, saved: RunLayout, topo) -> tuple[Path, Optional[float]]:
+    """The universal form of checkpoint `step_dir` (collective). Rank 0 converts it when no
+    finished conversion exists; returns (its root, seconds the conversion took or None when an
+    earlier one was reused). Every rank raises if the conversion fails."""
+    root = universal_root(step_dir)
+    seconds, problem = None, None
+    if topo.is_main and not (root / DONE).is_file():
+        try:
+            seconds = convert_to_universal(step_dir, saved)
+        except Exception as exc:  # noqa: BLE001 - reported on every rank, or the others wait forever
+            problem = f"{type(exc).__name__}: {exc}"
+    problem = topo.broadcast_object(problem)
+    if problem:
+        raise CheckpointError(f"converting {step_dir} to a universal checkpoint failed ({problem}); the checkpoint "
+                              f"itself is untouched: resume with the layout that wrote it ({saved})")
+    topo.barrier()
+    return root, seconds
+
+
+def convert_to_universal(step_dir: Path, saved: RunLayout) -> float:
+    """Run DeepSpeed's ds_to_universal on `step_dir` into `<step_dir>/universal` atomically: into
+    a temporary sibling first, renamed into place with its DONE record. Returns the seconds taken."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    t0 = time.perf_counter()
+    root = universal_root(step_dir)
+    for leftover in step_dir.glob(f"{UNIVERSAL_DIR}.tmp-*"):  # a conversion killed half-way
+        shutil.rmtree(leftover, ignore_errors=True)
+    work = step_dir / f"{UNIVERSAL_DIR}.tmp-{os.getpid()}"
+    args = argparse.Namespace(input_folder=str(step_dir), output_folder=str(work / step_dir.name),
+                              num_extract_workers=1, num_merge_workers=1,  # no forked pools next to gloo threads
+                              keep_temp_folder=False, strict=True, inject_missing_state=False)
+    chatter = io.StringIO()  # its prints and progress bars; kept for the error message
+    try:
+        with torch_load_weights_only(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            ds_to_universal.main(args)
+    except Exception as exc:
+        raise RuntimeError(f"{exc}; ds_to_universal said: {chatter.getvalue()[-2000:]}") from exc
+    if saved.pp > 1:
+        rename_pipeline_parameters(work / step_dir.name / "zero")
+    seconds = time.perf_counter() - t0
+    (work / DONE).write_text(json.dumps({"source": str(step_dir), "layout": str(saved), "seconds": seconds}))
+    if root.exists():  # cannot hold a DONE record (checked by the caller): an unusable leftover
+        shutil.rmtree(root)
+    os.replace(work, root)
+    fsync_dir(step_dir)
+    return seconds
+
+
+def rename_pipeline_parameters(zero_dir: Path) -> None:
+    """A pipeline checkpoint names parameters by PipelineModule layer ("3.block.attn.q_proj.weight",
+    "tied_modules.embed.wte.weight"); the GPT loading it names them "blocks.2.attn.q_proj.weight",
+    "wte.weight". Layer 0 is the embedding, layer i + 1 block i (`pipeline.pipeline_specs`)."""
+    for folder in list(zero_dir.iterdir()):
+        name = pipeline_to_model_name(folder.name)
+        if name is not None and name != folder.name:
+            os.replace(folder, zero_dir / name)
+
+
+def pipeline_to_model_name(name: str) -> Optional[str]:
+    """The GPT parameter name of a PipelineModule parameter name; None for non-parameter entries."""
+    if name.startswith(_PIPE_TIED):
+        return name[len(_PIPE_TIED):]
+    m = _PIPE_BLOCK.match(name)
+    if m:
+        return f"blocks.{int(m.group(1)) - 1}.{m.group(2)}"
+    return None
+
+
+# ---------------------------------------------------------------------------- per-rank state
+def replica_states(rank_states: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One saved rank state per data-parallel replica (its TP and pipeline ranks read the same
+    streams and hold the same loader cursors), in dp order."""
+    firsts = [s for s in rank_states if s["coord"]["tp"] == 0 and s["coord"]["pp"] == 0]
+    return sorted(firsts, key=lambda s: s["coord"]["dp"])
+
+
+def state_at(rank_states: list[dict[str, Any]], coord: dict[str, int]) -> Optional[dict[str, Any]]:
+    """The saved rank state at (dp, tp, pp) coordinates `coord`, if the saved layout had one."""
+    return next((s for s in rank_states if s["coord"] == coord), None)
+
+
+@dataclass(frozen=True)
+class Redistributed:
+    """This rank's memory state assembled from the saved ranks, and how many of its streams had
+    none (they start from zero memory)."""
+
+    memory: Optional[dict[str, torch.Tensor]]
+    missing_streams: int
+
+
+def redistribute_memory(rank_states: list[dict[str, Any]], stream_ids: list[int],
+                        heads: tuple[int, int]) -> Redistributed:
+    """Rows `stream_ids` and heads [heads[0], heads[1]) of every layer's memory (A (B, H, dk, hd),
+    z (B, H, dk)) from the saved ranks' slices, matched by global stream id and head. A stream is
+    missing when some of its heads are in no saved state; missing ones get zeros."""
+    pieces: dict[str, dict[int, dict[int, torch.Tensor]]] = {}  # key -> stream -> first head -> (h, ...)
+    for s in rank_states:
+        memory = s.get("memory_state")
+        if not memory:
+            continue
+        h0 = s["heads"][0]
+        for key, t in memory.items():
+            for row, g in enumerate(s["stream_ids"]):
+                pieces.setdefault(key, {}).setdefault(int(g), {})[h0] = t[row]  # (h_saved, ...)
+    if not pieces:
+        return Redistributed(memory=None, missing_streams=len(stream_ids))
+    out, missing = {}, set()
+    for key, by_stream in pieces.items():
+        per_head = next(iter(next(iter(by_stream.values())).values())).shape[1:]  # (...) of one head
+        rows = []
+        for g in stream_ids:
+            row = _heads_of(by_stream.get(g, {}), heads)
+            if row is None:
+                missing.add(g)
+                row = torch.zeros((heads[1] - heads[0], *per_head))
+            rows.append(row)
+        out[key] = torch.stack(rows).float()  # (B, H_rank, ...)
+    return Redistributed(memory=out, missing_streams=len(missing))
+
+
+def _heads_of(slices: dict[int, torch.Tensor], heads: tuple[int, int]) -> Optional[torch.Tensor]:
+    """Heads [h0, h1) of one stream from its saved slices {first head: (h, ...)}; None if uncovered."""
+    if not slices:
+        return None
+    whole = torch.cat([slices[h0] for h0 in sorted(slices)])  # (H_covered, ...)
+    covered = sorted(slices)[0] == 0 and sum(t.shape[0] for t in slices.values()) >= heads[1]
+    return whole[heads[0]:heads[1]].clone() if covered else None
+

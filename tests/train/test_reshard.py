@@ -1,0 +1,85 @@
+"""Resume on another layout, the parts that need no engine: which changes are accepted, how the
+memory state moves by stream id and head, and how pipeline parameter names map to the GPT's."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memgpt_dist.config import ConfigError
+from memgpt_dist.train.reshard import RunLayout, check_layout_change, pipeline_to_model_name, redistribute_memory
+
+
+def layout(dp=1, tp=1, pp=1, zero=3, mb=4, ga=1) -> RunLayout:
+    return RunLayout(dp=dp, tp=tp, pp=pp, zero_stage=zero, micro_batch_size=mb, grad_accum=ga)
+
+
+def test_same_layout_needs_no_conversion():
+    assert check_layout_change(layout(dp=2, mb=2), layout(dp=2, mb=2)) is None
+
+
+@pytest.mark.parametrize("saved,now", [(layout(dp=2, mb=2), layout(dp=1, mb=4)), (layout(dp=1, mb=4), layout(dp=2, mb=2)),
+                                       (layout(zero=3), layout(zero=1)), (layout(tp=2), layout(tp=1)),
+                                       (layout(pp=2, zero=1), layout(zero=1))])
+def test_changes_that_keep_the_streams_are_accepted(saved, now):
+    change = check_layout_change(saved, now)
+    assert (change.saved, change.now) == (saved, now)
+
+
+def test_a_change_of_streams_names_the_micro_batch_to_set():
+    with pytest.raises(ConfigError, match=r"4 data streams.*2 streams.*set parallel.micro_batch_size=4"):
+        check_layout_change(layout(dp=2, mb=2), layout(dp=1, mb=2))
+    with pytest.raises(ConfigError, match=r"data-parallel degree divides 4"):
+        check_layout_change(layout(dp=2, mb=2), layout(dp=3, mb=1))
+    with pytest.raises(ConfigError, match=r"grad_accum 2.*set parallel.micro_batch_size=2 and parallel.grad_accum=2"):
+        check_layout_change(layout(dp=2, mb=2, ga=2), layout(dp=2, mb=2, ga=1))
+
+
+@pytest.mark.parametrize("saved,now,what", [(layout(zero=0), layout(zero=1), "ZeRO-0"),
+                                            (layout(dp=2, mb=2, zero=3), layout(dp=1, zero=0), "ZeRO-0"),
+                                            (layout(dp=2, mb=2, zero=1), layout(pp=2, mb=4, zero=1), "pipeline")])
+def test_unsupported_changes_are_refused_with_what_to_do(saved, now, what):
+    with pytest.raises(ConfigError, match=f"{what}.*Resume with the saved layout"):
+        check_layout_change(saved, now)
+
+
+def global_memory(streams=4, heads=4) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"layer0.A": torch.randn(streams, heads, 6, 2, generator=g), "layer0.z": torch.randn(streams, heads, 6,
+                                                                                                   generator=g)}
+
+
+def saved_states(memory, dp, tp, heads=4) -> list[dict]:
+    """What the ranks of a dp x tp layout saved: their streams' rows and their heads' slices."""
+    streams, per = memory["layer0.A"].shape[0] // dp, heads // tp
+    return [{"coord": {"dp": d, "tp": t, "pp": 0}, "stream_ids": list(range(d * streams, (d + 1) * streams)),
+             "heads": [t * per, (t + 1) * per],
+             "memory_state": {k: v[d * streams:(d + 1) * streams, t * per:(t + 1) * per] for k, v in memory.items()}}
+            for d in range(dp) for t in range(tp)]
+
+
+@pytest.mark.parametrize("saved_dp,saved_tp", [(2, 2), (1, 2), (2, 1), (4, 1)])
+@pytest.mark.parametrize("streams,heads", [([0, 1, 2, 3], (0, 4)), ([2, 3], (0, 4)), ([0, 1], (2, 4)), ([3], (1, 2))])
+def test_memory_moves_by_stream_id_and_head(saved_dp, saved_tp, streams, heads):
+    memory = global_memory()
+    moved = redistribute_memory(saved_states(memory, saved_dp, saved_tp), streams, heads)
+    assert moved.missing_streams == 0
+    for key, full in memory.items():
+        assert torch.equal(moved.memory[key], full[streams, heads[0]:heads[1]])
+
+
+def test_streams_without_saved_memory_start_from_zero_and_are_counted():
+    memory = global_memory()
+    states = saved_states(memory, 2, 1)[:1]  # streams 0, 1 only
+    moved = redistribute_memory(states, [1, 2, 3], (0, 4))
+    assert moved.missing_streams == 2
+    assert torch.equal(moved.memory["layer0.A"][0], memory["layer0.A"][1])
+    assert not moved.memory["layer0.A"][1:].any()
+    assert redistribute_memory([{"coord": {}, "stream_ids": [0], "heads": [0, 4]}], [0], (0, 4)).memory is None
+
+
+def test_pipeline_parameter_names_map_to_the_gpt():
+    assert pipeline_to_model_name("tied_modules.embed.wte.weight") == "wte.weight"
+    assert pipeline_to_model_name("tied_modules.embed.ln_f.bias") == "ln_f.bias"
+    assert pipeline_to_model_name("1.block.attn.q_proj.weight") == "blocks.0.attn.q_proj.weight"
+    assert pipeline_to_model_name("12.block.mlp.down_proj.bias") == "blocks.11.mlp.down_proj.bias"
+    assert pipeline_to_model_name("optimizer_state.pt") is None
