@@ -25,6 +25,8 @@ def parse_args(argv):
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="device type assumed by --dry-run (default: this machine's)")
     p.add_argument("--json", action="store_true", help="--dry-run prints one JSON object")
+    p.add_argument("--rendezvous-timeout", type=float, default=600.0,
+                   help="seconds a rank waits for rank 0's rendezvous (MASTER_ADDR:MASTER_PORT) before failing")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args, overrides = p.parse_known_args(argv)
     return args, overrides
@@ -42,6 +44,7 @@ def _train(args, overrides) -> int:
     from memgpt_dist.config import load_config
     from memgpt_dist.parallel.dist import init_distributed, shutdown
     from memgpt_dist.parallel.layout import dry_run_report
+    from memgpt_dist.parallel.preflight import check_same_everywhere, wait_for_master
     from memgpt_dist.train.run import run_training, setup_logging
 
     cfg = load_config(args.config, overrides)
@@ -49,9 +52,11 @@ def _train(args, overrides) -> int:
         world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
         print(dry_run_report(cfg, world, args.device or ("cuda" if _has_cuda() else "cpu"), as_json=args.json))
         return 0
+    wait_for_master(args.rendezvous_timeout)
     topo = init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
     try:
         setup_logging(topo, Path(cfg.run_dir))
+        check_same_everywhere(cfg)  # a node with other code, config or data fails here, not hours later
         train = build_train_loader(cfg, topo)
         _check_vocab(train.vocab_size, cfg.model.vocab_size)
         run_training(cfg, topo, train, lambda: build_loader(cfg, topo, "validation"), resume=args.resume,
