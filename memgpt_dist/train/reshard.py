@@ -167,13 +167,18 @@ def convert_to_universal(step_dir: Path, saved: RunLayout) -> float:
     work = step_dir / f"{UNIVERSAL_DIR}.tmp-{os.getpid()}"
     args = argparse.Namespace(input_folder=str(step_dir), output_folder=str(work / step_dir.name),
                               num_extract_workers=1, num_merge_workers=1,  # no forked pools next to gloo threads
-                              keep_temp_folder=False, strict=True, inject_missing_state=False)
+                              keep_temp_folder=False, strict=True,
+                              # ZeRO-1/2 checkpoints carry universal_checkpoint_info only when AutoTP
+                              # wrote it; without TP the version stamp alone is all the merge needs
+                              inject_missing_state=True)
     chatter = io.StringIO()  # its prints and progress bars; kept for the error message
     try:
         with torch_load_weights_only(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
             ds_to_universal.main(args)
     except Exception as exc:
         raise RuntimeError(f"{exc}; ds_to_universal said: {chatter.getvalue()[-2000:]}") from exc
+    add_model_state_aliases(work / step_dir.name)
+    complete_optimizer_state(work / step_dir.name / "zero")
     if saved.pp > 1:
         rename_pipeline_parameters(work / step_dir.name / "zero")
     seconds = time.perf_counter() - t0
@@ -183,6 +188,63 @@ def convert_to_universal(step_dir: Path, saved: RunLayout) -> float:
     os.replace(work, root)
     fsync_dir(step_dir)
     return seconds
+
+
+def add_model_state_aliases(tag_dir: Path) -> None:
+    """Make the converted model-state files findable by an engine of any ZeRO stage.
+
+    A universal load reads only metadata from them (step counters, scheduler, our client state;
+    the weights come from `zero/`), but under the file name of the *loading* engine's stage:
+    `zero_pp_rank_0_mp_rank_XX_model_states.pt` for ZeRO-3, `mp_rank_XX_model_states.pt`
+    otherwise, while the conversion copies the names of the writing stage. Each is hard-linked
+    (copied where links are refused) under the other name."""
+    for f in sorted(tag_dir.glob("*mp_rank_*_model_states.pt")):
+        m = re.match(r"^(zero_pp_rank_(\d+)_)?(mp_rank_\d+_model_states\.pt)$", f.name)
+        if m is None or (m.group(2) not in (None, "0")):
+            continue
+        alias = tag_dir / (m.group(3) if m.group(1) else f"zero_pp_rank_0_{m.group(3)}")
+        if not alias.exists():
+            try:
+                os.link(f, alias)
+            except OSError:
+                shutil.copy2(f, alias)
+
+
+def complete_optimizer_state(zero_dir: Path) -> None:
+    """Give the converted optimizer state what the loader of the *other* ZeRO family reads.
+
+    DeepSpeed's ZeRO-3 universal load takes Adam's step from `optimizer_state.pt`
+    (["optimizer_state_dict"]["state"][0]["step"]), its ZeRO-1/2 load from a `step.pt` in every
+    parameter's folder and checks `optimizer_state.pt` for a "ds_version"; a conversion writes
+    only what its own stage's loader reads, so a stage change (3 -> 1, 1 -> 3) finds them
+    missing. The step is the same for every parameter (one optimizer step count per run).
+    Likewise the ZeRO-1/2 load reads each state file as {"param": tensor}, and a ZeRO-3
+    conversion writes bare tensors (the ZeRO-3 load takes both)."""
+    from deepspeed import __version__ as ds_version
+    from deepspeed.checkpoint.constants import PARAM
+
+    with torch_load_weights_only():
+        state = torch.load(zero_dir / "optimizer_state.pt", map_location="cpu")
+        step = _saved_step(state, zero_dir)
+    state.setdefault("ds_version", ds_version)
+    state.setdefault("optimizer_state_dict", {"state": {0: {"step": step}}, "param_groups": state["param_groups"]})
+    torch.save(state, zero_dir / "optimizer_state.pt")
+    for folder in (f for f in zero_dir.iterdir() if f.is_dir()):
+        for file in folder.glob("*.pt"):
+            with torch_load_weights_only():
+                saved = torch.load(file, map_location="cpu")
+            if torch.is_tensor(saved) and file.name != "step.pt":
+                torch.save({PARAM: saved}, file)
+        if not (folder / "step.pt").exists():
+            torch.save(step, folder / "step.pt")
+
+
+def _saved_step(state: dict[str, Any], zero_dir: Path):
+    inner = state.get("optimizer_state_dict", {}).get("state", {})
+    if inner:
+        return inner[0]["step"]
+    first = next(f for f in sorted(zero_dir.glob("*/step.pt")))
+    return torch.load(first, map_location="cpu")
 
 
 def rename_pipeline_parameters(zero_dir: Path) -> None:
