@@ -12,6 +12,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# DeepSpeed JIT-builds its CPU comm op under ~/.cache/torch_extensions; two virtualenvs (a dev venv
+# and CI's) sharing that directory rebuild it back and forth, and a rebuild inside a test that
+# limits file sizes fails in the compiler. Each venv keeps its own build.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
