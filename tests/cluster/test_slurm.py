@@ -14,7 +14,7 @@ import pytest
 
 from helpers import ROOT
 
-STEPS = 40
+STEPS = 24
 
 
 def overrides(data: Path) -> list[str]:
@@ -105,13 +105,16 @@ def test_two_node_job(reference):
         assert value == pytest.approx(jsonl[step], rel=1e-6)  # TensorBoard stores float32
 
 
-def test_preemption_drill(slurm_env, tiny_data, tmp_path, reference):
+@pytest.mark.parametrize("target", ["--batch", "--full"])
+def test_preemption_drill(slurm_env, tiny_data, tmp_path, reference, target):
+    """--batch: only the batch shell gets USR1 (as with --signal=B:USR1@T) and touches the stop
+    file; --full: every process gets it, the launchers ignore it and the ranks catch it."""
     run_dir = tmp_path / "drill"
     job = submit(slurm_env, tiny_data, run_dir, "drill")
     metrics = run_dir / "metrics.jsonl"
-    wait_for(slurm_env, job, lambda i: metrics.is_file() and len(metrics.read_text().splitlines()) >= 5, 300,
-             "step 5")
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm_env, check=True)
+    wait_for(slurm_env, job, lambda i: metrics.is_file() and len(metrics.read_text().splitlines()) >= 4, 300,
+             "step 4")
+    subprocess.run(["scancel", "--signal=USR1", target, job], env=slurm_env, check=True)
     # the job saves, exits 75 and requeues itself: it comes back pending with one restart
     info = wait_for(slurm_env, job, lambda i: i.get("Restarts") == "1", 300, "the requeue")
     if info.get("JobState") == "PENDING":
@@ -123,6 +126,9 @@ def test_preemption_drill(slurm_env, tiny_data, tmp_path, reference):
     assert "USR1: asking the ranks to save and stop" in out
     assert "training step exited with 75" in out and f"requeueing job {job}" in out
     assert "restart 1] run complete" in out
+    ranks_saw = "stop file" if target == "--batch" else "SIGUSR1 received"
+    node_logs = [p.read_text() for p in (run_dir / "logs").glob("node*-restart0.log")]
+    assert len(node_logs) == 2 and any(ranks_saw in text for text in node_logs)
     # the stop left a committed checkpoint before the end, and the second incarnation resumed from it
     steps = sorted(int(p.parent.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*/COMMITTED.json"))
     assert steps[-1] == STEPS and steps[0] < STEPS
