@@ -22,9 +22,12 @@ What is per rank and not DeepSpeed's is redistributed here, by global ids:
   saved rank holds start from zero memory, with a warning that says how many.
 * RNG: a rank takes the saved state of the rank at the same (dp, tp, pp) coordinates, if any.
 
-Layouts not supported: ZeRO-0 on either side (DeepSpeed's conversion reads ZeRO optimizer
-partitions, and its universal load restores weights only through a ZeRO optimizer) and a
-pipeline target (pp > 1), whose layer files DeepSpeed's universal load does not fill.
+Pipelines: a pipeline checkpoint's parameters are named by PipelineModule layer; the conversion
+renames them to the GPT's names and links the GPT's names back under the pipeline's, so one
+universal checkpoint loads into either (pp2 -> pp1, pp1 -> pp2).
+
+Not supported: ZeRO-0 on either side (DeepSpeed's conversion reads ZeRO optimizer partitions, and
+its universal load restores weights only through a ZeRO optimizer).
 """
 from __future__ import annotations
 
@@ -112,11 +115,6 @@ def check_layout_change(saved: RunLayout, now: RunLayout) -> Optional[LayoutChan
                           f"cannot be converted or loaded on another layout (DeepSpeed's universal checkpoint reads and "
                           f"restores ZeRO optimizer partitions). Resume with the saved layout, or use "
                           f"parallel.zero_stage >= 1 on both sides")
-    if now.pp > 1:
-        raise ConfigError(f"--resume: the checkpoint was written by {saved}, this run is {now}; loading into a "
-                          f"pipeline (parallel.pp > 1) from another layout is not supported (DeepSpeed's universal "
-                          f"load does not fill the pipeline's layer files). Resume with the saved layout, or with "
-                          f"parallel.pp=1")
     return LayoutChange(saved=saved, now=now)
 
 
@@ -176,11 +174,13 @@ def convert_to_universal(step_dir: Path, saved: RunLayout) -> float:
         with torch_load_weights_only(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
             ds_to_universal.main(args)
     except Exception as exc:
+        shutil.rmtree(work, ignore_errors=True)
         raise RuntimeError(f"{exc}; ds_to_universal said: {chatter.getvalue()[-2000:]}") from exc
     add_model_state_aliases(work / step_dir.name)
     complete_optimizer_state(work / step_dir.name / "zero")
     if saved.pp > 1:
         rename_pipeline_parameters(work / step_dir.name / "zero")
+    link_pipeline_names(work / step_dir.name / "zero")
     seconds = time.perf_counter() - t0
     (work / DONE).write_text(json.dumps({"source": str(step_dir), "layout": str(saved), "seconds": seconds}))
     if root.exists():  # cannot hold a DONE record (checked by the caller): an unusable leftover
@@ -255,6 +255,25 @@ def rename_pipeline_parameters(zero_dir: Path) -> None:
         name = pipeline_to_model_name(folder.name)
         if name is not None and name != folder.name:
             os.replace(folder, zero_dir / name)
+
+
+def link_pipeline_names(zero_dir: Path) -> None:
+    """Symlink each GPT parameter folder under its PipelineModule name too, so a pipeline engine
+    (which looks parameters up by those names) loads the same universal checkpoint."""
+    for folder in list(zero_dir.iterdir()):
+        name = model_to_pipeline_name(folder.name)
+        if folder.is_dir() and name is not None and not (zero_dir / name).exists():
+            os.symlink(folder.name, zero_dir / name)
+
+
+def model_to_pipeline_name(name: str) -> Optional[str]:
+    """Inverse of `pipeline_to_model_name` for the GPT's parameters."""
+    m = re.match(r"^blocks\.(\d+)\.(.+)$", name)
+    if m:
+        return f"{int(m.group(1)) + 1}.block.{m.group(2)}"
+    if name.startswith(("wte.", "wpe.", "ln_f.")):
+        return _PIPE_TIED + name
+    return None
 
 
 def pipeline_to_model_name(name: str) -> Optional[str]:

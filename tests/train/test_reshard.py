@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from memgpt_dist.config import ConfigError
-from memgpt_dist.train.reshard import RunLayout, check_layout_change, pipeline_to_model_name, redistribute_memory
+from memgpt_dist.train.checkpoint import CheckpointError
+from memgpt_dist.train.reshard import (RunLayout, check_layout_change, ensure_universal, model_to_pipeline_name,
+                                       pipeline_to_model_name, redistribute_memory)
 
 
 def layout(dp=1, tp=1, pp=1, zero=3, mb=4, ga=1) -> RunLayout:
@@ -19,7 +21,7 @@ def test_same_layout_needs_no_conversion():
 
 @pytest.mark.parametrize("saved,now", [(layout(dp=2, mb=2), layout(dp=1, mb=4)), (layout(dp=1, mb=4), layout(dp=2, mb=2)),
                                        (layout(zero=3), layout(zero=1)), (layout(tp=2), layout(tp=1)),
-                                       (layout(pp=2, zero=1), layout(zero=1))])
+                                       (layout(pp=2, zero=1), layout(zero=1)), (layout(zero=1), layout(pp=2, zero=1))])
 def test_changes_that_keep_the_streams_are_accepted(saved, now):
     change = check_layout_change(saved, now)
     assert (change.saved, change.now) == (saved, now)
@@ -34,11 +36,9 @@ def test_a_change_of_streams_names_the_micro_batch_to_set():
         check_layout_change(layout(dp=2, mb=2, ga=2), layout(dp=2, mb=2, ga=1))
 
 
-@pytest.mark.parametrize("saved,now,what", [(layout(zero=0), layout(zero=1), "ZeRO-0"),
-                                            (layout(dp=2, mb=2, zero=3), layout(dp=1, zero=0), "ZeRO-0"),
-                                            (layout(dp=2, mb=2, zero=1), layout(pp=2, mb=4, zero=1), "pipeline")])
-def test_unsupported_changes_are_refused_with_what_to_do(saved, now, what):
-    with pytest.raises(ConfigError, match=f"{what}.*Resume with the saved layout"):
+@pytest.mark.parametrize("saved,now", [(layout(zero=0), layout(zero=1)), (layout(dp=2, mb=2, zero=3), layout(dp=1, zero=0))])
+def test_zero0_on_either_side_is_refused_with_what_to_do(saved, now):
+    with pytest.raises(ConfigError, match="ZeRO-0.*Resume with the saved layout, or use parallel.zero_stage >= 1"):
         check_layout_change(saved, now)
 
 
@@ -77,9 +77,39 @@ def test_streams_without_saved_memory_start_from_zero_and_are_counted():
     assert redistribute_memory([{"coord": {}, "stream_ids": [0], "heads": [0, 4]}], [0], (0, 4)).memory is None
 
 
-def test_pipeline_parameter_names_map_to_the_gpt():
+def test_pipeline_parameter_names_map_to_the_gpt_and_back():
+    for gpt in ("wte.weight", "ln_f.bias", "blocks.0.attn.q_proj.weight", "blocks.11.mlp.up_proj.bias"):
+        assert pipeline_to_model_name(model_to_pipeline_name(gpt)) == gpt
     assert pipeline_to_model_name("tied_modules.embed.wte.weight") == "wte.weight"
     assert pipeline_to_model_name("tied_modules.embed.ln_f.bias") == "ln_f.bias"
     assert pipeline_to_model_name("1.block.attn.q_proj.weight") == "blocks.0.attn.q_proj.weight"
     assert pipeline_to_model_name("12.block.mlp.down_proj.bias") == "blocks.11.mlp.down_proj.bias"
     assert pipeline_to_model_name("optimizer_state.pt") is None
+
+
+class OneRank:
+    """The Topology calls `ensure_universal` makes, for a world of one."""
+    is_main = True
+
+    def broadcast_object(self, obj):
+        return obj
+
+    def barrier(self):
+        pass
+
+
+def test_a_finished_conversion_is_reused(tmp_path):
+    step_dir = tmp_path / "step_00000003"
+    (step_dir / "universal").mkdir(parents=True)
+    (step_dir / "universal" / "CONVERTED.json").write_text("{}")
+    assert ensure_universal(step_dir, layout(dp=2, mb=2), OneRank()) == (step_dir / "universal", None)
+
+
+def test_a_failed_conversion_names_the_layout_to_resume_with_and_leaves_nothing(tmp_path):
+    step_dir = tmp_path / "step_00000003"
+    step_dir.mkdir()
+    (step_dir / "junk_optim_states.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"the checkpoint itself is untouched: resume with the layout that "
+                                              r"wrote it \(dp2 ZeRO-3"):
+        ensure_universal(step_dir, layout(dp=2, mb=2), OneRank())
+    assert sorted(p.name for p in step_dir.iterdir()) == ["junk_optim_states.pt"]
