@@ -23,6 +23,7 @@ class Batches:
 
     def __init__(self, cfg, i: int = 0):
         self.cfg, self.i = cfg, i
+        self.stream_ids = list(range(cfg.parallel.micro_batch_size))  # a world of one holds every stream
 
     def __next__(self):
         g = torch.Generator().manual_seed(self.i)
@@ -39,12 +40,17 @@ class Batches:
     def load_state_dict(self, sd):
         self.i = sd["i"]
 
+    def load_state_dicts(self, states):  # a resume on another layout: one replica here
+        self.load_state_dict(states[0])
 
-def make_trainer(topo, root: Path, seed: int = 1, stage: int = 3, extra: tuple[str, ...] = ()) -> Trainer:
-    """A trainer whose checkpoints go to `root/checkpoints`; `seed` sets the initial weights."""
+
+def make_trainer(topo, root: Path, seed: int = 1, stage: int = 3, extra: tuple[str, ...] = (),
+                 load_universal: bool = False) -> Trainer:
+    """A trainer whose checkpoints go to `root/checkpoints`; `seed` sets the initial weights;
+    `load_universal`: its engine restores universal checkpoints."""
     cfg = load_config(None, OVERRIDES + [f"run_dir={root}", f"train.seed={seed}", f"parallel.zero_stage={stage}",
                                          *extra])
-    engine, _ = build_engine(build_model(cfg), cfg, topo)
+    engine, _ = build_engine(build_model(cfg), cfg, topo, load_universal=load_universal)
     return Trainer(cfg, topo, engine, Batches(cfg), None, Checkpointer(Path(root) / "checkpoints", topo, keep_last=2),
                    MetricsLogger(None, enabled=False, tensorboard=False))
 
