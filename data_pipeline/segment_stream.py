@@ -77,9 +77,11 @@ def read_shard(path: str, dtype: str, expected_docs: int, sha256: Optional[str])
     doc_ids, tokens, masks, error = [], [], [], ""
     try:
         # Shards are already assigned per rank and per worker by SegmentLoader, so webdataset's own node and
-        # worker splitting is switched off (its default refuses to run under torch.distributed).
+        # worker splitting is switched off (its default refuses to run under torch.distributed). An explicit
+        # seed: without one webdataset draws it from the global `random`, so every shard opened would advance
+        # the run's Python RNG, and a resumed run (which reopens its current shard) would end in another state.
         pipeline = wds.WebDataset(path, shardshuffle=False, handler=wds.reraise_exception, nodesplitter=None,
-                                  workersplitter=None, empty_check=False)
+                                  workersplitter=None, empty_check=False, seed=0)
         for sample in pipeline:
             key = f"ids.{dtype}"
             if key not in sample:
