@@ -428,6 +428,7 @@ class Trainer:
                   "train/skipped_steps": self.state.skipped_steps,
                   "perf/tokens_per_s": toks, "perf/step_time_s": r.step_time, "perf/data_wait_s": r.data_time}
         values.update({f"memory/{k}": v for k, v in r.stats.items()})
+        values.update(self._data_skips())
         self.metrics.scalars(values, step, self.state.tokens_seen)
         self.metrics.line(f"step {step}/{self.cfg.train.max_steps} loss {r.loss:.4f} "
                           f"lr {r.lr:.2e} gnorm {r.grad_norm:.3f} tok/s {toks:,.0f} "
@@ -436,6 +437,14 @@ class Trainer:
             self.metrics.warning(f"step {step} skipped on every rank: non-finite loss or gradient "
                                  f"({self.state.nonfinite_streak} in a row, {self.state.skipped_steps} in all; "
                                  f"the run stops after {self.cfg.train.max_nan_skips} in a row)")
+
+    def _data_skips(self) -> dict[str, float]:
+        """Documents skipped in damaged shards so far, and their fraction of all documents read,
+        over every data-parallel replica (a collective: every rank logs the same steps)."""
+        loaders = getattr(self.train_batches, "sources", [self.train_batches])
+        counts = [float(sum(getattr(x, attr, 0) for x in loaders)) for attr in ("skipped_samples", "seen_samples")]
+        skipped, seen = self.topo.all_reduce_sum(counts)
+        return {"data/skipped_docs": skipped, "data/skipped_fraction": skipped / max(skipped + seen, 1.0)}
 
     def _log_eval(self) -> None:
         result = self.evaluate()
