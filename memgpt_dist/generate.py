@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from memgpt_dist.config import TrainConfig, config_from_json
+from memgpt_dist.config import ConfigError, TrainConfig, config_from_json
 from memgpt_dist.model import GPT
 from memgpt_dist.train.checkpoint import MARKER, CheckpointError, tag_for, TAG_RE
 
@@ -63,6 +63,11 @@ def load_model(ckpt_dir: Path) -> tuple[GPT, TrainConfig]:
 
 
 def consolidated_state_dict(ckpt_dir: Path, zero_stage: int, tp: int = 1) -> dict[str, torch.Tensor]:
+    if any(ckpt_dir.glob("layer_*-model_states.pt")):  # written by the pipeline engine, one file per layer
+        if tp > 1:
+            raise ConfigError(f"{ckpt_dir} holds tensor-parallel shards inside pipeline stages (parallel.tp={tp}); "
+                              f"generation and evaluation read pipeline checkpoints with parallel.tp=1 only")
+        return pipeline_state_dict(ckpt_dir)
     if tp > 1:  # one shard per tensor-parallel rank
         from memgpt_dist.parallel.tensor_parallel import consolidated_tp_state_dict
 
@@ -75,6 +80,20 @@ def consolidated_state_dict(ckpt_dir: Path, zero_stage: int, tp: int = 1) -> dic
     # DeepSpeed reports its progress with print(); keep stdout for the generated text alone.
     with contextlib.redirect_stdout(sys.stderr):
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+
+
+def pipeline_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """The GPT's state dict from a pipeline checkpoint's per-layer files (fp32). Layer 0 is the
+    embedding, layer i + 1 holds block i under "block.", the last layer the final norm and the
+    tied head (the embedding's weight again, so it is read once)."""
+    files = sorted(ckpt_dir.glob("layer_*-model_states.pt"), key=lambda f: int(f.name[6:8]))
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        index = int(f.name[6:8])
+        for key, value in torch.load(f, map_location="cpu", weights_only=True).items():
+            name = f"blocks.{index - 1}.{key[len('block.'):]}" if key.startswith("block.") else key
+            out.setdefault(name, value.float())
+    return out
 
 
 def _sample_next(logits: torch.Tensor, s: SamplingConfig, gen: torch.Generator) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from helpers import bin_path, free_port, read_metrics, run_cmd, tiny_args, train
 from memgpt_dist.config import load_config
@@ -25,14 +26,14 @@ COMMON = [f"--train.max_steps={STEPS}", "--train.eval_every=3", "--parallel.zero
 def runs(tiny_data, tmp_path_factory):
     base = tmp_path_factory.mktemp("pipeline")
     no_ckpt = ["--checkpoint.every=0", "--checkpoint.save_at_end=false"]
-    train(tiny_args(tiny_data, base / "one", *COMMON, *no_ckpt, "--parallel.micro_batch_size=4"), nproc=1)
+    train(tiny_args(tiny_data, base / "one", *COMMON, "--parallel.micro_batch_size=4"), nproc=1)
     train(tiny_args(tiny_data, base / "pp2", *COMMON, "--parallel.micro_batch_size=4", "--parallel.pp=2"), nproc=2)
     train(tiny_args(tiny_data, base / "pp2dp2", *COMMON, *no_ckpt, "--parallel.micro_batch_size=2",
                     "--parallel.pp=2"), nproc=4)
     resumed = tiny_args(tiny_data, base / "resumed", *COMMON, "--parallel.micro_batch_size=4", "--parallel.pp=2")
     train(resumed + ["--stop-after-steps", "3"], nproc=2)
     train(resumed + ["--resume", "auto"], nproc=2)
-    return {name: read_metrics(base / name) for name in ("one", "pp2", "pp2dp2", "resumed")}
+    return {"base": base, **{name: read_metrics(base / name) for name in ("one", "pp2", "pp2dp2", "resumed")}}
 
 
 @pytest.mark.parametrize("layout", ["pp2", "pp2dp2"])
@@ -92,3 +93,16 @@ def test_pipeline_module_splits_where_the_layout_says(tmp_path):
         weights = [sum(numels[n] for n in item.params) for item in pipeline_items(list(numels), cfg.model.n_layer)]
         assert tuple(real) == stage_bounds(weights, cfg.parallel.pp, cfg.parallel.pp_partition), case
     assert parts[-2] != parts[-1]  # the cases do tell the two methods apart
+
+
+def test_a_pipeline_checkpoint_loads_as_the_whole_model_for_generation_and_eval(runs):
+    """memgpt-generate and memgpt-eval read a pipeline checkpoint's per-layer files as the GPT."""
+    from memgpt_dist.generate import load_model
+
+    piped, cfg = load_model(runs["base"] / "pp2" / "checkpoints" / f"step_{STEPS:08d}")
+    whole, _ = load_model(runs["base"] / "one" / "checkpoints" / f"step_{STEPS:08d}")
+    assert cfg.parallel.pp == 2
+    expected = dict(whole.named_parameters())
+    assert sorted(n for n, _ in piped.named_parameters()) == sorted(expected)
+    for name, param in piped.named_parameters():
+        torch.testing.assert_close(param, expected[name], rtol=1e-4, atol=1e-6, msg=name)
