@@ -18,7 +18,7 @@ import torch
 
 from memgpt_dist.config import ConfigError, TrainConfig, config_from_json
 from memgpt_dist.model import GPT
-from memgpt_dist.train.checkpoint import MARKER, CheckpointError, tag_for, TAG_RE
+from memgpt_dist.train.checkpoint import MARKER, CheckpointError, TAG_RE, tag_for, torch_load_weights_only
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,9 @@ def load_model(ckpt_dir: Path) -> tuple[GPT, TrainConfig]:
     """Rebuild the model of a checkpoint with consolidated fp32 weights, in eval mode."""
     cfg = checkpoint_config(ckpt_dir)
     model = GPT(cfg.model, cfg.memory)
-    model.load_state_dict(consolidated_state_dict(ckpt_dir, cfg.parallel.zero_stage, cfg.parallel.tp))
+    with torch_load_weights_only():  # DeepSpeed's consolidation reads with weights_only=False otherwise
+        state = consolidated_state_dict(ckpt_dir, cfg.parallel.zero_stage, cfg.parallel.tp)
+    model.load_state_dict(state)
     return model.eval(), cfg
 
 
@@ -73,7 +75,7 @@ def consolidated_state_dict(ckpt_dir: Path, zero_stage: int, tp: int = 1) -> dic
 
         return consolidated_tp_state_dict(ckpt_dir, zero_stage, tp)
     if zero_stage == 0:
-        states = torch.load(ckpt_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        states = torch.load(ckpt_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
         return states["module"]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
