@@ -20,8 +20,10 @@ and decode whole shards ahead of time, which cannot change what is produced.
 
 Bad shards. With `verify_checksums` a shard whose sha256 differs from the manifest is an error
 that names it. Without it (or for damage the checksum cannot see at read time) a shard that fails
-to read is cut at the first bad member: its later documents are skipped with a warning and
-counted; more than `max_skip_fraction` skipped documents is an error.
+to read is cut where the tar breaks (a truncated or corrupt archive): its later documents are
+skipped with a warning and counted. A member that reads but does not decode (no token member,
+token bytes of the wrong length) skips that document alone. More than `max_skip_fraction`
+skipped documents is an error.
 """
 from __future__ import annotations
 
@@ -65,6 +67,19 @@ class ShardDocs:
     masks: Optional[list[np.ndarray]] = None  # task corpora: 1 where the token is supervised
 
 
+def _decode_member(sample: dict, dtype: str) -> tuple[int, np.ndarray, Optional[np.ndarray]]:
+    """(document id, tokens, optional loss mask) of one tar member; ValueError if it does not decode."""
+    key = f"ids.{dtype}"
+    if key not in sample:
+        raise ValueError(f"no {key} in it")
+    doc_id = int(str(sample["__key__"]).removeprefix("doc"))
+    toks = np.frombuffer(sample[key], dtype="<u2" if dtype == "u16" else "<u4").astype(np.int64)
+    mask = np.frombuffer(sample["mask.u8"], dtype=np.uint8) if "mask.u8" in sample else None
+    if mask is not None and len(mask) != len(toks):
+        raise ValueError(f"mask.u8 has {len(mask)} entries for {len(toks)} tokens")
+    return doc_id, toks, mask
+
+
 def read_shard(path: str, dtype: str, expected_docs: int, sha256: Optional[str]) -> ShardDocs:
     """Decode one shard (runs in worker processes too, so it takes and returns plain data)."""
     if sha256 is not None:
@@ -83,14 +98,16 @@ def read_shard(path: str, dtype: str, expected_docs: int, sha256: Optional[str])
         pipeline = wds.WebDataset(path, shardshuffle=False, handler=wds.reraise_exception, nodesplitter=None,
                                   workersplitter=None, empty_check=False, seed=0)
         for sample in pipeline:
-            key = f"ids.{dtype}"
-            if key not in sample:
-                raise ValueError(f"member {sample['__key__']} has no {key}")
-            doc_ids.append(int(sample["__key__"].removeprefix("doc")))
-            tokens.append(np.frombuffer(sample[key], dtype="<u2" if dtype == "u16" else "<u4").astype(np.int64))
-            if "mask.u8" in sample:
-                masks.append(np.frombuffer(sample["mask.u8"], dtype=np.uint8))
-    except Exception as exc:  # tar, gzip and decode errors all mean: stop reading this shard here
+            try:
+                doc_id, toks, mask = _decode_member(sample, dtype)
+            except ValueError as exc:  # this document alone is bad: skip it, read on
+                error = error or f"member {sample.get('__key__')}: {exc}"
+                continue
+            doc_ids.append(doc_id)
+            tokens.append(toks)
+            if mask is not None:
+                masks.append(mask)
+    except Exception as exc:  # tar and gzip errors: the archive is broken from here on
         error = f"{type(exc).__name__}: {exc}"
     if masks and len(masks) != len(tokens):
         error = error or "some documents have a mask.u8 and some do not"

@@ -253,3 +253,50 @@ def test_growing_k_continues_the_same_segment_stream(corpus):
     assert parts[1]["input_ids"].shape == (2, 4 * N)
     seq = torch.cat([p["input_ids"].view(2, -1, N) for p in parts], dim=1)  # (mb, 6, N)
     assert torch.equal(seq, torch.stack([b["input_ids"] for b in one], dim=1))
+
+
+def _rewrite_shard_with(src: Path, dst: Path, damage: str) -> Path:
+    """Copy the corpus and rewrite its first train shard with its second document damaged:
+    'bad-member' drops the token member, 'undecodable' cuts its token bytes to an odd length."""
+    import tarfile
+    import webdataset as wds
+
+    shutil.copytree(src, dst)
+    m = read_manifest(dst)
+    shard = dst / m["splits"]["train"][0]["file"]
+    samples = list(wds.WebDataset(str(shard), shardshuffle=False, empty_check=False, seed=0))
+    key = f"ids.{m['dtype']}"
+    victim = samples[1]
+    if damage == "bad-member":
+        victim["txt"] = victim.pop(key)
+    else:
+        victim[key] = victim[key][:-1]
+    with wds.TarWriter(str(shard)) as out:
+        for s in samples:
+            out.write({k: v for k, v in s.items() if k == "__key__" or not k.startswith("__")})
+    assert tarfile.is_tarfile(shard)
+    return shard
+
+
+def victim_id(shard: Path) -> int:
+    import webdataset as wds
+
+    return int(list(wds.WebDataset(str(shard), shardshuffle=False, empty_check=False, seed=0))[1]["__key__"][3:])
+
+
+@pytest.mark.parametrize("damage", ["bad-member", "undecodable"])
+def test_bad_member_or_undecodable_sample_is_skipped_deterministically(big_corpus, tmp_path, damage):
+    shard = _rewrite_shard_with(big_corpus, tmp_path / "c", damage)
+    first = loader(tmp_path / "c", verify_checksums=False, max_skip_fraction=0.5, micro_batch_size=8)
+    batches = take(first, 30)
+    assert first.skipped_samples == 1 and str(shard) in first.state_dict()["bad_files"]  # that document alone
+    docs = {int(d) for b in batches for d in b["doc_ids"].flatten() if d >= 0}
+    assert victim_id(shard) not in docs and len(shard_docs(tmp_path / "c")) == len(shard_docs(big_corpus)) - 1
+    again = loader(tmp_path / "c", verify_checksums=False, max_skip_fraction=0.5, micro_batch_size=8)
+    assert same_batches(take(again, 30), batches) and again.skipped_samples == first.skipped_samples
+    # and a loader restored mid-way continues identically
+    resumed = loader(tmp_path / "c", verify_checksums=False, max_skip_fraction=0.5, micro_batch_size=8)
+    mid = loader(tmp_path / "c", verify_checksums=False, max_skip_fraction=0.5, micro_batch_size=8)
+    take(mid, 10)
+    resumed.load_state_dict(mid.state_dict())
+    assert same_batches(take(resumed, 20), batches[10:])
