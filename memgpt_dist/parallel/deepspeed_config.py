@@ -44,7 +44,7 @@ def build_ds_config(cfg: TrainConfig, world_size: int, device_type: str = "cpu",
         "wall_clock_breakdown": False,
         "dump_state": False,
     }
-    if par.tp > 1:
+    if par.tp > 1 and par.pp == 1:  # inside pipeline stages TP is applied by memgpt_dist/parallel/pipeline.py
         ds["tensor_parallel"] = _tensor_parallel(par.tp)
     if load_universal:
         ds["checkpoint"] = {"load_universal": True}

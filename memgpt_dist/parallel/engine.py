@@ -55,9 +55,9 @@ def build_engine(model: nn.Module, cfg: TrainConfig, topo: Topology, load_univer
         model_parameters=param_groups(model, cfg.optim),
         config=ds_config,
         dist_init_required=False,
-        mpu=_autotp_mpu(topo),
+        mpu=None if topo.pp_size > 1 else _autotp_mpu(topo),  # a PipelineModule brings its own grid
     )
-    if topo.tp_size > 1:
+    if topo.tp_size > 1 and topo.pp_size == 1:  # in a pipeline, pipeline.py split the stages and checks
         _replace_tp_input_check(engine, topo)
     return engine, ds_config
 

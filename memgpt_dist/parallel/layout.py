@@ -96,7 +96,7 @@ def validate_layout(cfg: TrainConfig, world_size: int) -> Layout:
 
 def require_executable_layout(cfg: TrainConfig, world_size: int) -> Layout:
     """The trainer's gate: a valid layout that this version can also execute: ZeRO-0..3 x TP x DP,
-    or a pipeline (1F1B) x DP with ZeRO-0/1 (no TP inside pipeline stages yet)."""
+    or a pipeline (1F1B) x TP x DP with ZeRO-0/1."""
     layout = validate_layout(cfg, world_size)
     for warning in layout.warnings:
         log.warning(warning)
@@ -106,11 +106,6 @@ def require_executable_layout(cfg: TrainConfig, world_size: int) -> Layout:
 
 
 def _require_executable_pipeline(cfg: TrainConfig, layout: Layout) -> None:
-    if layout.tp > 1:
-        raise ConfigError(f"parallel.tp={layout.tp}, parallel.pp={layout.pp}: the layout is valid (inspect it with "
-                          f"--dry-run) but tensor parallelism inside pipeline stages is not implemented yet; train "
-                          f"with parallel.tp=1 parallel.pp={layout.pp} (pipeline x data parallel), or parallel.pp=1 "
-                          f"parallel.tp={layout.tp} with ZeRO-3")
     if cfg.train.carry_memory:
         raise ConfigError(f"train.carry_memory=true with parallel.pp={layout.pp}: stream training (the memory "
                           f"carried from one micro-batch to the next) is not implemented under pipeline "

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from memgpt_dist.config import ModelConfig, ParallelConfig
 from memgpt_dist.model.gpt import GPT, Block, build_rope
+from memgpt_dist.parallel.tensor_parallel import apply_tensor_parallel_layers, check_tp_inputs_once
 
 TIED_KEY = "embed"  # DeepSpeed's tie key for the embedding and the LM head
 TIED_ATTR = "wte.weight"  # the tied parameter, as an attribute path inside both tied layers
@@ -91,16 +92,43 @@ def pipeline_specs(model: GPT) -> list:
 
 
 def build_pipeline_module(model: GPT, parallel: ParallelConfig, loss_fn: Callable[[Tensor, tuple], Tensor]):
-    """This rank's stage of `model` as a PipelineModule of `parallel.pp` stages.
+    """This rank's stage of `model` as a PipelineModule of `parallel.pp` stages, each split over
+    `parallel.tp` tensor-parallel ranks.
 
-    `loss_fn(logits, labels)` runs on the last stage with whatever the data iterator yields as
-    labels. Needs torch.distributed initialised (the stage comes from the global rank)."""
+    `model` comes from `apply_plan` on this rank's TP rank (its per-head parameters already hold
+    only its heads). `loss_fn(logits, labels)` runs on the last stage with whatever the data
+    iterator yields as labels. Needs torch.distributed initialised (the stage comes from the
+    global rank)."""
+    import torch.distributed as dist
     from deepspeed.pipe import PipelineModule
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    net = PipelineModule(layers=pipeline_specs(model), num_stages=parallel.pp, loss_fn=loss_fn,
+    dp = dist.get_world_size() // (parallel.pp * parallel.tp)
+    topology = PipeModelDataParallelTopology(num_pp=parallel.pp, num_mp=parallel.tp, num_dp=dp)  # tp fastest
+    net = PipelineModule(layers=pipeline_specs(model), topology=topology, loss_fn=loss_fn,
                          partition_method=parallel.pp_partition, activation_checkpoint_interval=0)
     _count_final_norm_in_grad_norm(net)
+    if parallel.tp > 1:
+        _split_stage_over_tp_ranks(net)
     return net
+
+
+def _split_stage_over_tp_ranks(net) -> None:
+    """Tensor parallelism inside the stage: its blocks' Linear layers become DeepSpeed's column- and
+    row-parallel layers over the grid's tensor-slicing group (the ranks of this stage and replica;
+    `tensor_parallel.apply_tensor_parallel_layers`). The embedding and the tied head stay replicated
+    on every TP rank (the vocabulary is small next to the blocks); their gradients are equal there
+    because the residual stream is replicated and the column-parallel layers all-reduce their input
+    gradient. The stage's first rank also checks once that its TP ranks were given the same batch."""
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+    from deepspeed.module_inject.layers import collect_autotp_universal_checkpoint_info
+
+    grid = net._grid
+    group = grid.get_slice_parallel_group()
+    apply_tensor_parallel_layers(net, group)
+    setattr(net, UNIVERSAL_CHECKPOINT_INFO, collect_autotp_universal_checkpoint_info(net))
+    if grid.is_first_stage:
+        check_tp_inputs_once(net, group, tp_src_rank=grid.get_global_rank() - grid.get_slice_parallel_rank())
 
 
 def _count_final_norm_in_grad_norm(net) -> None:

@@ -56,6 +56,42 @@ def autotp_partition_config() -> dict[str, Any]:
     }
 
 
+def apply_tensor_parallel_layers(module: nn.Module, tp_group) -> list[str]:
+    """Replace the Linear layers our rules name with DeepSpeed's training TP layers over `tp_group`:
+    `LinearLayer` (column-parallel) and `LinearAllreduce` (row-parallel), the classes AutoTP
+    itself creates, splitting each weight into the same equal contiguous blocks. Returns the
+    replaced modules' names.
+
+    For pipeline stages, where AutoTP cannot run: DeepSpeed's engine applies AutoTP over its own
+    (data, tensor) mesh and then takes that mesh as the model-parallel unit, which contradicts the
+    PipelineModule's grid (runtime/pipe/engine.py asserts the grid's data-parallel size). Here the
+    group is the grid's tensor-slicing group, and the engine never hears of AutoTP. Every other
+    Linear layer is an error, as AutoTP's strict_mode: left replicated it would read all heads.
+    Run after `shard_head_parameters` (same rank, same heads)."""
+    from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer, set_autotp_mode
+
+    set_autotp_mode(training=True)  # the layers' backward collectives; deepspeed.initialize sets it only for AutoTP
+    replaced = []
+    for name, child in list(module.named_modules()):
+        if not isinstance(child, nn.Linear):
+            continue
+        if _has_suffix(name, COLUMN_PARALLEL):
+            layer = LinearLayer(child, tp_group, name=name)
+        elif _has_suffix(name, ROW_PARALLEL):
+            layer = LinearAllreduce(child, tp_group, name=name)
+        else:
+            raise ValueError(f"{name} is an nn.Linear without a tensor-parallel rule; add it to COLUMN_PARALLEL or "
+                             f"ROW_PARALLEL in memgpt_dist/parallel/tensor_parallel.py")
+        parent, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(parent), attr, layer)
+        replaced.append(name)
+    return replaced
+
+
+def _has_suffix(name: str, suffixes: tuple[str, ...]) -> bool:
+    return any(name == s or name.endswith("." + s) for s in suffixes)
+
+
 def _weight_pattern(module_suffix: str) -> str:
     # AutoTP matches with re.match against the full name; every rule's module has a parent
     return r".*\." + re.escape(module_suffix) + r"\.weight$"
@@ -187,7 +223,10 @@ def check_tp_inputs_once(module: nn.Module, tp_group, tp_src_rank: int):
     heads), so only the data (input_ids, reset) is compared. Returns the hook handle."""
     def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
         handle.remove()
-        data = [t for t in (args[0] if args else kwargs.get("input_ids"), kwargs.get("reset")) if t is not None]
+        first = args[0] if args else kwargs.get("input_ids")
+        # a pipeline's first stage gets one tuple (input_ids, reset)
+        data = list(first) if isinstance(first, tuple) else [first, kwargs.get("reset")]
+        data = [t for t in data if t is not None]
         same = all([_equal_to_source(t, tp_group, tp_src_rank) for t in data])  # a list: every broadcast runs
         flag = torch.tensor([1 if same else 0], dtype=torch.int64, device=data[0].device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=tp_group)  # every rank raises, none hangs

@@ -77,13 +77,10 @@ def test_fewer_micro_batches_than_stages_is_a_logged_bubble_warning(caplog):
     assert layout_of(4, "parallel.pp=4", "parallel.zero_stage=1", "parallel.grad_accum=4").warnings == ()
 
 
-def test_trainer_refuses_tp_inside_pipeline_stages():
+def test_trainer_runs_tp_inside_pipeline_stages():
     cfg = load_config(None, SMALL + ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1"])
-    with pytest.raises(ConfigError, match=r"parallel.tp=2, parallel.pp=2: the layout is valid.*tensor parallelism "
-                                          r"inside pipeline stages is not implemented yet; train with parallel.tp=1 "
-                                          r"parallel.pp=2"):
-        require_executable_layout(cfg, 4)
-    assert require_executable_layout(load_config(None, SMALL), 2).dp == 2
+    layout = require_executable_layout(cfg, 8)
+    assert (layout.dp, layout.tp, layout.pp, layout.zero_stage) == (2, 2, 2, 1)
 
 
 @pytest.mark.parametrize("overrides, message", [
