@@ -177,7 +177,7 @@ def convert_to_universal(step_dir: Path, saved: RunLayout) -> float:
         shutil.rmtree(work, ignore_errors=True)
         raise RuntimeError(f"{exc}; ds_to_universal said: {chatter.getvalue()[-2000:]}") from exc
     add_model_state_aliases(work / step_dir.name)
-    complete_optimizer_state(work / step_dir.name / "zero")
+    complete_optimizer_state(work / step_dir.name / "zero", bare_tensors=saved.zero_stage == 3)
     if saved.pp > 1:
         rename_pipeline_parameters(work / step_dir.name / "zero")
     link_pipeline_names(work / step_dir.name / "zero")
@@ -210,7 +210,7 @@ def add_model_state_aliases(tag_dir: Path) -> None:
                 shutil.copy2(f, alias)
 
 
-def complete_optimizer_state(zero_dir: Path) -> None:
+def complete_optimizer_state(zero_dir: Path, bare_tensors: bool) -> None:
     """Give the converted optimizer state what the loader of the *other* ZeRO family reads.
 
     DeepSpeed's ZeRO-3 universal load takes Adam's step from `optimizer_state.pt`
@@ -218,8 +218,8 @@ def complete_optimizer_state(zero_dir: Path) -> None:
     parameter's folder and checks `optimizer_state.pt` for a "ds_version"; a conversion writes
     only what its own stage's loader reads, so a stage change (3 -> 1, 1 -> 3) finds them
     missing. The step is the same for every parameter (one optimizer step count per run).
-    Likewise the ZeRO-1/2 load reads each state file as {"param": tensor}, and a ZeRO-3
-    conversion writes bare tensors (the ZeRO-3 load takes both)."""
+    Likewise the ZeRO-1/2 load reads each state file as {"param": tensor}, and the conversion of
+    a ZeRO-3 checkpoint writes bare tensors (`bare_tensors`; the ZeRO-3 load takes both)."""
     from deepspeed import __version__ as ds_version
     from deepspeed.checkpoint.constants import PARAM
 
@@ -230,11 +230,9 @@ def complete_optimizer_state(zero_dir: Path) -> None:
     state.setdefault("optimizer_state_dict", {"state": {0: {"step": step}}, "param_groups": state["param_groups"]})
     torch.save(state, zero_dir / "optimizer_state.pt")
     for folder in (f for f in zero_dir.iterdir() if f.is_dir()):
-        for file in folder.glob("*.pt"):
+        for file in (f for f in folder.glob("*.pt") if bare_tensors and f.name != "step.pt"):
             with torch_load_weights_only():
-                saved = torch.load(file, map_location="cpu")
-            if torch.is_tensor(saved) and file.name != "step.pt":
-                torch.save({PARAM: saved}, file)
+                torch.save({PARAM: torch.load(file, map_location="cpu")}, file)
         if not (folder / "step.pt").exists():
             torch.save(step, folder / "step.pt")
 
