@@ -232,15 +232,19 @@ def run_layout(size: str, layout: Layout, opts, out: Path, round_i: int) -> RunR
                        peak_rss_mb=dict(sorted(watch.peak_mb.items())))
     if code != 0:
         result.error = f"{code if isinstance(code, str) else f'exit code {code}'}: {_last_error(log_file)}"
-        return result
-    result.step_times_s, result.trainer_tokens_per_s = read_step_times(run_dir / "metrics.jsonl", opts.warmup)
+    # a run that logged every step and failed afterwards (at teardown) still measured its steps
+    result.step_times_s, result.trainer_tokens_per_s = read_step_times(run_dir / "metrics.jsonl", opts.warmup,
+                                                                       opts.steps)
     return result
 
 
-def read_step_times(metrics: Path, warmup: int) -> tuple[list[float], float]:
-    """Step times after the warm-up steps, and the trainer's tokens/s (loss-bearing tokens) over them."""
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+def read_step_times(metrics: Path, warmup: int, steps: int) -> tuple[list[float], float]:
+    """Step times after the warm-up steps, and the trainer's tokens/s (loss-bearing tokens) over
+    them; nothing unless all `steps` were logged."""
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
     train = sorted((r for r in records if "perf/step_time_s" in r), key=lambda r: r["step"])
+    if not train or train[-1]["step"] < steps:
+        return [], 0.0
     prev_tokens = {r["step"]: r["tokens"] for r in train}
     timed = [r for r in train if r["step"] > warmup]
     tokens = sum(r["tokens"] - prev_tokens.get(r["step"] - 1, 0) for r in timed)
@@ -251,7 +255,9 @@ def read_step_times(metrics: Path, warmup: int) -> tuple[list[float], float]:
 def _last_error(log_file: Path) -> str:
     """The most telling line of a failed run's log: the last one naming an error."""
     lines = [line.strip() for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
-    errors = [line for line in lines if "Error" in line or "error" in line]
+    # the launcher's own last words only repeat a rank's command line; the rank's message says more
+    errors = [line for line in lines if "sigkill_handler" not in line and any(
+        word in line for word in ("Error", "error", "terminate called", "Traceback", "Segmentation", "Killed"))]
     return (errors or lines or ["(empty log)"])[-1][:400]
 
 
@@ -278,8 +284,8 @@ class Row:
 
 
 def summarize(size: str, layout: Layout, runs: list[RunResult], tokens_per_step: int) -> Row:
-    ok = [r for r in runs if r.ok and r.step_times_s]
-    times = [t for r in ok for t in r.step_times_s]
+    measured = [r for r in runs if r.step_times_s]
+    times = [t for r in measured for t in r.step_times_s]
     step = statistics.median(times) if times else None
     peak: dict[int, float] = {}
     for r in runs:
@@ -287,8 +293,8 @@ def summarize(size: str, layout: Layout, runs: list[RunResult], tokens_per_step:
             peak[rank] = max(peak.get(rank, 0.0), mb)
     return Row(size, layout.name, layout.label, layout.nproc, layout.nproc > (os.cpu_count() or 1), tokens_per_step,
                step, tokens_per_step / step if step else None, None,
-               statistics.median(r.trainer_tokens_per_s for r in ok) if ok else None, dict(sorted(peak.items())),
-               sum(r.wall_s for r in runs), "; ".join(r.error for r in runs if r.error))
+               statistics.median(r.trainer_tokens_per_s for r in measured) if measured else None,
+               dict(sorted(peak.items())), sum(r.wall_s for r in runs), "; ".join(r.error for r in runs if r.error))
 
 
 def format_table(rows: list[Row]) -> str:
@@ -303,7 +309,8 @@ def format_table(rows: list[Row]) -> str:
             lines.append(f"| {r.size} | {r.label} | {ranks} | FAILED | - | - | {mem} |")
             continue
         ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "-"
-        lines.append(f"| {r.size} | {r.label} | {ranks} | {r.tokens_per_s:,.0f} | {ratio} | "
+        label = r.label + (" (failed after its last step, see below)" if r.error else "")
+        lines.append(f"| {r.size} | {label} | {ranks} | {r.tokens_per_s:,.0f} | {ratio} | "
                      f"{r.step_time_s:.3f} | {mem} |")
     failures = [f"{r.size} {r.label}: {r.error}" for r in rows if r.error]
     return "\n".join(lines + ([""] + ["FAILED " + f for f in failures] if failures else []))
@@ -355,8 +362,8 @@ def main(argv=None) -> int:
             for layout in layouts:  # layouts take turns, so drift of a shared machine hits them alike
                 r = run_layout(size, layout, opts, out, round_i)
                 runs[layout.name].append(r)
-                status = (f"median step {statistics.median(r.step_times_s):.3f} s" if r.ok and r.step_times_s
-                          else f"FAILED {r.error}")
+                status = (f"median step {statistics.median(r.step_times_s):.3f} s" if r.step_times_s else "FAILED")
+                status += f" ({r.error})" if r.error else ""
                 print(f"[{size} round {round_i + 1}/{opts.rounds}] {layout.label}: {status}, peak MB "
                       f"{[round(v) for v in r.peak_rss_mb.values()]}, {r.wall_s:.0f} s with start-up", flush=True)
         _, _, _, _, seg, k, _ = MODEL_SIZES[size]
