@@ -6,19 +6,23 @@ losses and gradient norms agree within 1e-5 at step 1 and 1e-4 over 5 steps, and
 validation loss. Each TP rank's layer files hold its heads' shards, which merge by the TP rules
 into the single-process weights after 6 steps; the replicated LayerNorms, biases and embedding
 are bitwise equal across the TP ranks. A copy of the run resumed from its step-3 checkpoint
-repeats the losses of steps 4-6.
+repeats the losses of steps 4-6. The first stage's TP ranks check once that they got one batch.
 """
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 
-from helpers import read_metrics, tiny_args, train
-from memgpt_dist.parallel.tensor_parallel import apply_tensor_parallel_layers, merge_tp_shards, tp_shard_dim
+from helpers import free_port, read_metrics, tiny_args, train
+from memgpt_dist.parallel.tensor_parallel import (apply_tensor_parallel_layers, check_tp_inputs_once, merge_tp_shards,
+                                                  tp_shard_dim)
 
 STEPS, SAVE_AT, TP, N_LAYER = 6, 3, 2, 2
 COMMON = [f"--train.max_steps={STEPS}", "--parallel.zero_stage=1", "--parallel.grad_accum=2",
@@ -108,3 +112,23 @@ def test_resume_in_the_layout_reproduces_the_losses(runs):
 def test_a_linear_layer_without_a_rule_is_refused():
     with pytest.raises(ValueError, match=r"mlp.gate_proj is an nn.Linear without a tensor-parallel rule"):
         apply_tensor_parallel_layers(nn.ModuleDict({"mlp": nn.ModuleDict({"gate_proj": nn.Linear(4, 4)})}), None)
+
+
+def _first_stage_rank(rank: int, port: int, errors) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        stage = nn.Identity()
+        check_tp_inputs_once(stage, dist.new_group([0, 1]), tp_src_rank=0)
+        stage((torch.arange(6).view(2, 3) + rank, torch.tensor([[True], [False]])))  # a pipeline's (input_ids, reset)
+    except RuntimeError as exc:
+        errors.put((rank, str(exc)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_first_stage_tp_ranks_given_different_batches_both_fail():
+    errors = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_first_stage_rank, args=(free_port(), errors), nprocs=2, start_method="spawn")  # joins
+    got = sorted(errors.get() for _ in range(2))
+    assert [r for r, _ in got] == [0, 1] and all("data-parallel rank and size" in msg for _, msg in got)
