@@ -219,7 +219,8 @@ def complete_optimizer_state(zero_dir: Path, bare_tensors: bool) -> None:
     only what its own stage's loader reads, so a stage change (3 -> 1, 1 -> 3) finds them
     missing. The step is the same for every parameter (one optimizer step count per run).
     Likewise the ZeRO-1/2 load reads each state file as {"param": tensor}, and the conversion of
-    a ZeRO-3 checkpoint writes bare tensors (`bare_tensors`; the ZeRO-3 load takes both)."""
+    a ZeRO-3 checkpoint without TP writes bare tensors (`bare_tensors`: the source was ZeRO-3,
+    so look; the ZeRO-3 load takes both)."""
     from deepspeed import __version__ as ds_version
     from deepspeed.checkpoint.constants import PARAM
 
@@ -232,7 +233,9 @@ def complete_optimizer_state(zero_dir: Path, bare_tensors: bool) -> None:
     for folder in (f for f in zero_dir.iterdir() if f.is_dir()):
         for file in (f for f in folder.glob("*.pt") if bare_tensors and f.name != "step.pt"):
             with torch_load_weights_only():
-                torch.save({PARAM: torch.load(file, map_location="cpu")}, file)
+                saved = torch.load(file, map_location="cpu")
+            if torch.is_tensor(saved):  # with TP, ZeRO-3 is merged by the ZeRO-1/2 code: dicts already
+                torch.save({PARAM: saved}, file)
         if not (folder / "step.pt").exists():
             torch.save(step, folder / "step.pt")
 
