@@ -12,6 +12,10 @@ the activations x (B, T, C) and the reset flags (B, S) bool. Each block computes
 from the segment length, and its memory state is created and consumed inside its own scan over
 the K segments of the micro-batch, so no state crosses a stage. Carrying the memory from one
 micro-batch to the next (train.carry_memory) is not supported under pipeline parallelism.
+
+With parallel.tp > 1 the ranks form DeepSpeed's `PipeModelDataParallelTopology` (tp fastest) and
+each stage's blocks are split over its TP ranks by `tensor_parallel.apply_tensor_parallel_layers`
+(DeepSpeed's TP layer classes over the grid's tensor-slicing group; AutoTP cannot run there).
 """
 from __future__ import annotations
 

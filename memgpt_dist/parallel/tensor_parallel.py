@@ -1,5 +1,6 @@
-"""Tensor parallelism for ZeRO x TP x DP layouts: DeepSpeed AutoTP rules for our module names,
-and the per-head parameters AutoTP does not partition.
+"""Tensor parallelism: DeepSpeed AutoTP rules for our module names (ZeRO x TP x DP layouts), the
+same rules applied with DeepSpeed's TP layer classes inside pipeline stages
+(`apply_tensor_parallel_layers`), and the per-head parameters neither partitions.
 
 Attention is split by heads and the MLP by hidden units (Megatron's scheme, run by DeepSpeed's
 AutoTP training layers inside `deepspeed.initialize`, before ZeRO partitions the shards):
