@@ -27,7 +27,8 @@ renames them to the GPT's names and links the GPT's names back under the pipelin
 universal checkpoint loads into either (pp2 -> pp1, pp1 -> pp2).
 
 Not supported: ZeRO-0 on either side (DeepSpeed's conversion reads ZeRO optimizer partitions, and
-its universal load restores weights only through a ZeRO optimizer).
+its universal load restores weights only through a ZeRO optimizer), and tp x pp on either side
+(tensor parallelism inside pipeline stages came after this and its conversion is untested).
 """
 from __future__ import annotations
 
@@ -115,6 +116,10 @@ def check_layout_change(saved: RunLayout, now: RunLayout) -> Optional[LayoutChan
                           f"cannot be converted or loaded on another layout (DeepSpeed's universal checkpoint reads and "
                           f"restores ZeRO optimizer partitions). Resume with the saved layout, or use "
                           f"parallel.zero_stage >= 1 on both sides")
+    if any(lay.tp > 1 and lay.pp > 1 for lay in (saved, now)):
+        raise ConfigError(f"--resume: the checkpoint was written by {saved}, this run is {now}; a change from or into "
+                          f"tensor parallelism inside pipeline stages (tp > 1 with pp > 1) is not supported yet (its "
+                          f"conversion is untested). Resume with the saved layout")
     return LayoutChange(saved=saved, now=now)
 
 

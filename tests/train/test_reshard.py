@@ -42,6 +42,12 @@ def test_zero0_on_either_side_is_refused_with_what_to_do(saved, now):
         check_layout_change(saved, now)
 
 
+@pytest.mark.parametrize("saved,now", [(layout(tp=2, pp=2, zero=1), layout(zero=1)), (layout(zero=1), layout(tp=2, pp=2, zero=1))])
+def test_tp_inside_pipeline_on_either_side_is_refused(saved, now):
+    with pytest.raises(ConfigError, match="tp > 1 with pp > 1.*Resume with the saved layout"):
+        check_layout_change(saved, now)
+
+
 def global_memory(streams=4, heads=4) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     return {"layer0.A": torch.randn(streams, heads, 6, 2, generator=g), "layer0.z": torch.randn(streams, heads, 6,
