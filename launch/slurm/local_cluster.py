@@ -22,6 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PIDS_FILE = "daemons.json"
+# Slurm holds a requeued job back until its previous credential expires (cred_expire, 120 s by
+# default; starting it earlier fails with "Job credential revoked"). A short one lets a preempted
+# and requeued job come back within seconds on this test cluster.
+CRED_EXPIRE_S = 10
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={root / 'munge.socket'}
+AuthInfo=socket={root / 'munge.socket'},cred_expire={CRED_EXPIRE_S}
 StateSaveLocation={root / 'state'}
 SlurmdSpoolDir={root / 'spool'}/%n
 SlurmctldPidFile={root / 'slurmctld.pid'}
