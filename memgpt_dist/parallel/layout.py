@@ -106,6 +106,16 @@ def require_executable_layout(cfg: TrainConfig, world_size: int) -> Layout:
 
 
 def _require_executable_pipeline(cfg: TrainConfig, layout: Layout) -> None:
+    if layout.zero_stage == 0 and cfg.optim.grad_clip > 0:
+        # DeepSpeed clips ZeRO-0 pipeline gradients with clip_grad_norm_(mpu=grid), which counts a
+        # replicated parameter only where the grid's model-parallel rank is 0: a rank's position
+        # across all stages, so the later stages' replicated parameters are left out.
+        raise ConfigError(f"parallel.zero_stage=0 with parallel.pp={layout.pp} and optim.grad_clip="
+                          f"{cfg.optim.grad_clip}: DeepSpeed's pipeline engine clips ZeRO-0 gradients by a norm "
+                          f"that leaves out the later stages' replicated parameters, so training drifts from the "
+                          f"same model on one process (measured: 3e-4 in loss after 6 steps of the tiny model); "
+                          f"use parallel.zero_stage=1 (the same weights and gradients per rank, optimizer states "
+                          f"sharded), or optim.grad_clip=0")
     if cfg.train.carry_memory:
         raise ConfigError(f"train.carry_memory=true with parallel.pp={layout.pp}: stream training (the memory "
                           f"carried from one micro-batch to the next) is not implemented under pipeline "
