@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from launch.train import main  # noqa: E402
+from launch.train import exit_process, main  # noqa: E402
 from memgpt_dist.train.trainer import Trainer  # noqa: E402
 
 RANK = int(os.environ["NAN_RANK"])
@@ -31,4 +31,4 @@ def _poisoned_forward(self, batch, read_memory=True, state=None):
 Trainer._forward = _poisoned_forward
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
