@@ -2,8 +2,10 @@
 
 Weights are consolidated from the DeepSpeed checkpoint with DeepSpeed's own
 `get_fp32_state_dict_from_zero_checkpoint` (ZeRO-1/2/3) or read from the model-states file
-(ZeRO-0); a tensor-parallel checkpoint's shards are merged by `consolidated_tp_state_dict`. The prompt is read segment by segment: each full segment is written into the memory
-state, and tokens of the current, partial segment attend locally and read that state.
+(ZeRO-0); a tensor-parallel checkpoint's shards are merged by `consolidated_tp_state_dict`, and a
+pipeline checkpoint's per-layer files (one set per TP rank with TP inside the stages) by
+`pipeline_state_dict`. The prompt is read segment by segment: each full segment is written into
+the memory state, and tokens of the current, partial segment attend locally and read that state.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from memgpt_dist.config import ConfigError, TrainConfig, config_from_json
+from memgpt_dist.config import TrainConfig, config_from_json
 from memgpt_dist.model import GPT
 from memgpt_dist.train.checkpoint import MARKER, CheckpointError, TAG_RE, tag_for, torch_load_weights_only
 
@@ -65,11 +67,9 @@ def load_model(ckpt_dir: Path) -> tuple[GPT, TrainConfig]:
 
 
 def consolidated_state_dict(ckpt_dir: Path, zero_stage: int, tp: int = 1) -> dict[str, torch.Tensor]:
+    """The whole model's fp32 weights under the GPT's names, from a checkpoint of any layout."""
     if any(ckpt_dir.glob("layer_*-model_states.pt")):  # written by the pipeline engine, one file per layer
-        if tp > 1:
-            raise ConfigError(f"{ckpt_dir} holds tensor-parallel shards inside pipeline stages (parallel.tp={tp}); "
-                              f"generation and evaluation read pipeline checkpoints with parallel.tp=1 only")
-        return pipeline_state_dict(ckpt_dir)
+        return pipeline_state_dict(ckpt_dir, tp)
     if tp > 1:  # one shard per tensor-parallel rank
         from memgpt_dist.parallel.tensor_parallel import consolidated_tp_state_dict
 
@@ -84,11 +84,32 @@ def consolidated_state_dict(ckpt_dir: Path, zero_stage: int, tp: int = 1) -> dic
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
 
 
-def pipeline_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    """The GPT's state dict from a pipeline checkpoint's per-layer files (fp32). Layer 0 is the
-    embedding, layer i + 1 holds block i under "block.", the last layer the final norm and the
-    tied head (the embedding's weight again, so it is read once)."""
-    files = sorted(ckpt_dir.glob("layer_*-model_states.pt"), key=lambda f: int(f.name[6:8]))
+def pipeline_state_dict(ckpt_dir: Path, tp: int = 1) -> dict[str, torch.Tensor]:
+    """The GPT's state dict from a pipeline checkpoint's per-layer files (fp32).
+
+    DeepSpeed writes `layer_LL-model_TT-model_states.pt` per layer LL and TP rank TT; with TP
+    inside the stages (tp > 1) each rank's file holds its heads' shards, merged by the TP rules
+    (`tensor_parallel.merge_tp_shards`)."""
+    shards = [_pipeline_tp_shard(ckpt_dir, t) for t in range(tp)]
+    if tp == 1:
+        return shards[0]
+    from memgpt_dist.parallel.tensor_parallel import merge_tp_shards
+
+    for t, shard in enumerate(shards[1:], start=1):
+        if set(shard) != set(shards[0]):
+            raise CheckpointError(f"{ckpt_dir}: the layer files of TP rank {t} hold other parameters than TP rank "
+                                  f"0's ({sorted(set(shard) ^ set(shards[0]))[:4]}); the checkpoint is incomplete")
+    return merge_tp_shards(shards)
+
+
+def _pipeline_tp_shard(ckpt_dir: Path, tp_rank: int) -> dict[str, torch.Tensor]:
+    """One TP rank's parameters under the GPT's names. Layer 0 is the embedding, layer i + 1
+    holds block i under "block.", the last layer the final norm and the tied head (the
+    embedding's weight again, so it is read once)."""
+    files = sorted(ckpt_dir.glob(f"layer_*-model_{tp_rank:02d}-model_states.pt"), key=lambda f: int(f.name[6:8]))
+    if not files:
+        raise CheckpointError(f"{ckpt_dir} has no layer_*-model_{tp_rank:02d}-model_states.pt for tensor-parallel "
+                              f"rank {tp_rank}; the checkpoint is incomplete")
     out: dict[str, torch.Tensor] = {}
     for f in files:
         index = int(f.name[6:8])

@@ -7,9 +7,11 @@ validation loss. Each TP rank's layer files hold its heads' shards, which merge 
 into the single-process weights after 6 steps; the replicated LayerNorms, biases and embedding
 are bitwise equal across the TP ranks. A copy of the run resumed from its step-3 checkpoint
 repeats the losses of steps 4-6. The first stage's TP ranks check once that they got one batch.
+`memgpt-generate` and `memgpt-eval` read the tp x pp checkpoint as the single-process model.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -20,7 +22,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from helpers import free_port, read_metrics, tiny_args, train
+from helpers import bin_path, free_port, read_metrics, run_cmd, tiny_args, train
+from memgpt_dist.generate import load_model
 from memgpt_dist.parallel.tensor_parallel import (apply_tensor_parallel_layers, check_tp_inputs_once, merge_tp_shards,
                                                   tp_shard_dim)
 
@@ -100,6 +103,33 @@ def test_replicated_parameters_are_bitwise_equal_across_tp_ranks(runs):
     assert {"blocks.0.ln1.weight", "blocks.1.ln2.bias", "ln_f.weight", "wte.weight"} <= set(replicated)
     for name in replicated:
         assert torch.equal(shards[0][name], shards[1][name]), name
+
+
+def test_a_tp_pp_checkpoint_loads_as_the_whole_model_for_generation_and_eval(runs):
+    """load_model merges every TP rank's layer files of every stage into the GPT: the merged
+    shards exactly, and the single-process run's weights within the training tolerance above."""
+    ckpt = runs / "tp2pp2" / "checkpoints" / f"step_{STEPS:08d}"
+    model, cfg = load_model(ckpt)
+    whole, _ = load_model(runs / "one" / "checkpoints" / f"step_{STEPS:08d}")
+    assert (cfg.parallel.tp, cfg.parallel.pp) == (TP, 2)
+    merged = merge_tp_shards([layer_files(ckpt, t) for t in range(TP)])
+    expected = dict(whole.named_parameters())
+    assert sorted(n for n, _ in model.named_parameters()) == sorted(expected)
+    for name, param in model.named_parameters():
+        assert torch.equal(param.detach(), merged[name].float()), name
+        assert float((param.detach() - expected[name]).norm() / expected[name].norm()) < 1e-4, name
+
+
+def test_eval_of_a_tp_pp_checkpoint_matches_the_single_process_run(runs, tmp_path):
+    """memgpt-eval runs on the tp x pp checkpoint, and its loss by segment is the single-process
+    checkpoint's (the weights agree within 1e-4)."""
+    out = tmp_path / "eval.json"
+    run_cmd([bin_path("memgpt-eval"), "--checkpoint", str(runs / "one"), str(runs / "tp2pp2"), "--segments", "3",
+             "--corpus-docs", "4", "--json", str(out)])
+    record = json.loads(out.read_text())
+    one, tp_pp = (next(r["corpus"] for name, r in record.items() if name.startswith(run)) for run in ("one@", "tp2pp2@"))
+    assert len(tp_pp["loss_by_segment"]) == 3
+    assert tp_pp["loss_by_segment"] == pytest.approx(one["loss_by_segment"], rel=1e-4)
 
 
 def test_resume_in_the_layout_reproduces_the_losses(runs):
