@@ -63,6 +63,14 @@ class Topology:
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.dp_group)
         return t.cpu().tolist()
 
+    def sum_over_world(self, values: list[float]) -> list[float]:
+        """Sum a few floats over every rank (float64): for figures that only some ranks hold, such
+        as the validation loss on a pipeline's last stage; the others contribute zeros."""
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
+        if dist.is_initialized() and self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.cpu().tolist()
+
     def all_gather_object(self, obj: Any) -> list[Any]:
         if not (dist.is_initialized() and self.world_size > 1):
             return [obj]

@@ -116,14 +116,6 @@ def _require_executable_pipeline(cfg: TrainConfig, layout: Layout) -> None:
                           f"same model on one process (measured: 3e-4 in loss after 6 steps of the tiny model); "
                           f"use parallel.zero_stage=1 (the same weights and gradients per rank, optimizer states "
                           f"sharded), or optim.grad_clip=0")
-    if cfg.train.carry_memory:
-        raise ConfigError(f"train.carry_memory=true with parallel.pp={layout.pp}: stream training (the memory "
-                          f"carried from one micro-batch to the next) is not implemented under pipeline "
-                          f"parallelism yet; use train.carry_memory=false or parallel.pp=1")
-    if cfg.data.n_segments_schedule:
-        raise ConfigError(f"data.n_segments_schedule with parallel.pp={layout.pp}: the pipeline exchanges "
-                          f"activations of one fixed shape between stages, so the sample length cannot change "
-                          f"during a run; use a fixed data.n_segments or parallel.pp=1")
 
 
 def bubble_fraction(pp: int, n_micro: int) -> float:

@@ -10,8 +10,14 @@ The layers wrap the modules of a GPT built (and initialised) as for a single pro
 pipeline run starts from exactly the single-process weights. Between stages only tensors travel:
 the activations x (B, T, C) and the reset flags (B, S) bool. Each block computes its rotary tables
 from the segment length, and its memory state is created and consumed inside its own scan over
-the K segments of the micro-batch, so no state crosses a stage. Carrying the memory from one
-micro-batch to the next (train.carry_memory) is not supported under pipeline parallelism.
+the K segments of the micro-batch, so no state crosses a stage.
+
+Stream training (train.carry_memory): each stage keeps the memory of its own layers for the
+rank's streams in a `StageMemory`, from one training micro-batch to the next. A stage runs its
+forwards in micro-batch order (1F1B reorders only forwards against backwards), so micro-batch
+j + 1 starts from what micro-batch j left, exactly as in a single process. The state is detached
+between micro-batches (truncated BPTT, as there) and never travels between stages: the memory is
+partitioned by layer on the stages, by head on their TP ranks and by stream on the replicas.
 
 With parallel.tp > 1 the ranks form DeepSpeed's `PipeModelDataParallelTopology` (tp fastest) and
 each stage's blocks are split over its TP ranks by `tensor_parallel.apply_tensor_parallel_layers`
@@ -27,6 +33,7 @@ from torch import Tensor, nn
 
 from memgpt_dist.config import ModelConfig, ParallelConfig
 from memgpt_dist.model.gpt import GPT, Block, build_rope
+from memgpt_dist.model.memory import LayerState
 from memgpt_dist.parallel.tensor_parallel import apply_tensor_parallel_layers, check_tp_inputs_once
 
 TIED_KEY = "embed"  # DeepSpeed's tie key for the embedding and the LM head
@@ -55,13 +62,44 @@ class EmbedStage(nn.Module):
         return self.drop(x), reset
 
 
-class BlockStage(nn.Module):
-    """One transformer block; the memory starts from zero at the micro-batch and stays inside."""
+class StageMemory:
+    """What this rank's stage keeps of its layers between micro-batches: with `carry`
+    (train.carry_memory) the memory state of the rank's streams per global layer index, and the
+    memory statistics of the last training micro-batch. Shared by the stage's `BlockStage`s and
+    the trainer, which saves, restores and logs it."""
 
-    def __init__(self, block: Block, cfg: ModelConfig):
+    def __init__(self, carry: bool):
+        self.carry = carry
+        self.layers: dict[int, LayerState] = {}  # global layer index -> state after the last micro-batch
+        self.owned: list[int] = []  # the global layer indices of this stage's blocks
+        self.stats: dict[str, Tensor] = {}  # "<stat>/layer<i>" of the last training micro-batch
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """`{"layer<i>.A", "layer<i>.z"}` by global layer index, fp32 on the CPU (as
+        `memory.state_to_dict` names a whole model's state, so a pp1 run reads it back)."""
+        out: dict[str, Tensor] = {}
+        for i, s in sorted(self.layers.items()):
+            out[f"layer{i}.A"], out[f"layer{i}.z"] = s.A.float().cpu(), s.z.float().cpu()
+        return out
+
+    def load_state_dict(self, tensors: Optional[dict[str, Tensor]], device: torch.device) -> None:
+        """Take this stage's layers from a saved state (a stage's or a whole model's); None or a
+        state without them: start from zero memory."""
+        self.layers = {i: LayerState(tensors[f"layer{i}.A"].to(device, torch.float32),
+                                     tensors[f"layer{i}.z"].to(device, torch.float32))
+                       for i in self.owned if tensors and f"layer{i}.A" in tensors}
+
+
+class BlockStage(nn.Module):
+    """One transformer block. Its memory starts from zero at the micro-batch, or, when training
+    with `memory.carry`, from the state the previous micro-batch left in this layer."""
+
+    def __init__(self, block: Block, cfg: ModelConfig, index: int, memory: StageMemory):
         super().__init__()
         self.block = block
         self.cfg = cfg
+        self.index = index
+        self.memory = memory  # not a submodule: it holds no parameters and is saved by the trainer
 
     def forward(self, inputs: Activations) -> Activations:
         x, reset = inputs
@@ -69,7 +107,12 @@ class BlockStage(nn.Module):
         rope = None
         if cfg.position == "rope":
             rope = build_rope(_positions(x.shape[1], cfg.segment_len, x.device), cfg.head_dim, cfg.rope_theta)
-        x, _, _ = self.block(x, rope, None, reset, True)
+        carry = self.training and self.memory.carry
+        x, state, stats = self.block(x, rope, self.memory.layers.get(self.index) if carry else None, reset, True)
+        if self.training:
+            self.memory.stats.update({f"{k}/layer{self.index}": v for k, v in stats.items()})
+        if carry and state is not None:  # the next micro-batch of each stream continues its document
+            self.memory.layers[self.index] = LayerState(state.A.detach(), state.z.detach())
         return x, reset
 
 
@@ -85,19 +128,21 @@ class HeadStage(nn.Module):
         return F.linear(self.ln_f(x), self.wte.weight)  # (B, T, vocab)
 
 
-def pipeline_specs(model: GPT) -> list:
+def pipeline_specs(model: GPT, memory: StageMemory) -> list:
     """DeepSpeed layer specs in `layout.pipeline_items` order, wrapping `model`'s modules."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     return [TiedLayerSpec(TIED_KEY, EmbedStage, model.wte, model.wpe, model.drop, model.cfg.segment_len,
                           tied_weight_attr=TIED_ATTR),
-            *(LayerSpec(BlockStage, block, model.cfg) for block in model.blocks.values()),
+            *(LayerSpec(BlockStage, block, model.cfg, int(i), memory) for i, block in model.blocks.items()),
             TiedLayerSpec(TIED_KEY, HeadStage, model.ln_f, model.wte, tied_weight_attr=TIED_ATTR)]
 
 
-def build_pipeline_module(model: GPT, parallel: ParallelConfig, loss_fn: Callable[[Tensor, tuple], Tensor]):
+def build_pipeline_module(model: GPT, parallel: ParallelConfig, loss_fn: Callable[[Tensor, tuple], Tensor],
+                          carry_memory: bool = False):
     """This rank's stage of `model` as a PipelineModule of `parallel.pp` stages, each split over
-    `parallel.tp` tensor-parallel ranks.
+    `parallel.tp` tensor-parallel ranks, and the stage's `StageMemory` (carrying the memory
+    between training micro-batches if `carry_memory`).
 
     `model` comes from `apply_plan` on this rank's TP rank (its per-head parameters already hold
     only its heads). `loss_fn(logits, labels)` runs on the last stage with whatever the data
@@ -109,12 +154,15 @@ def build_pipeline_module(model: GPT, parallel: ParallelConfig, loss_fn: Callabl
 
     dp = dist.get_world_size() // (parallel.pp * parallel.tp)
     topology = PipeModelDataParallelTopology(num_pp=parallel.pp, num_mp=parallel.tp, num_dp=dp)  # tp fastest
-    net = PipelineModule(layers=pipeline_specs(model), topology=topology, loss_fn=loss_fn,
+    memory = StageMemory(carry_memory)
+    net = PipelineModule(layers=pipeline_specs(model, memory), topology=topology, loss_fn=loss_fn,
                          partition_method=parallel.pp_partition, activation_checkpoint_interval=0)
+    # the stage's own blocks (DeepSpeed also builds every spec once to count its parameters)
+    memory.owned = sorted(m.index for m in net.modules() if isinstance(m, BlockStage))
     _count_final_norm_in_grad_norm(net)
     if parallel.tp > 1:
         _split_stage_over_tp_ranks(net)
-    return net
+    return net, memory
 
 
 def _split_stage_over_tp_ranks(net) -> None:

@@ -138,15 +138,16 @@ def run_training(cfg: TrainConfig, topo: Topology, train_batches: StatefulBatche
     start = resolve_resume(resume, checkpointer)
     change = layout_change_of(checkpointer, start, cfg, topo)
     model = build_model(cfg, topo.tp_rank)
+    stage_memory = None
     if topo.pp_size > 1:
-        model = build_pipeline_module(model, cfg.parallel, scaled_token_loss)
+        model, stage_memory = build_pipeline_module(model, cfg.parallel, scaled_token_loss, cfg.train.carry_memory)
     engine, _ = build_engine(model, cfg, topo, load_universal=change is not None)
     # dropout etc. differ per data-parallel replica, reproducibly; the TP ranks of a replica draw
     # the same masks, so the activations they hold replicated stay identical
     seed_everything(cfg.train.seed + 1000 * topo.dp_rank)
     metrics = MetricsLogger(paths.tensorboard, enabled=topo.is_main, tensorboard=cfg.log.tensorboard,
                             start_step=start or 0, jsonl=paths.root / "metrics.jsonl")
-    trainer = Trainer(cfg, topo, engine, train_batches, make_val_batches, checkpointer, metrics)
+    trainer = Trainer(cfg, topo, engine, train_batches, make_val_batches, checkpointer, metrics, stage_memory)
     if start is not None:
         _restore(trainer, start, change, topo)
     log.info("model: %s parameters; world size %d = dp %d x tp %d x pp %d; global batch %d samples x %d "
@@ -176,7 +177,7 @@ def _report_layout_change(trainer: Trainer, step: int, change: LayoutChange, uni
     how = f"converted to universal at {universal} in {seconds:.1f}s" if seconds is not None \
         else f"already converted to universal at {universal}"
     carry = trainer.cfg.train.carry_memory
-    memory = "; memory state redistributed by global stream id and head" if carry and moved.memory is not None else ""
+    memory = "; memory state redistributed by global stream id, head and layer" if carry and moved.memory is not None else ""
     log.info("checkpoint step %d written by %s %s; loaded into %s; the %d data streams continue from their saved "
              "cursors (%s global samples seen)%s", step, change.saved, how, change.now, change.now.streams,
              f"{trainer.state.samples_seen:,}", memory)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from memgpt_dist.config import TrainConfig
 from memgpt_dist.model.memory import MemoryState, detach_state, move_state, state_from_dict, state_to_dict
 from memgpt_dist.parallel.dist import Topology, rank_layout_state
+from memgpt_dist.parallel.pipeline import StageMemory
 from memgpt_dist.parallel.tensor_parallel import unsharded_grad_norm
 from memgpt_dist.train.checkpoint import CheckpointError, Checkpointer, sha256_file, sha256_text, tag_for
 from memgpt_dist.train.metrics import MetricsLogger
@@ -99,7 +100,9 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, topo: Topology, engine, train_batches: StatefulBatches,
                  make_val_batches: Optional[Callable[[], Iterable[Batch]]], checkpointer: Checkpointer,
-                 metrics: MetricsLogger):
+                 metrics: MetricsLogger, stage_memory: Optional[StageMemory] = None):
+        """`stage_memory`: under pipeline parallelism, the memory state and statistics that this
+        rank's stage keeps (`pipeline.build_pipeline_module`)."""
         self.cfg = cfg
         self.topo = topo
         self.engine = engine
@@ -111,6 +114,8 @@ class Trainer:
         self.client_extra: dict[str, Any] = {}
         # train.carry_memory: the memory of this rank's streams after the last micro-batch (detached)
         self.carried: Optional[MemoryState] = None
+        self.stage_memory = stage_memory  # the same, per layer of this rank's stage, under pp
+        self._pipe_shape: Optional[tuple[int, ...]] = None  # the activation shape the pipeline last exchanged
         self.last_saved_step: Optional[int] = None  # saved or restored: never written twice
         self.longest_step_s = 0.0
         self.longest_save_s: Optional[float] = None
@@ -126,6 +131,10 @@ class Trainer:
                **rank_layout_state(self.topo, getattr(self.train_batches, "stream_ids", None), self.cfg.model.n_head)}
         if self.carried is not None:  # this rank's streams' memory, every layer and its heads, fp32
             out["memory_state"] = {k: v.cpu() for k, v in state_to_dict(self.carried).items()}
+        if self.stage_memory is not None:  # under pp: the layers of this rank's stage only
+            out["layers"] = sorted(self.stage_memory.owned)
+            if self.stage_memory.layers:
+                out["memory_state"] = self.stage_memory.state_dict()
         return out
 
     def checkpoint_meta(self) -> dict[str, Any]:
@@ -164,8 +173,14 @@ class Trainer:
         self._set_carried(saved.get("memory_state"))
 
     def _set_carried(self, memory: Optional[dict[str, torch.Tensor]]) -> None:
-        self.carried = move_state(state_from_dict(memory), self.topo.device) if memory and self.cfg.train.carry_memory \
-            else None
+        """Restore the carried memory from a saved `{"layer<i>.A"/".z"}` (by global layer index;
+        a pipeline stage takes its own layers, a whole model all of them)."""
+        if not self.cfg.train.carry_memory:
+            return
+        if self.stage_memory is not None:
+            self.stage_memory.load_state_dict(memory, self.topo.device)
+            return
+        self.carried = move_state(state_from_dict(memory), self.topo.device) if memory else None
 
     def _redistribute_rank_states(self, saved: tuple[dict[str, Any], ...]) -> Redistributed:
         """Per-rank state written by another layout: each of this rank's streams takes its loader
@@ -278,10 +293,25 @@ class Trainer:
         """One 1F1B `train_batch` over the micro-batches; every stage of the replica read the same
         ones. The last stage's loss_fn (`scaled_token_loss`) gets the labels with the step's scale,
         and DeepSpeed broadcasts the step's mean loss (over micro-batches and replicas, i.e. the
-        global token mean) to every stage. Memory stats stay on the stages and are not logged."""
+        global token mean) to every stage. The carried memory lives in the stages' `StageMemory`;
+        a discarded step puts it back. Memory stats are this stage's (gathered when logged)."""
+        memory = self.stage_memory
+        carried_before = dict(memory.layers) if memory is not None else {}
+        self._set_pipeline_shape(batches)
         loss = float(self.engine.train_batch(data_iter=iter(pipeline_micro_batches(batches, scale))))
         nonfinite = not math.isfinite(loss) or not self.engine.was_step_applied()
-        return loss, None, nonfinite, {}
+        if nonfinite and memory is not None:
+            memory.layers = carried_before
+        return loss, None, nonfinite, dict(memory.stats) if memory is not None else {}
+
+    def _set_pipeline_shape(self, batches: list[Batch]) -> None:
+        """The pipeline engine sizes its send/receive buffers once, from the first activations it
+        exchanges; when the sample length changes (data.n_segments_schedule, or validation after
+        a shorter training K) every rank resets them at the same step (DeepSpeed's curriculum hook)."""
+        shape = tuple(batches[0]["input_ids"].shape)
+        if self._pipe_shape is not None and shape != self._pipe_shape:
+            self.engine.reset_activation_shape()
+        self._pipe_shape = shape
 
     def _maybe_stop_before_unskippable_update(self, grad_norm: Optional[float]) -> None:
         """ZeRO-0 applies whatever gradient it gets. Its gradients are already all-reduced here,
@@ -323,14 +353,8 @@ class Trainer:
             sums += s.double().cpu()
             counts += c.double().cpu()
         reduced = self.topo.all_reduce_sum(sums.tolist() + counts.tolist())
-        sums, counts = torch.tensor(reduced[:K]), torch.tensor(reduced[K:])
         self.engine.train()
-        loss = float(sums.sum() / counts.sum().clamp(min=1))
-        result = {"val/loss": loss, "val/ppl": math.exp(min(loss, 30.0))}
-        for k in range(K):
-            if counts[k] > 0:
-                result[f"val/loss_segment_{k + 1}"] = float(sums[k] / counts[k])
-        return result
+        return _val_result(torch.tensor(reduced[:K]), torch.tensor(reduced[K:]))
 
     def _val_batches(self) -> list[Batch]:
         """`eval_batches` validation micro-batches; fully masked ones where this rank's stream ended."""
@@ -342,18 +366,28 @@ class Trainer:
         return batches
 
     def _evaluate_pipeline(self) -> dict[str, float]:
-        """Validation loss through the pipeline's `eval_batch` (the loss by segment index needs the
-        logits, which stay on the last stage: not reported under pipeline parallelism yet)."""
-        batches = self._val_batches()
-        n_local = sum(int((b["labels"] != IGNORE).sum()) for b in batches)
-        (n_global,) = self.topo.all_reduce_sum([float(n_local)])
-        # eval_batch averages over micro-batches and replicas: scale so that the mean is the token mean
-        scale = self.topo.dp_size * len(batches) / max(n_global, 1.0)
+        """Validation through the pipeline's `eval_batch`, one micro-batch at a time so that the
+        last stage gets each one's logits (DeepSpeed returns the last micro-batch's only) and sums
+        the loss by segment index; the sums reach every rank through one all-reduce over the
+        world, to which only the last stage's first TP rank of each replica contributes."""
+        K = self.cfg.data.n_segments
+        sums = torch.zeros(K, dtype=torch.float64)
+        counts = torch.zeros(K, dtype=torch.float64)
         self.engine.eval()
-        loss = float(self.engine.eval_batch(iter(pipeline_micro_batches(batches, scale)),
-                                            num_micro_batches=len(batches)))
+        for batch in self._val_batches():
+            self._set_pipeline_shape([batch])
+            micro = pipeline_micro_batches([batch], 1.0)
+            # the loss is computed too (DeepSpeed adds every last-stage output to its running total,
+            # which takes scalars only), but not broadcast: the sums below are what is reported
+            _, logits = self.engine.eval_batch(iter(micro), return_logits=True, bcast_loss=False,
+                                               num_micro_batches=1)
+            if self.engine.is_last_stage() and self.topo.tp_rank == 0:
+                s, c = loss_by_segment(logits, batch["labels"].to(logits.device), K)
+                sums += s.double().cpu()
+                counts += c.double().cpu()
         self.engine.train()
-        return {"val/loss": loss, "val/ppl": math.exp(min(loss, 30.0))}
+        reduced = self.topo.sum_over_world(sums.tolist() + counts.tolist())
+        return _val_result(torch.tensor(reduced[:K]), torch.tensor(reduced[K:]))
 
     # ------------------------------------------------------------------ loop
     def fit(self, stop_after: Optional[int] = None) -> TrainState:
@@ -427,7 +461,8 @@ class Trainer:
         values = {"train/loss": r.loss, "train/lr": r.lr, "train/grad_norm": r.grad_norm,
                   "train/skipped_steps": self.state.skipped_steps,
                   "perf/tokens_per_s": toks, "perf/step_time_s": r.step_time, "perf/data_wait_s": r.data_time}
-        values.update({f"memory/{k}": v for k, v in r.stats.items()})
+        stats = self._stage_stats(r.stats) if self.topo.pp_size > 1 else r.stats
+        values.update({f"memory/{k}": v for k, v in stats.items()})
         values.update(self._data_skips())
         self.metrics.scalars(values, step, self.state.tokens_seen)
         self.metrics.line(f"step {step}/{self.cfg.train.max_steps} loss {r.loss:.4f} "
@@ -437,6 +472,12 @@ class Trainer:
             self.metrics.warning(f"step {step} skipped on every rank: non-finite loss or gradient "
                                  f"({self.state.nonfinite_streak} in a row, {self.state.skipped_steps} in all; "
                                  f"the run stops after {self.cfg.train.max_nan_skips} in a row)")
+
+    def _stage_stats(self, mine: dict[str, float]) -> dict[str, float]:
+        """Every stage's memory statistics (of its layers), as the first TP rank of the first
+        replica saw them: a collective, called at the same steps on every rank."""
+        gathered = self.topo.all_gather_object((self.topo.dp_rank, self.topo.tp_rank, mine))
+        return {k: v for dp_rank, tp_rank, stats in gathered if dp_rank == 0 and tp_rank == 0 for k, v in stats.items()}
 
     def _data_skips(self) -> dict[str, float]:
         """Documents skipped in damaged shards so far, and their fraction of all documents read,
@@ -453,6 +494,17 @@ class Trainer:
             by_seg = " ".join(f"{result[k]:.3f}" for k in sorted(result) if k.startswith("val/loss_segment_"))
             self.metrics.line(f"eval step {self.state.step}: val loss {result['val/loss']:.4f} "
                               f"ppl {result['val/ppl']:.2f}" + (f" by segment [{by_seg}]" if by_seg else ""))
+
+
+def _val_result(sums: torch.Tensor, counts: torch.Tensor) -> dict[str, float]:
+    """Validation loss, perplexity and loss by segment index from per-segment (K,) loss sums and
+    token counts over the whole validation batch."""
+    loss = float(sums.sum() / counts.sum().clamp(min=1))
+    result = {"val/loss": loss, "val/ppl": math.exp(min(loss, 30.0))}
+    for k in range(len(sums)):
+        if counts[k] > 0:
+            result[f"val/loss_segment_{k + 1}"] = float(sums[k] / counts[k])
+    return result
 
 
 def _unpartitioned_grad_norm(engine, topo: Topology) -> Optional[float]:

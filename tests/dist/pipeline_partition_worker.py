@@ -17,7 +17,7 @@ deepspeed.init_distributed(dist_backend="gloo")
 out = []
 for overrides in CASES:
     cfg = load_config(None, overrides)
-    net = build_pipeline_module(build_model(cfg), cfg.parallel, loss_fn=None)
+    net, _ = build_pipeline_module(build_model(cfg), cfg.parallel, loss_fn=None)
     out.append([int(b) for b in net.parts])
 if dist.get_rank() == 0:
     print("PARTS " + json.dumps(out), flush=True)

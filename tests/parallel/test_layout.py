@@ -84,9 +84,6 @@ def test_trainer_runs_tp_inside_pipeline_stages():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["train.carry_memory=true"], r"train.carry_memory=true with parallel.pp=2: stream training .* not implemented "
-                                  r"under pipeline parallelism yet; use train.carry_memory=false or parallel.pp=1"),
-    (["data.n_segments_schedule=0:2,10:4"], r"data.n_segments_schedule with parallel.pp=2: .*fixed shape"),
     (["parallel.zero_stage=0"], r"parallel.zero_stage=0 with parallel.pp=2 and optim.grad_clip=1.0: .*leaves out the "
                                 r"later stages' replicated parameters.*use parallel.zero_stage=1 .*or optim.grad_clip=0"),
 ])
@@ -94,6 +91,13 @@ def test_trainer_refuses_what_the_pipeline_cannot_run_yet(overrides, message):
     cfg = load_config(None, SMALL + ["parallel.pp=2", "parallel.zero_stage=1", *overrides])
     with pytest.raises(ConfigError, match=message):
         require_executable_layout(cfg, 2)
+
+
+@pytest.mark.parametrize("overrides", [["train.carry_memory=true"], ["data.n_segments_schedule=0:2,10:4"],
+                                       ["train.carry_memory=true", "data.n_segments_schedule=0:1,4:2", "parallel.tp=2"]])
+def test_pipeline_runs_stream_training_and_the_k_curriculum(overrides):
+    cfg = load_config(None, SMALL + ["parallel.pp=2", "parallel.zero_stage=1", *overrides])
+    assert require_executable_layout(cfg, 4).pp == 2
 
 
 def test_pipeline_under_zero0_runs_without_clipping():
