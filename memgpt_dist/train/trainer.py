@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from memgpt_dist.config import TrainConfig
 from memgpt_dist.model.memory import MemoryState, detach_state, move_state, state_from_dict, state_to_dict
 from memgpt_dist.parallel.dist import Topology, rank_layout_state
-from memgpt_dist.parallel.pipeline import StageMemory
+from memgpt_dist.parallel.pipeline import StageMemory, step_by_whole_model_norm
 from memgpt_dist.parallel.tensor_parallel import unsharded_grad_norm
 from memgpt_dist.train.checkpoint import CheckpointError, Checkpointer, sha256_file, sha256_text, tag_for
 from memgpt_dist.train.metrics import MetricsLogger
@@ -119,6 +119,10 @@ class Trainer:
         self.last_saved_step: Optional[int] = None  # saved or restored: never written twice
         self.longest_step_s = 0.0
         self.longest_save_s: Optional[float] = None
+        if topo.pp_size > 1 and engine.zero_optimization_stage() == 0 and \
+                not (engine.fp16_enabled() or engine.bfloat16_enabled()):
+            # DeepSpeed's own clipping of this path uses a norm without the later stages
+            step_by_whole_model_norm(engine, cfg.optim.grad_clip, self._maybe_stop_before_unskippable_update)
 
     # ------------------------------------------------------------------ state
     def client_state(self) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Pipeline parallelism (1F1B, ZeRO-1) on gloo equals one process with the same global batch.
 
 pp2 holds the whole batch on one data-parallel replica (micro-batch 4 x grad_accum 2); pp2 x dp2
-splits it over two replicas (micro-batch 2). The loss travels to the last stage scaled by the
+splits it over two replicas (micro-batch 2); pp2 under ZeRO-0 is clipped by the whole model's norm. The loss travels to the last stage scaled by the
 global token count, so each step's loss must agree with the single-process run within float
 reduction order. A pp2 run stopped after a checkpoint and resumed continues with the losses of
 the uninterrupted run. The real PipelineModule splits the layers where `--dry-run` says it does.
@@ -30,32 +30,47 @@ def runs(tiny_data, tmp_path_factory):
     train(tiny_args(tiny_data, base / "pp2", *COMMON, "--parallel.micro_batch_size=4", "--parallel.pp=2"), nproc=2)
     train(tiny_args(tiny_data, base / "pp2dp2", *COMMON, *no_ckpt, "--parallel.micro_batch_size=2",
                     "--parallel.pp=2"), nproc=4)
+    # ZeRO-0 with clipping (optim.grad_clip=1.0 acts from step ~2: the grad norm is ~7)
+    train(tiny_args(tiny_data, base / "pp2zero0", *COMMON, *no_ckpt, "--parallel.micro_batch_size=4",
+                    "--parallel.pp=2", "--parallel.zero_stage=0"), nproc=2)
     resumed = tiny_args(tiny_data, base / "resumed", *COMMON, "--parallel.micro_batch_size=4", "--parallel.pp=2")
     train(resumed + ["--stop-after-steps", "3"], nproc=2)
     train(resumed + ["--resume", "auto"], nproc=2)
-    return {"base": base, **{name: read_metrics(base / name) for name in ("one", "pp2", "pp2dp2", "resumed")}}
+    return {"base": base, **{name: read_metrics(base / name) for name in ("one", "pp2", "pp2dp2", "pp2zero0",
+                                                                           "resumed")}}
 
 
-@pytest.mark.parametrize("layout", ["pp2", "pp2dp2"])
+LAYOUTS = ["pp2", "pp2dp2", "pp2zero0"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_first_step_loss_matches_single_process(runs, layout):
     assert runs[layout][1]["train/loss"] == pytest.approx(runs["one"][1]["train/loss"], rel=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["pp2", "pp2dp2"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_losses_match_single_process_over_five_steps(runs, layout):
     for step in range(1, 6):
         assert runs[layout][step]["train/loss"] == pytest.approx(runs["one"][step]["train/loss"], rel=1e-4), step
 
 
-@pytest.mark.parametrize("layout", ["pp2", "pp2dp2"])
+def test_zero0_pipeline_is_clipped_like_one_process(runs):
+    """DeepSpeed's own ZeRO-0 pipeline clipping drifted 1.4e-5 / 5.4e-5 relative at steps 5 / 6
+    (its norm leaves out the later stages); ours stays at float reduction order."""
+    for step in range(1, STEPS + 1):
+        assert runs["pp2zero0"][step]["train/loss"] == pytest.approx(runs["one"][step]["train/loss"], rel=1e-6), step
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_grad_norms_match_single_process(runs, layout):
-    # the tied embedding counted once, the final LayerNorm on the last stage counted too
+    """The tied embedding counted once, the final LayerNorm on the last stage counted too; under
+    ZeRO-0 the norm is ours (DeepSpeed's left out the later stages: 3e-4 off in loss by step 6)."""
     for step in range(1, 6):
         assert runs[layout][step]["train/grad_norm"] == pytest.approx(runs["one"][step]["train/grad_norm"],
                                                                       rel=1e-5), step
 
 
-@pytest.mark.parametrize("layout", ["pp2", "pp2dp2"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_validation_loss_matches_single_process(runs, layout):
     assert runs[layout][3]["val/loss"] == pytest.approx(runs["one"][3]["val/loss"], rel=1e-5)
 

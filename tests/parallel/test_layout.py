@@ -84,8 +84,9 @@ def test_trainer_runs_tp_inside_pipeline_stages():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["parallel.zero_stage=0"], r"parallel.zero_stage=0 with parallel.pp=2 and optim.grad_clip=1.0: .*leaves out the "
-                                r"later stages' replicated parameters.*use parallel.zero_stage=1 .*or optim.grad_clip=0"),
+    (["parallel.zero_stage=0", "parallel.precision=fp16"],
+     r"parallel.zero_stage=0 with parallel.pp=2, parallel.precision=fp16 and optim.grad_clip=1.0: .*not verified.*"
+     r"use parallel.zero_stage=1, parallel.precision=bf16 or fp32, or optim.grad_clip=0"),
 ])
 def test_trainer_refuses_what_the_pipeline_cannot_run_yet(overrides, message):
     cfg = load_config(None, SMALL + ["parallel.pp=2", "parallel.zero_stage=1", *overrides])
@@ -100,8 +101,10 @@ def test_pipeline_runs_stream_training_and_the_k_curriculum(overrides):
     assert require_executable_layout(cfg, 4).pp == 2
 
 
-def test_pipeline_under_zero0_runs_without_clipping():
-    cfg = load_config(None, SMALL + ["parallel.pp=2", "parallel.zero_stage=0", "optim.grad_clip=0"])
+@pytest.mark.parametrize("overrides", [["optim.grad_clip=0"], ["optim.grad_clip=0", "parallel.precision=fp16"],
+                                       ["parallel.precision=fp32"], ["parallel.precision=auto"]])
+def test_pipeline_under_zero0_runs(overrides):
+    cfg = load_config(None, SMALL + ["parallel.pp=2", "parallel.zero_stage=0", *overrides])
     assert require_executable_layout(cfg, 2).zero_stage == 0
 
 

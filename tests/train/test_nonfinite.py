@@ -133,3 +133,29 @@ def test_nan_on_one_rank_is_skipped_by_both_and_too_many_stop_the_run(tiny_data,
     assert proc.returncode == EXIT_DIVERGED, proc.stderr[-3000:]
     assert "2 consecutive steps (to step 5) had a non-finite loss" in proc.stderr
     assert committed(stop / "checkpoints") == [2, 4] and not damaged(stop / "checkpoints", 4)
+
+
+def test_pipeline_nonfinite_step_is_skipped_or_stops_before_the_update(tiny_data, tmp_path):
+    """Under pp2 the NaN enters through the last stage's loss and flows back to both stages: ZeRO-1
+    skips the step on both (every layer and optimizer file of steps 3 and 4 equal), ZeRO-0 (our
+    whole-model norm before its update) stops the run with exit 3 before anything is applied."""
+    pp = ["--parallel.pp=2", "--parallel.grad_accum=2"]
+    run = tmp_path / "skip"
+    proc = train_with_nan(tiny_data, run, 1, "4", *pp, "--parallel.zero_stage=1", "--checkpoint.every=1",
+                          "--checkpoint.keep_last=10")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = read_metrics(run)
+    assert [m[s]["train/skipped_steps"] for s in range(1, 7)] == [0, 0, 0, 1, 1, 1]
+    before, after = rank_files(run / "checkpoints" / "step_00000003"), rank_files(run / "checkpoints" / "step_00000004")
+    assert {k.split("/")[0] for k in before} >= {"layer_01-model_00-model_states.pt",
+                                                 "zero_pp_rank_0_mp_rank_01_optim_states.pt"}  # both stages
+    assert_same_leaves(before, after)
+    applied = rank_files(run / "checkpoints" / "step_00000005")
+    assert any(torch.is_tensor(v) and not torch.equal(v, applied[k]) for k, v in after.items())
+
+    stop = tmp_path / "stop"
+    proc = train_with_nan(tiny_data, stop, 1, "4", *pp, "--parallel.zero_stage=0", "--checkpoint.every=3")
+    assert proc.returncode == EXIT_DIVERGED, proc.stderr[-3000:]
+    assert "non-finite gradient at step 4; parallel.zero_stage=0 cannot skip a step" in proc.stderr
+    assert committed(stop / "checkpoints") == [3] and not damaged(stop / "checkpoints", 3)
+
