@@ -26,14 +26,20 @@ Pipelines: a pipeline checkpoint's parameters are named by PipelineModule layer;
 renames them to the GPT's names and links the GPT's names back under the pipeline's, so one
 universal checkpoint loads into either (pp2 -> pp1, pp1 -> pp2).
 
+Tensor parallelism inside pipeline stages (tp x pp): DeepSpeed's conversion takes its TP merge
+rules from the first model-states file only, which describes the first stage's layers; it is
+given a view of the checkpoint whose first file carries every stage's rules
+(`stage_with_every_stage_info`). Loading slices each parameter by the TP metadata of the loading
+model's own layers, so a universal checkpoint loads into tp x pp as into any other layout.
+
 Not supported: ZeRO-0 on either side (DeepSpeed's conversion reads ZeRO optimizer partitions, and
-its universal load restores weights only through a ZeRO optimizer), and tp x pp on either side
-(tensor parallelism inside pipeline stages came after this and its conversion is untested).
+its universal load restores weights only through a ZeRO optimizer).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -116,10 +122,6 @@ def check_layout_change(saved: RunLayout, now: RunLayout) -> Optional[LayoutChan
                           f"cannot be converted or loaded on another layout (DeepSpeed's universal checkpoint reads and "
                           f"restores ZeRO optimizer partitions). Resume with the saved layout, or use "
                           f"parallel.zero_stage >= 1 on both sides")
-    if any(lay.tp > 1 and lay.pp > 1 for lay in (saved, now)):
-        raise ConfigError(f"--resume: the checkpoint was written by {saved}, this run is {now}; a change from or into "
-                          f"tensor parallelism inside pipeline stages (tp > 1 with pp > 1) is not supported yet (its "
-                          f"conversion is untested). Resume with the saved layout")
     return LayoutChange(saved=saved, now=now)
 
 
@@ -168,7 +170,9 @@ def convert_to_universal(step_dir: Path, saved: RunLayout) -> float:
     for leftover in step_dir.glob(f"{UNIVERSAL_DIR}.tmp-*"):  # a conversion killed half-way
         shutil.rmtree(leftover, ignore_errors=True)
     work = step_dir / f"{UNIVERSAL_DIR}.tmp-{os.getpid()}"
-    args = argparse.Namespace(input_folder=str(step_dir), output_folder=str(work / step_dir.name),
+    # only with TP inside pipeline stages do the model-states files describe different layers
+    source = step_dir if saved.tp == 1 or saved.pp == 1 else stage_with_every_stage_info(step_dir, work / "source")
+    args = argparse.Namespace(input_folder=str(source), output_folder=str(work / step_dir.name),
                               num_extract_workers=1, num_merge_workers=1,  # no forked pools next to gloo threads
                               keep_temp_folder=False, strict=True,
                               # ZeRO-1/2 checkpoints carry universal_checkpoint_info only when AutoTP
@@ -181,6 +185,7 @@ def convert_to_universal(step_dir: Path, saved: RunLayout) -> float:
     except Exception as exc:
         shutil.rmtree(work, ignore_errors=True)
         raise RuntimeError(f"{exc}; ds_to_universal said: {chatter.getvalue()[-2000:]}") from exc
+    shutil.rmtree(work / "source", ignore_errors=True)
     add_model_state_aliases(work / step_dir.name)
     complete_optimizer_state(work / step_dir.name / "zero", bare_tensors=saved.zero_stage == 3)
     if saved.pp > 1:
@@ -193,6 +198,58 @@ def convert_to_universal(step_dir: Path, saved: RunLayout) -> float:
     os.replace(work, root)
     fsync_dir(step_dir)
     return seconds
+
+
+def stage_with_every_stage_info(step_dir: Path, staged: Path) -> Path:
+    """A view of checkpoint `step_dir` for DeepSpeed's conversion when TP runs inside pipeline
+    stages: a symlink to every file, except the first model-states file, rewritten with the
+    union of all stages' universal-checkpoint info. Returns `staged`.
+
+    The conversion reads that info (how each TP-split parameter merges: row-parallel along dim 1,
+    replicated ones from one rank) from the first model-states file alone, and each stage records
+    only its own layers. Without the union the later stages' row-parallel weights were joined
+    along dim 0 and their replicated norms and biases stacked tp times (tp2 x pp2: 10 of 53
+    tensors with the wrong shape)."""
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+
+    staged.mkdir(parents=True)
+    for f in (f for f in step_dir.iterdir() if f.is_file()):
+        os.symlink(f.resolve(), staged / f.name)
+    model_files = sorted(step_dir.glob("mp_rank_*_model_states.pt"))  # mp rank = pp stage x tp + tp rank
+    with torch_load_weights_only():
+        states = [torch.load(f, map_location="cpu") for f in model_files]
+    first = states[0]
+    first[UNIVERSAL_CHECKPOINT_INFO] = merge_universal_info([s.get(UNIVERSAL_CHECKPOINT_INFO) or {} for s in states])
+    (staged / model_files[0].name).unlink()
+    torch.save(first, staged / model_files[0].name)
+    return staged
+
+
+def merge_universal_info(infos: list[dict[str, Any]]) -> dict[str, Any]:
+    """One universal-checkpoint info describing the parameters of every stage: the pattern
+    lists joined (each pattern once), the per-parameter maps (AutoTP's affine map by pattern)
+    merged; a value two stages both record must agree."""
+    merged: dict[str, Any] = {}
+    for info in infos:
+        for key, value in info.items():
+            if key not in merged:
+                merged[key] = copy.deepcopy(value)
+            elif isinstance(value, list) and isinstance(merged[key], list):
+                merged[key] += [v for v in value if v not in merged[key]]
+            else:
+                _merge_mapping(merged, key, value, where=key)
+    return merged
+
+
+def _merge_mapping(into: dict[str, Any], key: str, value: Any, where: str) -> None:
+    if key not in into:
+        into[key] = copy.deepcopy(value)
+    elif isinstance(value, dict) and isinstance(into[key], dict):
+        for k, v in value.items():
+            _merge_mapping(into[key], k, v, where=f"{where}.{k}")
+    elif into[key] != value:
+        raise CheckpointError(f"the pipeline stages' universal-checkpoint info disagree on {where} "
+                              f"({into[key]!r} != {value!r}); resume with the layout that wrote the checkpoint")
 
 
 def add_model_state_aliases(tag_dir: Path) -> None:

@@ -7,8 +7,9 @@ import torch
 
 from memgpt_dist.config import ConfigError
 from memgpt_dist.train.checkpoint import CheckpointError
-from memgpt_dist.train.reshard import (RunLayout, check_layout_change, ensure_universal, model_to_pipeline_name,
-                                       pipeline_to_model_name, redistribute_memory)
+from memgpt_dist.train.reshard import (RunLayout, check_layout_change, ensure_universal, merge_universal_info,
+                                       model_to_pipeline_name, pipeline_to_model_name, redistribute_memory,
+                                       stage_with_every_stage_info)
 
 
 def layout(dp=1, tp=1, pp=1, zero=3, mb=4, ga=1) -> RunLayout:
@@ -21,7 +22,10 @@ def test_same_layout_needs_no_conversion():
 
 @pytest.mark.parametrize("saved,now", [(layout(dp=2, mb=2), layout(dp=1, mb=4)), (layout(dp=1, mb=4), layout(dp=2, mb=2)),
                                        (layout(zero=3), layout(zero=1)), (layout(tp=2), layout(tp=1)),
-                                       (layout(pp=2, zero=1), layout(zero=1)), (layout(zero=1), layout(pp=2, zero=1))])
+                                       (layout(pp=2, zero=1), layout(zero=1)), (layout(zero=1), layout(pp=2, zero=1)),
+                                       (layout(tp=2, pp=2, zero=1), layout(pp=2, zero=1)),
+                                       (layout(tp=2, pp=2, zero=1), layout(zero=1)),
+                                       (layout(pp=2, zero=1), layout(tp=2, pp=2, zero=1))])
 def test_changes_that_keep_the_streams_are_accepted(saved, now):
     change = check_layout_change(saved, now)
     assert (change.saved, change.now) == (saved, now)
@@ -39,12 +43,6 @@ def test_a_change_of_streams_names_the_micro_batch_to_set():
 @pytest.mark.parametrize("saved,now", [(layout(zero=0), layout(zero=1)), (layout(dp=2, mb=2, zero=3), layout(dp=1, zero=0))])
 def test_zero0_on_either_side_is_refused_with_what_to_do(saved, now):
     with pytest.raises(ConfigError, match="ZeRO-0.*Resume with the saved layout, or use parallel.zero_stage >= 1"):
-        check_layout_change(saved, now)
-
-
-@pytest.mark.parametrize("saved,now", [(layout(tp=2, pp=2, zero=1), layout(zero=1)), (layout(zero=1), layout(tp=2, pp=2, zero=1))])
-def test_tp_inside_pipeline_on_either_side_is_refused(saved, now):
-    with pytest.raises(ConfigError, match="tp > 1 with pp > 1.*Resume with the saved layout"):
         check_layout_change(saved, now)
 
 
@@ -119,3 +117,47 @@ def test_a_failed_conversion_names_the_layout_to_resume_with_and_leaves_nothing(
                                               r"wrote it \(dp2 ZeRO-3"):
         ensure_universal(step_dir, layout(dp=2, mb=2), OneRank())
     assert sorted(p.name for p in step_dir.iterdir()) == ["junk_optim_states.pt"]
+
+
+def stage_info(block: int) -> dict:
+    """A stage's universal-checkpoint info as DeepSpeed collects it: its own layers' rules only."""
+    return {"universal_checkpoint_version": 0.4,
+            "parameter_with_row_parallelism_patterns": [rf"^{block}\.block\.attn\.o_proj\.weight$"],
+            "tp_replicated_parameter_patterns": [rf"^{block}\.block\.ln1\.weight$", r"^tied_modules\.embed\.wte\.weight$"],
+            "affine_map": {"version": 1, "params": {rf"^{block}\.block\.attn\.mem_beta$": {"partition_dim": 0}}}}
+
+
+def test_the_stages_merge_rules_are_joined():
+    merged = merge_universal_info([stage_info(1), stage_info(1), stage_info(2), stage_info(2)])
+    assert merged["parameter_with_row_parallelism_patterns"] == [r"^1\.block\.attn\.o_proj\.weight$",
+                                                                 r"^2\.block\.attn\.o_proj\.weight$"]
+    assert merged["tp_replicated_parameter_patterns"] == [r"^1\.block\.ln1\.weight$", r"^tied_modules\.embed\.wte\.weight$",
+                                                          r"^2\.block\.ln1\.weight$"]
+    assert merged["affine_map"] == {"version": 1, "params": {r"^1\.block\.attn\.mem_beta$": {"partition_dim": 0},
+                                                             r"^2\.block\.attn\.mem_beta$": {"partition_dim": 0}}}
+
+
+def test_stages_that_disagree_on_a_rule_are_refused():
+    other = stage_info(2)
+    other["affine_map"]["version"] = 2
+    with pytest.raises(CheckpointError, match="disagree on affine_map.version"):
+        merge_universal_info([stage_info(1), other])
+
+
+def test_the_conversion_reads_every_stage_rules_from_the_first_model_file(tmp_path):
+    """DeepSpeed's conversion reads the rules of mp_rank_00 alone: the staged view rewrites only
+    that file (the checkpoint itself is untouched) and links every other file."""
+    step_dir = tmp_path / "step_00000003"
+    step_dir.mkdir()
+    for rank, block in enumerate((1, 1, 2, 2)):  # tp2 x pp2: mp rank = stage x tp + tp rank
+        torch.save({"universal_checkpoint_info": stage_info(block), "mp_world_size": 4},
+                   step_dir / f"mp_rank_{rank:02d}_model_states.pt")
+    (step_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"optim")
+    staged = stage_with_every_stage_info(step_dir, tmp_path / "staged")
+    first = torch.load(staged / "mp_rank_00_model_states.pt", weights_only=True)
+    assert first["universal_checkpoint_info"] == merge_universal_info([stage_info(1), stage_info(2)])
+    assert first["mp_world_size"] == 4
+    original = torch.load(step_dir / "mp_rank_00_model_states.pt", weights_only=True)
+    assert original["universal_checkpoint_info"] == stage_info(1)
+    assert sorted(f.name for f in staged.iterdir()) == sorted(f.name for f in step_dir.iterdir())
+    assert (staged / "zero_pp_rank_0_mp_rank_00_optim_states.pt").read_bytes() == b"optim"
