@@ -8,7 +8,8 @@ under their global indices, equal to the single-process run's state of those lay
 stopped at step 3 and resumed repeats the uninterrupted losses, and so does the pp2 checkpoint
 resumed on one process (the stages' layers reassembled into the whole model's memory). The K
 curriculum switches the sample length mid-run (the pipeline resets its activation buffers) and
-still matches one process, validation included.
+still matches one process, validation included; so does tp2 x pp2, whose four ranks each save
+the memory of their stage's layer and their TP rank's heads.
 """
 from __future__ import annotations
 
@@ -39,8 +40,9 @@ def runs(tiny_data, tmp_path_factory):
     train(tiny_args(tiny_data, base / "on_one", *COMMON, "--resume", "auto"), nproc=1)
     no_ckpt = ["--checkpoint.every=0", "--checkpoint.save_at_end=false"]
     train(tiny_args(tiny_data, base / "episodic", *COMMON[:-1], *no_ckpt, "--parallel.pp=2"), nproc=2)
-    train(tiny_args(tiny_data, base / "k_one", *COMMON, *CURRICULUM, *no_ckpt), nproc=1)
+    train(tiny_args(tiny_data, base / "k_one", *COMMON, *CURRICULUM), nproc=1)
     train(tiny_args(tiny_data, base / "k_pp2", *COMMON, *CURRICULUM, *no_ckpt, "--parallel.pp=2"), nproc=2)
+    train(tiny_args(tiny_data, base / "k_tp2pp2", *COMMON, *CURRICULUM, "--parallel.pp=2", "--parallel.tp=2"), nproc=4)
     return base
 
 
@@ -118,3 +120,20 @@ def test_k_curriculum_matches_single_process(runs):
         assert pp2[step]["val/loss_segment_3"] == pytest.approx(one[step]["val/loss_segment_3"], rel=1e-5), step
     tokens = [pp2[s]["tokens"] - pp2[s - 1]["tokens"] for s in (2, 3, 5)]
     assert tokens[0] < tokens[1] < tokens[2]  # the samples did grow
+
+
+def test_tp_x_pp_stream_training_splits_the_memory_by_layer_and_head(runs):
+    one, tp_pp = metrics(runs, "k_one"), metrics(runs, "k_tp2pp2")
+    for step in range(1, STEPS + 1):
+        assert tp_pp[step]["train/loss"] == pytest.approx(one[step]["train/loss"], rel=1e-4), step
+    assert tp_pp[STEPS]["val/loss"] == pytest.approx(one[STEPS]["val/loss"], rel=1e-5)
+    whole = rank_state(runs / "k_one", 0, STEPS)["memory_state"]
+    for rank in range(4):  # ranks: tp fastest, then pp (one replica)
+        state = rank_state(runs / "k_tp2pp2", rank, STEPS)
+        layer, (h0, h1) = rank // 2, state["heads"]
+        assert (state["coord"]["pp"], state["coord"]["tp"], state["layers"]) == (layer, rank % 2, [layer])
+        assert (h0, h1) == (2 * (rank % 2), 2 * (rank % 2) + 2)
+        for key in (f"layer{layer}.A", f"layer{layer}.z"):
+            torch.testing.assert_close(state["memory_state"][key], whole[key][:, h0:h1], rtol=1e-4, atol=1e-5,
+                                       msg=key)
+
