@@ -113,7 +113,7 @@ def test_a_tp_pp_checkpoint_loads_as_the_whole_model_for_generation_and_eval(run
     whole, _ = load_model(runs / "one" / "checkpoints" / f"step_{STEPS:08d}")
     assert (cfg.parallel.tp, cfg.parallel.pp) == (TP, 2)
     merged = merge_tp_shards([layer_files(ckpt, t) for t in range(TP)])
-    expected = dict(whole.named_parameters())
+    expected = {name: param.detach() for name, param in whole.named_parameters()}
     assert sorted(n for n, _ in model.named_parameters()) == sorted(expected)
     for name, param in model.named_parameters():
         assert torch.equal(param.detach(), merged[name].float()), name
