@@ -58,17 +58,17 @@ class Topology:
 
         The tp ranks of one replica see the same batch and compute the same (replicated) logits,
         so each replica's tokens and losses are counted once, not tp times."""
-        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
-        if dist.is_initialized() and self.dp_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.dp_group)
-        return t.cpu().tolist()
+        return self._sum(values, self.dp_group, self.dp_size)
 
     def sum_over_world(self, values: list[float]) -> list[float]:
         """Sum a few floats over every rank (float64): for figures that only some ranks hold, such
         as the validation loss on a pipeline's last stage; the others contribute zeros."""
+        return self._sum(values, None, self.world_size)
+
+    def _sum(self, values: list[float], group, group_size: int) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
-        if dist.is_initialized() and self.world_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        if dist.is_initialized() and group_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
         return t.cpu().tolist()
 
     def all_gather_object(self, obj: Any) -> list[Any]:

@@ -74,6 +74,19 @@ class Layout:
         """Coordinates of a global rank, in PipeModelDataParallelTopology order (tp fastest)."""
         return rank_coord(rank, self.dp, self.tp)
 
+    @property
+    def streams(self) -> int:
+        """Rows of the global batch: the loader's streams (each read by one dp replica)."""
+        return self.dp * self.micro_batch_size
+
+    def same_shards(self, other: "Layout") -> bool:
+        """True when each rank's checkpoint files fit `other` as they are."""
+        return (self.dp, self.tp, self.pp, self.zero_stage) == (other.dp, other.tp, other.pp, other.zero_stage)
+
+    def __str__(self) -> str:
+        parts = [f"dp{self.dp}"] + [f"{name}{n}" for name, n in (("tp", self.tp), ("pp", self.pp)) if n > 1]
+        return f"{' x '.join(parts)} ZeRO-{self.zero_stage} (micro-batch {self.micro_batch_size})"
+
     def rank(self, coord: RankCoord) -> int:
         """The global rank at `coord`; the inverse of `coord`."""
         return (coord.pp * self.dp + coord.dp) * self.tp + coord.tp

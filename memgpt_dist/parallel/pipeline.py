@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from memgpt_dist.config import ModelConfig, ParallelConfig
 from memgpt_dist.model.gpt import GPT, Block, build_rope
 from memgpt_dist.model.memory import LayerState
-from memgpt_dist.parallel.tensor_parallel import apply_tensor_parallel_layers, check_tp_inputs_once
+from memgpt_dist.parallel.tensor_parallel import (apply_tensor_parallel_layers, check_tp_inputs_once,
+                                                  unsharded_grad_norm)
 
 TIED_KEY = "embed"  # DeepSpeed's tie key for the embedding and the LM head
 TIED_ATTR = "wte.weight"  # the tied parameter, as an attribute path inside both tied layers
@@ -194,44 +195,23 @@ def _count_final_norm_in_grad_norm(net) -> None:
             p.ds_pipe_replicated = False
 
 
-def whole_model_grad_norm(net, grid) -> float:
-    """L2 norm of the whole model's gradient from this rank's stage and TP shard, after the
-    data-parallel and tied-weight all-reduces: TP-sharded gradients summed over the stage's TP
-    ranks, replicated ones counted once per stage, the tied embedding's second copy
-    (`ds_pipe_replicated`) not at all, then the stages' squares summed over the pipeline."""
-    import torch.distributed as dist
-    from deepspeed.runtime.utils import is_model_parallel_parameter
-
-    device = next(net.parameters()).device
-    sharded, replicated = torch.zeros(2, dtype=torch.float64, device=device)
-    for p in net.parameters():
-        if p.grad is None or getattr(p, "ds_pipe_replicated", False):
-            continue
-        if is_model_parallel_parameter(p):
-            sharded += p.grad.detach().double().pow(2).sum()
-        else:
-            replicated += p.grad.detach().double().pow(2).sum()
-    if grid.get_slice_parallel_world_size() > 1:
-        dist.all_reduce(sharded, group=grid.get_slice_parallel_group())
-    stage = (sharded + replicated).reshape(1)
-    dist.all_reduce(stage, group=grid.get_pipe_parallel_group())
-    return float(stage.sqrt())
-
-
 def step_by_whole_model_norm(engine, clip: float, before_update: Callable[[float], None]) -> None:
     """Make a ZeRO-0 fp32 pipeline engine clip by the whole model's gradient norm.
 
     DeepSpeed clips these gradients with `clip_grad_norm_(mpu=grid)`, which counts a replicated
     parameter only where the grid's model-parallel rank is 0 (a rank's position across all stages),
     so the later stages' parameters are left out of the norm and it reports none. Here the
-    engine's `_take_model_step` first computes `whole_model_grad_norm` (every rank gets the same
-    value), records it as the engine's global norm, calls `before_update(norm)` (which may raise:
-    ZeRO-0 cannot skip a non-finite update) and scales the gradients by
-    min(1, clip / (norm + 1e-6)) as DeepSpeed does; DeepSpeed's own clipping is switched off."""
+    engine's `_take_model_step` first computes the whole model's norm (`unsharded_grad_norm` over
+    the stage's TP ranks and the pipeline: every rank gets the same value), records it as the
+    engine's global norm, calls `before_update(norm)` (which may raise: ZeRO-0 cannot skip a
+    non-finite update) and scales the gradients by min(1, clip / (norm + 1e-6)) as DeepSpeed
+    does; DeepSpeed's own clipping is switched off."""
     take_model_step = engine._take_model_step
+    grid = engine.grid
+    tp_group = grid.get_slice_parallel_group() if grid.get_slice_parallel_world_size() > 1 else None
 
     def take_step(lr_kwargs=None):
-        norm = whole_model_grad_norm(engine.module, engine.grid)
+        norm = unsharded_grad_norm(engine.module, tp_group, grid.get_pipe_parallel_group())
         engine._global_grad_norm = norm
         before_update(norm)
         coef = clip / (norm + 1e-6)

@@ -196,13 +196,15 @@ def _describe_for_universal_checkpoint(shard: nn.Parameter, full_shape: tuple[in
         affine_map=affine_map))
 
 
-def unsharded_grad_norm(model: nn.Module, tp_group) -> float:
+def unsharded_grad_norm(model: nn.Module, tp_group, pipe_group=None) -> float:
     """L2 norm of the whole model's gradient, from this TP rank's gradients, when no ZeRO
     optimizer computes it (ZeRO-0): squares of TP-sharded gradients (parameters marked
-    `tensor_model_parallel`, as AutoTP and `shard_head_parameters` mark them) are summed over the
-    TP group, replicated ones counted once. `tp_group` None: no tensor parallelism."""
+    `tensor_model_parallel`, as AutoTP, DeepSpeed's TP layers and `shard_head_parameters` mark
+    them) are summed over the TP group, replicated ones counted once. `tp_group` None: no tensor
+    parallelism. `pipe_group`: this rank's peers on the other pipeline stages; the stages' squares
+    are summed, and the tied weight's copy on a later stage (`ds_pipe_replicated`) left out."""
     grads = [(p.grad.detach(), getattr(p, "tensor_model_parallel", False)) for p in model.parameters()
-             if p.grad is not None]
+             if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)]
     if not grads:
         return 0.0
     sharded, replicated = torch.zeros(2, dtype=torch.float64, device=grads[0][0].device)  # on the grads' device
@@ -213,7 +215,10 @@ def unsharded_grad_norm(model: nn.Module, tp_group) -> float:
             replicated += g.double().pow(2).sum()
     if tp_group is not None:
         dist.all_reduce(sharded, group=tp_group)
-    return float((sharded + replicated).sqrt())
+    total = (sharded + replicated).reshape(1)
+    if pipe_group is not None:
+        dist.all_reduce(total, group=pipe_group)
+    return float(total.sqrt())
 
 
 def check_tp_inputs_once(module: nn.Module, tp_group, tp_src_rank: int):

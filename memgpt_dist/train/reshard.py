@@ -53,7 +53,8 @@ from typing import Any, Optional
 
 import torch
 
-from memgpt_dist.config import ConfigError, TrainConfig
+from memgpt_dist.config import ConfigError
+from memgpt_dist.parallel.layout import Layout
 from memgpt_dist.train.checkpoint import CheckpointError, fsync_dir, torch_load_weights_only
 
 log = logging.getLogger("memgpt_dist")
@@ -65,50 +66,14 @@ _PIPE_TIED = "tied_modules.embed."  # embedding and (last stage) final norm, tie
 
 
 @dataclass(frozen=True)
-class RunLayout:
-    """The parts of a run's layout that decide how its checkpoint files are sharded and how its
-    data is split into streams."""
-
-    dp: int
-    tp: int
-    pp: int
-    zero_stage: int
-    micro_batch_size: int
-    grad_accum: int
-
-    @classmethod
-    def of(cls, cfg: TrainConfig, world_size: int) -> "RunLayout":
-        par = cfg.parallel
-        return cls(dp=par.dp(world_size), tp=par.tp, pp=par.pp, zero_stage=par.zero_stage,
-                   micro_batch_size=par.micro_batch_size, grad_accum=par.grad_accum)
-
-    @property
-    def world_size(self) -> int:
-        return self.dp * self.tp * self.pp
-
-    @property
-    def streams(self) -> int:
-        """Rows of the global batch: the loader's streams (each read by one dp replica)."""
-        return self.dp * self.micro_batch_size
-
-    def same_shards(self, other: "RunLayout") -> bool:
-        """True when each rank's checkpoint files fit `other` as they are."""
-        return (self.dp, self.tp, self.pp, self.zero_stage) == (other.dp, other.tp, other.pp, other.zero_stage)
-
-    def __str__(self) -> str:
-        parts = [f"dp{self.dp}"] + [f"{name}{n}" for name, n in (("tp", self.tp), ("pp", self.pp)) if n > 1]
-        return f"{' x '.join(parts)} ZeRO-{self.zero_stage} (micro-batch {self.micro_batch_size})"
-
-
-@dataclass(frozen=True)
 class LayoutChange:
     """A resume whose checkpoint was written by another layout."""
 
-    saved: RunLayout
-    now: RunLayout
+    saved: Layout
+    now: Layout
 
 
-def check_layout_change(saved: RunLayout, now: RunLayout) -> Optional[LayoutChange]:
+def check_layout_change(saved: Layout, now: Layout) -> Optional[LayoutChange]:
     """None for the same layout; the change when it can continue the run exactly; otherwise a
     ConfigError that says what to set."""
     if saved.same_shards(now):
@@ -125,7 +90,7 @@ def check_layout_change(saved: RunLayout, now: RunLayout) -> Optional[LayoutChan
     return LayoutChange(saved=saved, now=now)
 
 
-def _streams_message(saved: RunLayout, now: RunLayout) -> str:
+def _streams_message(saved: Layout, now: Layout) -> str:
     fix = (f"set parallel.micro_batch_size={saved.streams // now.dp} and parallel.grad_accum={saved.grad_accum}"
            if saved.streams % now.dp == 0 else
            f"launch a number of ranks whose data-parallel degree divides {saved.streams}")
@@ -141,7 +106,7 @@ def universal_root(step_dir: Path) -> Path:
     return step_dir / UNIVERSAL_DIR
 
 
-def ensure_universal(step_dir: Path, saved: RunLayout, topo) -> tuple[Path, Optional[float]]:
+def ensure_universal(step_dir: Path, saved: Layout, topo) -> tuple[Path, Optional[float]]:
     """The universal form of checkpoint `step_dir` (collective). Rank 0 converts it when no
     finished conversion exists; returns (its root, seconds the conversion took or None when an
     earlier one was reused). Every rank raises if the conversion fails."""
@@ -160,7 +125,7 @@ def ensure_universal(step_dir: Path, saved: RunLayout, topo) -> tuple[Path, Opti
     return root, seconds
 
 
-def convert_to_universal(step_dir: Path, saved: RunLayout) -> float:
+def convert_to_universal(step_dir: Path, saved: Layout) -> float:
     """Run DeepSpeed's ds_to_universal on `step_dir` into `<step_dir>/universal` atomically: into
     a temporary sibling first, renamed into place with its DONE record. Returns the seconds taken."""
     from deepspeed.checkpoint import ds_to_universal
@@ -232,9 +197,7 @@ def merge_universal_info(infos: list[dict[str, Any]]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for info in infos:
         for key, value in info.items():
-            if key not in merged:
-                merged[key] = copy.deepcopy(value)
-            elif isinstance(value, list) and isinstance(merged[key], list):
+            if isinstance(value, list) and isinstance(merged.get(key), list):
                 merged[key] += [v for v in value if v not in merged[key]]
             else:
                 _merge_mapping(merged, key, value, where=key)

@@ -19,12 +19,12 @@ from memgpt_dist.config import ConfigError, TrainConfig, config_from_json
 from memgpt_dist.model import GPT
 from memgpt_dist.parallel.dist import Topology
 from memgpt_dist.parallel.engine import build_engine
-from memgpt_dist.parallel.layout import parameter_numels, require_executable_layout
+from memgpt_dist.parallel.layout import parameter_numels, require_executable_layout, validate_layout
 from memgpt_dist.parallel.pipeline import build_pipeline_module
 from memgpt_dist.parallel.plan import apply_plan
 from memgpt_dist.train.checkpoint import CheckpointError, Checkpointer, tag_for
 from memgpt_dist.train.metrics import MetricsLogger
-from memgpt_dist.train.reshard import LayoutChange, Redistributed, RunLayout, check_layout_change, ensure_universal
+from memgpt_dist.train.reshard import LayoutChange, Redistributed, check_layout_change, ensure_universal
 from memgpt_dist.train.state import TrainState, seed_everything
 from memgpt_dist.train.trainer import Batch, StatefulBatches, Trainer, scaled_token_loss
 
@@ -103,7 +103,7 @@ def check_resume_compatible(saved_json: str, cfg: TrainConfig, saved_world: int,
                               f"settings or start a new run_dir")
     if saved.data.n_segments != cfg.data.n_segments:
         raise ConfigError("--resume: data.n_segments must match the checkpoint")
-    return check_layout_change(RunLayout.of(saved, saved_world), RunLayout.of(cfg, topo.world_size))
+    return check_layout_change(validate_layout(saved, saved_world), validate_layout(cfg, topo.world_size))
 
 
 def layout_change_of(checkpointer: Checkpointer, step: Optional[int], cfg: TrainConfig,

@@ -6,14 +6,16 @@ import pytest
 import torch
 
 from memgpt_dist.config import ConfigError
+from memgpt_dist.parallel.layout import Layout
 from memgpt_dist.train.checkpoint import CheckpointError
-from memgpt_dist.train.reshard import (RunLayout, check_layout_change, ensure_universal, merge_universal_info,
+from memgpt_dist.train.reshard import (check_layout_change, ensure_universal, merge_universal_info,
                                        model_to_pipeline_name, pipeline_to_model_name, redistribute_memory,
                                        stage_with_every_stage_info)
 
 
-def layout(dp=1, tp=1, pp=1, zero=3, mb=4, ga=1) -> RunLayout:
-    return RunLayout(dp=dp, tp=tp, pp=pp, zero_stage=zero, micro_batch_size=mb, grad_accum=ga)
+def layout(dp=1, tp=1, pp=1, zero=3, mb=4, ga=1) -> Layout:
+    return Layout(world_size=dp * tp * pp, dp=dp, tp=tp, pp=pp, zero_stage=zero, micro_batch_size=mb, grad_accum=ga,
+                  global_batch_size=dp * mb * ga)
 
 
 def test_same_layout_needs_no_conversion():
