@@ -1,5 +1,23 @@
 """Typed run configuration: one frozen dataclass per concern, composed into `TrainConfig`.
 
+Each YAML section is backed by one class; the class docstring says what the section holds:
+
+    (top level)   TrainConfig        the root: run_dir and the sections below
+    model:        ModelConfig        GPT decoder shape
+    memory:       MemoryConfig       the per-head associative memory
+    data:         DataConfig         prepared shards, the corpus mix and the K curriculum
+    optim:        OptimConfig        AdamW and its learning-rate schedule
+    parallel:     ParallelConfig     ZeRO / tensor / pipeline layout and precision
+    checkpoint:   CheckpointConfig   how often checkpoints are written and kept
+    log:          LogConfig          console and TensorBoard logging
+    train:        TrainingConfig     the training loop: length, validation, stop rules
+
+Every field carries a one-line doc (`doc_field`, read back by `field_doc`), which
+`describe_config` prints with the key's type and default for `--help-config`; a test keeps
+every field documented. Enum-like fields are `Literal[...]` and checked against the Literal's
+values at load. `data.mix` and `data.n_segments_schedule` keep their YAML/CLI spelling as strings
+(that is what `to_json` stores) and are parsed once, when the `DataConfig` is built.
+
 Precedence: dataclass defaults, then the YAML file, then dotted CLI overrides
 (`--model.n_layer=4` or `model.n_layer=4`). Unknown keys, wrong types and bad combinations
 raise `ConfigError` at load time with a message that names the key and says what to change.
@@ -13,30 +31,55 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import yaml
+
+Position = Literal["rope", "learned"]
+MemoryKind = Literal["head", "delta"]
+ZeroStage = Literal[0, 1, 2, 3]
+PipelinePartition = Literal["parameters", "uniform"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 class ConfigError(ValueError):
     """A configuration problem the user must fix; the message names the key."""
 
 
+def doc_field(default: Any, doc: str) -> Any:
+    """A dataclass field with default `default` and a one-line `doc` (`--help-config` prints it)."""
+    return field(default=default, metadata={"doc": doc})
+
+
+def section_field(cls: type) -> Any:
+    """A root field holding section `cls`, documented by the first line of its docstring."""
+    return field(default_factory=cls, metadata={"doc": _first_line(cls)})
+
+
+def _first_line(cls: type) -> str:
+    return (cls.__doc__ or "").strip().partition("\n")[0]
+
+
+def field_doc(f: dataclasses.Field) -> str:
+    """The one-line doc of a config field ('' when it has none)."""
+    return f.metadata.get("doc", "")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """GPT decoder shape. Attention is causal within a segment of `segment_len` tokens."""
 
-    vocab_size: int = 4096  # must be >= the tokenizer's vocabulary size
-    n_layer: int = 2
-    n_head: int = 4
-    n_embd: int = 128
-    segment_len: int = 64  # N: tokens per segment; positions restart in every segment
-    position: str = "rope"  # "rope" or "learned"
-    rope_theta: float = 10000.0
-    mlp_ratio: int = 4
-    dropout: float = 0.0
-    bias: bool = True
-    init_std: float = 0.02
+    vocab_size: int = doc_field(4096, "rows of the token embedding; must be >= the tokenizer's vocabulary size")
+    n_layer: int = doc_field(2, "transformer blocks")
+    n_head: int = doc_field(4, "attention heads per block, each with its own memory")
+    n_embd: int = doc_field(128, "width of the residual stream; a multiple of model.n_head")
+    segment_len: int = doc_field(64, "N: tokens per segment; positions restart in every segment")
+    position: Position = doc_field("rope", "positions in attention: rotary ('rope') or a learned embedding ('learned')")
+    rope_theta: float = doc_field(10000.0, "base of the rotary frequencies (model.position='rope')")
+    mlp_ratio: int = doc_field(4, "MLP hidden width as a multiple of model.n_embd")
+    dropout: float = doc_field(0.0, "dropout on embeddings, attention and residual branches, in [0, 1)")
+    bias: bool = doc_field(True, "biases in the linear layers and layer norms (the memory projections have none)")
+    init_std: float = doc_field(0.02, "std of the normal weight init (output projections: / sqrt(2 * n_layer))")
 
     @property
     def head_dim(self) -> int:
@@ -45,8 +88,6 @@ class ModelConfig:
     def validate(self) -> None:
         _check(self.n_embd % self.n_head == 0,
                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
-        _check(self.position in ("rope", "learned"),
-               f"model.position={self.position!r}: use 'rope' or 'learned'")
         _check(self.position != "rope" or self.head_dim % 2 == 0,
                f"model.position='rope' needs an even head_dim, got {self.head_dim}")
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "segment_len", "mlp_ratio"):
@@ -58,19 +99,19 @@ class ModelConfig:
 class MemoryConfig:
     """Per-layer, per-head associative memory (DPFP features, gated delta-rule write)."""
 
-    enabled: bool = True  # false: the plain GPT with segment-local attention (baseline)
-    kind: str = "head"  # "head": one memory per attention head
-    nu: int = 3  # DPFP order: keys have 2*nu*head_dim features
-    eps: float = 1e-5  # denominator guard of the normalised read
-    gate_init: float = 0.0  # initial beta_h; the mix gate is g_h = sigmoid(beta_h)
-    write_gate_bias_init: float = 0.0  # initial bias of the per-token write gate b_t
-    # Taps of a depthwise causal convolution (inside each segment) on the memory q, k, v: with
-    # >= 2 a token's memory key can hold the token before it (a key written at its value), the
-    # short convolution that DeltaNet-style recall depends on. 0 or 1: no convolution.
-    conv: int = 4
+    enabled: bool = doc_field(True, "false: the plain GPT with segment-local attention (the baseline)")
+    kind: MemoryKind = doc_field("head", "'head': DPFP keys, delta rule against earlier segments; "
+                                         "'delta': DeltaNet's delta rule, exact per token")
+    nu: int = doc_field(3, "DPFP order: keys have 2*nu*head_dim features (0: raw unit-length keys, 'delta' only)")
+    eps: float = doc_field(1e-5, "denominator guard of the normalised read")
+    gate_init: float = doc_field(0.0, "initial beta_h; the mix gate is g_h = sigmoid(beta_h)")
+    write_gate_bias_init: float = doc_field(0.0, "initial bias of the per-token write gate b_t")
+    # With >= 2 taps a token's memory key can hold the token before it (a key written at its
+    # value), the short convolution that DeltaNet-style recall depends on.
+    conv: int = doc_field(4, "taps of a causal depthwise convolution (within a segment) on the memory q, k, v; "
+                             "0 or 1: none")
 
     def validate(self) -> None:
-        _check(self.kind in ("head", "delta"), f"memory.kind={self.kind!r}: supported kinds are 'head' and 'delta'")
         _check(self.nu >= 1 or (self.kind == "delta" and self.nu == 0),
                "memory.nu must be >= 1 (0, raw unit-length keys, only with memory.kind='delta')")
         _check(self.eps > 0, "memory.eps must be > 0")
@@ -79,78 +120,99 @@ class MemoryConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the prepared shards are and how samples are cut from them."""
+    """Where the prepared shards are and how samples are cut from them.
 
-    path: str = "data/default"  # directory written by memgpt-prepare (holds manifest.json)
-    n_segments: int = 4  # K: consecutive segments per sample (BPTT depth)
-    seed: int = 1234  # shard permutation seed (with the epoch)
-    num_workers: int = 0  # shard-reading worker processes per rank
-    max_skip_fraction: float = 0.01  # fail when more than this fraction of samples is skipped
-    tokenizer: str = ""  # optional tokenizer.json whose hash must match the shards'
-    verify_checksums: bool = True  # sha256 of every shard against the manifest when first opened
-    # Blend other prepared corpora (same tokenizer) into training: "PATH:WEIGHT[,PATH:WEIGHT]";
-    # data.path gets the remaining weight. E.g. "data/recall:0.05" for 95% text, 5% recall.
-    mix: str = ""
-    # Curriculum over K: "STEP:K[,STEP:K]" uses K segments per training sample from STEP on,
-    # e.g. "0:2,500:4,1000:8"; empty: data.n_segments throughout (validation always uses it).
-    n_segments_schedule: str = ""
+    `mix` and `n_segments_schedule` stay the strings written in YAML or on the command line (what
+    `to_json` stores); `__post_init__` parses them once into tuples held outside the dataclass
+    fields, so equality, `to_dict` and `to_json` see only the strings.
+    """
+
+    path: str = doc_field("data/default", "directory written by memgpt-prepare (holds manifest.json)")
+    n_segments: int = doc_field(4, "K: consecutive segments per sample (BPTT depth); validation always uses it")
+    seed: int = doc_field(1234, "shard permutation seed (with the epoch)")
+    num_workers: int = doc_field(0, "shard-reading worker processes per rank")
+    max_skip_fraction: float = doc_field(0.01, "fail when more than this fraction of samples is skipped")
+    tokenizer: str = doc_field("", "optional tokenizer.json whose hash must match the shards'")
+    verify_checksums: bool = doc_field(True, "sha256 of every shard against the manifest when first opened")
+    # Blends other prepared corpora (same tokenizer) into training, e.g. "data/recall:0.05" for
+    # 95% text and 5% recall.
+    mix: str = doc_field("", "corpora blended in, 'PATH:WEIGHT[,PATH:WEIGHT]'; data.path gets the remaining weight")
+    # e.g. "0:2,500:4,1000:8"; validation always uses data.n_segments
+    n_segments_schedule: str = doc_field("", "curriculum over K, 'STEP:K[,STEP:K]': K segments per training sample "
+                                             "from STEP on; empty: data.n_segments")
+
+    def __post_init__(self) -> None:
+        # object.__setattr__: the dataclass is frozen; plain attributes, not fields (see above)
+        object.__setattr__(self, "_mix_sources", _with_main_corpus(self.path, _parse_mix(self.mix)))
+        object.__setattr__(self, "_schedule", _parse_schedule(self.n_segments_schedule))
 
     def n_segments_at(self, step: int) -> int:
         """Segments per training sample for the optimizer step with 0-based index `step`."""
         k = self.n_segments
-        for start, value in self._schedule():
+        for start, value in self._schedule:
             if step >= start:
                 k = value
         return k
 
-    def _schedule(self) -> list[tuple[int, int]]:
-        out = []
-        for item in filter(None, (x.strip() for x in self.n_segments_schedule.split(","))):
-            start, sep, k = item.partition(":")
-            _check(sep == ":" and start.isdigit() and k.isdigit() and int(k) >= 1,
-                   f"data.n_segments_schedule item {item!r}: write STEP:K with integers, K >= 1")
-            out.append((int(start), int(k)))
-        _check([s for s, _ in out] == sorted({s for s, _ in out}),
-               "data.n_segments_schedule steps must be distinct and increasing")
-        return out
-
     def mix_sources(self) -> list[tuple[str, float]]:
         """[(path, weight)] of data.mix, main corpus first with the remaining weight."""
-        extra = []
-        for item in filter(None, (x.strip() for x in self.mix.split(","))):
-            path, sep, weight = item.rpartition(":")
-            try:
-                w = float(weight)
-            except ValueError:
-                w = -1.0
-            _check(bool(sep) and bool(path) and 0.0 < w < 1.0,
-                   f"data.mix item {item!r}: write PATH:WEIGHT with 0 < WEIGHT < 1")
-            extra.append((path, w))
-        rest = 1.0 - sum(w for _, w in extra)
-        _check(rest > 0.0, f"data.mix weights sum to {1 - rest:g}; they must leave weight for data.path")
-        return [(self.path, rest), *extra]
+        return list(self._mix_sources)
 
     def validate(self) -> None:
         _check(self.n_segments >= 1, "data.n_segments must be >= 1")
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
         _check(0.0 <= self.max_skip_fraction < 1.0, "data.max_skip_fraction must be in [0, 1)")
-        self.mix_sources()
-        self._schedule()
+
+
+def _parse_mix(text: str) -> tuple[tuple[str, float], ...]:
+    """'PATH:WEIGHT,...' (data.mix) -> ((path, weight), ...), each weight in (0, 1)."""
+    out = []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        path, sep, weight = item.rpartition(":")
+        try:
+            w = float(weight)
+        except ValueError:
+            w = -1.0
+        _check(bool(sep) and bool(path) and 0.0 < w < 1.0,
+               f"data.mix item {item!r}: write PATH:WEIGHT with 0 < WEIGHT < 1")
+        out.append((path, w))
+    return tuple(out)
+
+
+def _with_main_corpus(path: str, extra: tuple[tuple[str, float], ...]) -> tuple[tuple[str, float], ...]:
+    """The main corpus `path` first, with the weight data.mix leaves."""
+    rest = 1.0 - sum(w for _, w in extra)
+    _check(rest > 0.0, f"data.mix weights sum to {1 - rest:g}; they must leave weight for data.path")
+    return ((path, rest), *extra)
+
+
+def _parse_schedule(text: str) -> tuple[tuple[int, int], ...]:
+    """'STEP:K,...' (data.n_segments_schedule) -> ((step, k), ...), steps increasing, k >= 1."""
+    out = []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        start, sep, k = item.partition(":")
+        _check(sep == ":" and start.isdigit() and k.isdigit() and int(k) >= 1,
+               f"data.n_segments_schedule item {item!r}: write STEP:K with integers, K >= 1")
+        out.append((int(start), int(k)))
+    _check([s for s, _ in out] == sorted({s for s, _ in out}),
+           "data.n_segments_schedule steps must be distinct and increasing")
+    return tuple(out)
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     """AdamW with warmup + cosine decay; the memory mix gates get their own group."""
 
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    warmup_steps: int = 10
-    grad_clip: float = 1.0
-    mem_gate_lr_mult: float = 5.0  # gates learn faster and get no weight decay (HF Infini lesson)
+    lr: float = doc_field(1e-3, "peak learning rate, reached at the end of the warmup")
+    min_lr: float = doc_field(1e-4, "learning rate at the end of the cosine decay (at train.max_steps)")
+    weight_decay: float = doc_field(0.1, "AdamW weight decay of the matrices (not biases, norms, convolutions, gates)")
+    beta1: float = doc_field(0.9, "AdamW beta1")
+    beta2: float = doc_field(0.95, "AdamW beta2")
+    eps: float = doc_field(1e-8, "AdamW epsilon")
+    warmup_steps: int = doc_field(10, "steps of linear warmup from 0 to optim.lr (DeepSpeed uses at least 2)")
+    grad_clip: float = doc_field(1.0, "maximum global gradient norm (0 disables clipping)")
+    # HF Infini lesson: the gates learn faster and get no weight decay
+    mem_gate_lr_mult: float = doc_field(5.0, "learning-rate multiplier of the memory mix gates (no weight decay)")
 
     def validate(self) -> None:
         _check(self.lr > 0, "optim.lr must be > 0")
@@ -170,28 +232,24 @@ class ParallelConfig:
     `memgpt_dist.parallel.layout.validate_layout`.
     """
 
-    zero_stage: int = 3
-    micro_batch_size: int = 4  # samples per rank per micro-step
-    grad_accum: int = 1  # micro-steps per optimizer step (also the pipeline's micro-batches)
-    tp: int = 1  # tensor-parallel degree: splits attention heads (and their memory) and the MLP
-    pp: int = 1  # pipeline-parallel degree: stages of consecutive blocks
-    # Samples per optimizer step over all ranks; 0: micro_batch_size * grad_accum * dp. When set
-    # it is a check that the layout gives this batch at the world size it runs with.
-    global_batch_size: int = 0
-    pp_partition: str = "parameters"  # how blocks are split into stages: "parameters" or "uniform"
-    precision: str = "auto"  # "auto" (bf16 on GPUs that have it, else fp32), "fp32", "bf16", "fp16"
-    activation_checkpointing: bool = False
+    zero_stage: ZeroStage = doc_field(3, "DeepSpeed ZeRO stage (pipelines: 0 or 1)")
+    micro_batch_size: int = doc_field(4, "samples per rank per micro-step")
+    grad_accum: int = doc_field(1, "micro-steps per optimizer step (also the pipeline's micro-batches)")
+    tp: int = doc_field(1, "tensor-parallel degree: splits attention heads (and their memory) and the MLP")
+    pp: int = doc_field(1, "pipeline-parallel degree: stages of consecutive blocks")
+    # When set, a check that the layout gives this batch at the world size it runs with.
+    global_batch_size: int = doc_field(0, "samples per optimizer step over all ranks; "
+                                          "0: micro_batch_size * grad_accum * dp")
+    pp_partition: PipelinePartition = doc_field("parameters", "how blocks are split into pipeline stages "
+                                                              "(DeepSpeed's partition_method)")
+    precision: Precision = doc_field("auto", "'auto': bf16 on GPUs that have it, else fp32")
+    activation_checkpointing: bool = doc_field(False, "recompute each block's activations in the backward pass")
 
     def validate(self) -> None:
-        _check(self.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage={self.zero_stage}: use 0, 1, 2 or 3")
         _check(self.micro_batch_size >= 1, "parallel.micro_batch_size must be >= 1")
         _check(self.grad_accum >= 1, "parallel.grad_accum must be >= 1")
         _check(self.tp >= 1 and self.pp >= 1, f"parallel.tp={self.tp}, parallel.pp={self.pp}: degrees must be >= 1")
         _check(self.global_batch_size >= 0, "parallel.global_batch_size must be >= 0 (0 derives it)")
-        _check(self.pp_partition in ("parameters", "uniform"),
-               f"parallel.pp_partition={self.pp_partition!r}: use 'parameters' or 'uniform'")
-        _check(self.precision in ("auto", "fp32", "bf16", "fp16"),
-               f"parallel.precision={self.precision!r}: use auto, fp32, bf16 or fp16")
         _check(self.pp == 1 or self.zero_stage < 2,
                f"pipeline parallelism (parallel.pp={self.pp}) runs only with ZeRO-0/1 in DeepSpeed "
                f"(PipelineEngine asserts zero_stage < 2), got parallel.zero_stage={self.zero_stage}; use "
@@ -228,9 +286,9 @@ def _nearest_divisors(n: int, k: int) -> str:
 class CheckpointConfig:
     """When and how many checkpoints are written under `<run_dir>/checkpoints`."""
 
-    every: int = 50  # steps between checkpoints (0: only at the end)
-    keep_last: int = 3
-    save_at_end: bool = True
+    every: int = doc_field(50, "steps between checkpoints (0: only at the end)")
+    keep_last: int = doc_field(3, "checkpoints kept; older ones are deleted, the newest never")
+    save_at_end: bool = doc_field(True, "save a checkpoint after the last step (a run stopped early always saves)")
 
     def validate(self) -> None:
         _check(self.every >= 0, "checkpoint.every must be >= 0")
@@ -241,38 +299,38 @@ class CheckpointConfig:
 class LogConfig:
     """Console and TensorBoard logging."""
 
-    every: int = 10  # steps between log lines / scalars
-    tensorboard: bool = True
+    every: int = doc_field(10, "steps between log lines / scalars")
+    tensorboard: bool = doc_field(True, "write TensorBoard scalars under <run_dir>/tensorboard")
 
     def validate(self) -> None:
         _check(self.every >= 1, "log.every must be >= 1")
 
 
 @dataclass(frozen=True)
-class LoopConfig:
-    """Length of the run and in-loop validation."""
+class TrainingConfig:
+    """The training loop (`train:`): length of the run, in-loop validation and when to stop."""
 
-    max_steps: int = 100
-    seed: int = 42
-    eval_every: int = 50  # 0 disables in-loop validation
-    eval_batches: int = 4
-    # Stream training: each stream's memory state carries, detached, into its next sample
-    # (truncated BPTT over data.n_segments per step), so documents longer than one sample are
-    # read whole. Off: every sample starts from an empty memory (episodic).
-    carry_memory: bool = False
-    # Wall-clock budget of the process in minutes (0: none). At the last step boundary that
-    # leaves time for one more step and a save, the run saves a checkpoint and exits with code 75
-    # (memgpt_dist.train.stopping.EXIT_PREEMPTED), like a preempted run: resume with --resume auto.
-    max_minutes: float = 0.0
+    max_steps: int = doc_field(100, "optimizer steps of the run")
+    seed: int = doc_field(42, "RNG seed of the model init; each dp rank then reseeds with seed + 1000 * dp_rank")
+    eval_every: int = doc_field(50, "steps between in-loop validations (0 disables them)")
+    eval_batches: int = doc_field(4, "validation batches per evaluation")
+    # Truncated BPTT over data.n_segments per step, so documents longer than one sample are read
+    # whole. Off: every sample starts from an empty memory (episodic).
+    carry_memory: bool = doc_field(False, "stream training: each stream's memory carries, detached, into its "
+                                          "next sample")
+    # At the last step boundary that leaves time for one more step and a save, the run saves a
+    # checkpoint and exits with code 75 (memgpt_dist.train.stopping.EXIT_PREEMPTED), like a
+    # preempted run: resume with --resume auto.
+    max_minutes: float = doc_field(0.0, "wall-clock budget of the process in minutes (0: none)")
     # A step whose loss or gradient is NaN/Inf on any rank is skipped by every rank (weights,
-    # optimizer state and LR schedule untouched). The run stops (exit code 3) when more than this
-    # many consecutive steps were skipped; 0 stops at the first one.
-    max_nan_skips: int = 5
-    # A file whose appearance acts like SIGUSR1 (save, commit, exit 75): job scripts touch it when
-    # the scheduler warns the batch shell (Slurm `--signal=B:USR1@T`), and a user can touch it to
-    # stop a run cleanly. Only a file newer than the process counts, so a stale one left by a
-    # preempted job cannot stop its requeued successor. Empty: no stop file.
-    stop_file: str = ""
+    # optimizer state and LR schedule untouched); the run stops with exit code 3.
+    max_nan_skips: int = doc_field(5, "consecutive non-finite steps skipped before the run stops "
+                                      "(0: stop at the first)")
+    # Job scripts touch it when the scheduler warns the batch shell (Slurm `--signal=B:USR1@T`), and
+    # a user can touch it to stop a run cleanly. Only a file newer than the process counts, so a
+    # stale one left by a preempted job cannot stop its requeued successor.
+    stop_file: str = doc_field("", "a file whose appearance acts like SIGUSR1 (save, commit, exit 75); "
+                                   "empty: none")
 
     def validate(self) -> None:
         _check(self.max_steps >= 1, "train.max_steps must be >= 1")
@@ -284,17 +342,17 @@ class LoopConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Root of the run configuration."""
+    """Root of the run configuration: `run_dir` and one section per concern."""
 
-    run_dir: str = "runs/tiny"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    memory: MemoryConfig = field(default_factory=MemoryConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    train: LoopConfig = field(default_factory=LoopConfig)
+    run_dir: str = doc_field("runs/tiny", "directory of the run: train.log, config, metrics, checkpoints")
+    model: ModelConfig = section_field(ModelConfig)
+    memory: MemoryConfig = section_field(MemoryConfig)
+    data: DataConfig = section_field(DataConfig)
+    optim: OptimConfig = section_field(OptimConfig)
+    parallel: ParallelConfig = section_field(ParallelConfig)
+    checkpoint: CheckpointConfig = section_field(CheckpointConfig)
+    log: LogConfig = section_field(LogConfig)
+    train: TrainingConfig = section_field(TrainingConfig)
 
     def validate(self) -> None:
         for f in fields(self):
@@ -317,6 +375,43 @@ class TrainConfig:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+# --------------------------------------------------------------------------- describing
+
+
+def describe_config(cfg: Optional[TrainConfig] = None) -> str:
+    """Every section and key with its type, default and doc: the text of `--help-config`.
+
+    With `cfg`, keys whose value differs from the default also show the value in `cfg`.
+    """
+    head = ["Run configuration: dataclass defaults, then the YAML file (--config), then --section.key=value.",
+            "Each key: TYPE = DEFAULT" + ("  (this run: VALUE, where it differs)" if cfg is not None else ""),
+            "", f"top level:  (TrainConfig) {_first_line(TrainConfig)}"]
+    return "\n".join([*head, *_describe(TrainConfig, TrainConfig(), cfg, prefix="")]) + "\n"
+
+
+def _describe(cls: type, default: Any, value: Any, prefix: str) -> Iterator[str]:
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        key, tp, d = prefix + f.name, hints[f.name], getattr(default, f.name)
+        v = None if value is None else getattr(value, f.name)
+        if dataclasses.is_dataclass(tp):
+            yield from ("", f"{key}:  ({tp.__name__}) {field_doc(f)}")
+            yield from _describe(tp, d, v, key + ".")
+            continue
+        changed = f"  (this run: {json.dumps(v)})" if value is not None and v != d else ""
+        yield f"  {key}: {_type_name(tp)} = {json.dumps(d)}{changed}"
+        yield f"      {field_doc(f)}"
+
+
+def _type_name(tp: Any) -> str:
+    """A field's type as a user writes it: int, str, ..., or the Literal's values."""
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(json.dumps(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
 
 
 # --------------------------------------------------------------------------- loading
@@ -389,6 +484,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key + ".")
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        return _choice(typing.get_args(tp), value, key)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return None if value is None else _coerce(args[0], value, key)
@@ -414,3 +511,12 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key} must be a string, got {value!r}")
     return value
+
+
+def _choice(choices: tuple[Any, ...], value: Any, key: str) -> Any:
+    """`value` if it is one of a Literal's `choices`, of the same type (YAML's true is not 1)."""
+    if any(type(value) is type(c) and value == c for c in choices):
+        return value
+    names = [repr(c) for c in choices]
+    valid = " or ".join(names) if len(names) <= 2 else f"one of {', '.join(names[:-1])} or {names[-1]}"
+    raise ConfigError(f"{key}={value!r}: use {valid}")
