@@ -2,7 +2,7 @@
 full-causal-attention model of the same size over the whole document (issue 3's target: the
 memory model's tokens/s at 64K tokens within 15% of its tokens/s at 2K).
 
-Each (model, length) runs in a fresh process (`memgpt_dist.streaming`): forward only, tokens/s
+Each (model, length) runs in a fresh process (`benchmarks/streaming.py`): forward only, tokens/s
 and the process's peak memory. `memgpt-eval --streaming` measures the same for a checkpoint.
 
     python benchmarks/streaming_cost.py                       # tiny config sizes
@@ -16,7 +16,7 @@ import json
 import sys
 
 from memgpt_dist.config import load_config
-from memgpt_dist.streaming import format_streaming_table, streaming_costs, summary
+from streaming import format_streaming_table, streaming_costs, summary  # benchmarks/streaming.py
 
 
 def main(argv=None) -> int:

@@ -19,6 +19,7 @@ import os
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -98,7 +99,7 @@ def hf_step(cfg: TrainConfig):
 
 def ours_plain_step(cfg: TrainConfig):
     from memgpt_dist.model import GPT
-    from memgpt_dist.train.trainer import token_loss_sum
+    from memgpt_dist.train.batch import token_loss_sum
 
     model = GPT(cfg.model, cfg.memory)
     model.init_weights()
@@ -127,14 +128,15 @@ class ListBatches:
 
 
 def engine_step(cfg: TrainConfig, batches, topo):
-    from memgpt_dist.parallel.engine import build_engine
-    from memgpt_dist.train.metrics import MetricsLogger
-    from memgpt_dist.train.run import build_model
-    from memgpt_dist.train.trainer import Trainer
+    import tempfile
 
-    engine, _ = build_engine(build_model(cfg), cfg, topo)
-    trainer = Trainer(cfg, topo, engine, ListBatches(batches), None, checkpointer=None,
-                      metrics=MetricsLogger(None, enabled=False, tensorboard=False))
+    from memgpt_dist.train.checkpoint import CheckpointDir
+    from memgpt_dist.train.metrics import MetricsLogger
+    from memgpt_dist.train.run import build_step, build_trainer
+
+    files = CheckpointDir(Path(tempfile.mkdtemp(prefix="bench-")), topo, keep_last=1)  # never written
+    trainer = build_trainer(cfg, topo, build_step(cfg, topo), ListBatches(batches), None, files,
+                            MetricsLogger(None, enabled=False, tensorboard=False))
     return lambda b: trainer.train_step()  # the trainer draws the same batches, in order
 
 

@@ -1,9 +1,8 @@
 """Long-range evaluation: `memgpt-eval --checkpoint RUN_DIR [RUN_DIR ...] [--json results.json]`.
 
 For each run, with the memory read on and switched off at evaluation time, side by side:
-- on a task corpus (made by `memgpt-prepare --task`): accuracy at 1, 3, 7, 15, 31 filler
-  segments between fact and question;
-- on a text corpus: next-token loss by segment index over long held-out documents;
+- a task corpus (`memgpt-prepare --task`): accuracy at 1, 3, 7, 15, 31 filler segments;
+- a text corpus: next-token loss by segment index over long held-out documents;
 - with --streaming 2048,8192,32768,65536: tokens/s and peak memory reading documents of those
   lengths segment by segment, next to a full-causal-attention model of the same size.
 The data is the run's own (data.path) unless --data names another prepared corpus.
@@ -11,7 +10,6 @@ The data is the run's own (data.path) unless --data names another prepared corpu
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from dataclasses import asdict
@@ -36,14 +34,18 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
+    from data_pipeline.errors import DataError
     from memgpt_dist.cli import run_cli
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    return run_cli(lambda: _eval(args))
+    return run_cli(lambda: _eval(args), extra_user_errors=(DataError,))
 
 
 def _eval(args) -> int:
     from memgpt_dist.evaluate import format_corpus_table, format_table
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # --streaming: a benchmark
+    from streaming import checkpoint_streaming_cost
 
     gaps = [int(g) for g in args.gaps.split(",")]
     task_rows, corpus_rows, record = [], [], {}
@@ -52,7 +54,8 @@ def _eval(args) -> int:
         (task_rows if kind == "task" else corpus_rows).append((name, result))
         record[name] = rec
         if args.streaming:
-            rec["streaming"] = _streaming(Path(rec["checkpoint"]), name, args)
+            rec["streaming"] = checkpoint_streaming_cost(Path(rec["checkpoint"]), name, [
+                int(x) for x in args.streaming.split(",")], args.full_max, args.device)
     if task_rows:
         print(format_table(task_rows))
     if corpus_rows:
@@ -62,41 +65,24 @@ def _eval(args) -> int:
     return 0
 
 
-def _streaming(ckpt: Path, name: str, args) -> dict:
-    """Streaming cost of a model of this checkpoint's shape (the cost does not depend on weights)."""
-    from memgpt_dist.generate import checkpoint_config
-    from memgpt_dist.streaming import format_streaming_table, streaming_costs, summary
-
-    cfg = checkpoint_config(ckpt)
-    mem = cfg.memory if cfg.memory.enabled else dataclasses.replace(cfg.memory, enabled=True)
-    rows = streaming_costs(cfg.model, mem, [int(x) for x in args.streaming.split(",")], args.full_max,
-                           device=args.device)
-    print(f"\nstreaming cost, {name} shape\n{format_streaming_table(rows)}")
-    return {"rows": [asdict(r) for r in rows], "summary": summary(rows)}
-
-
 def _eval_one(path: Path, args, gaps):
-    from tokenizers import Tokenizer
-
-    from memgpt_dist.config import ConfigError
-    from memgpt_dist.evaluate import evaluate_corpus, evaluate_task, task_spec_of
+    from data_pipeline.eval_data import corpus_eval_documents, task_batches, task_for_model, task_spec_of
+    from memgpt_dist.evaluate import evaluate_corpus, evaluate_task
     from memgpt_dist.generate import find_checkpoint, load_model
 
     ckpt = find_checkpoint(path, None)
     model, cfg = load_model(ckpt)
-    data = args.data or Path(cfg.data.path)
+    data, N = args.data or Path(cfg.data.path), cfg.model.segment_len
     name = f"{ckpt.parent.parent.name}@{ckpt.name.removeprefix('step_').lstrip('0')}" + (
         "" if cfg.memory.enabled else " (no memory)")
     rec = {"checkpoint": str(ckpt), "memory": cfg.memory.enabled, "data": str(data)}
     spec = task_spec_of(data)
     if spec is None:
-        result = evaluate_corpus(model, data, cfg.model.segment_len, args.segments, args.corpus_docs)
+        result = evaluate_corpus(model, corpus_eval_documents(data, args.segments, N, args.corpus_docs), N, args.segments)
         return name, "corpus", result, {**rec, "corpus": asdict(result)}
-    if spec.segment_len != cfg.model.segment_len:
-        raise ConfigError(f"the task in {data} has segment_len {spec.segment_len} but the model "
-                          f"{cfg.model.segment_len}; prepare the task with --segment-len {cfg.model.segment_len}")
-    tokenizer = Tokenizer.from_file(str(data / "tokenizer.json"))
-    results = evaluate_task(model, spec, tokenizer, gaps, args.docs, args.seed)
+    tokenizer, exact = task_for_model(data, spec, N), spec.kind == "passkey"
+    results = evaluate_task(model, lambda gap: task_batches(spec, tokenizer, args.docs, args.seed, 32, gap), gaps,
+                            exact=exact, chance=spec.chance ** spec.digits if exact else spec.chance, n_docs=args.docs)
     return name, "task", results, {**rec, "task": spec.kind, "results": [asdict(r) for r in results]}
 
 

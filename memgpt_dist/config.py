@@ -268,10 +268,15 @@ class ParallelConfig:
 
     def dp(self, world_size: int) -> int:
         """Data-parallel degree for a world size; raises when the layout does not fit."""
-        model_parallel = self.tp * self.pp
-        if world_size % model_parallel:
-            raise ConfigError(f"world size {world_size} is not divisible by parallel.tp*parallel.pp={model_parallel}")
-        return world_size // model_parallel
+        return dp_degree(world_size, self.tp, self.pp)
+
+
+def dp_degree(world_size: int, tp: int, pp: int) -> int:
+    """dp = world / (tp * pp): the one place the data-parallel degree is computed."""
+    if world_size % (tp * pp):
+        raise ConfigError(f"world size {world_size} is not divisible by parallel.tp x parallel.pp = {tp} x {pp}; "
+                          f"launch a multiple of {tp * pp} ranks")
+    return world_size // (tp * pp)
 
 
 def _nearest_divisors(n: int, k: int) -> str:

@@ -5,21 +5,22 @@ Task accuracy by distance: fresh task documents (a random stream no training spl
 scored at the answer tokens (teacher forcing; recall: per value, passkey: all digits exact).
 Each distance is also scored with the memory read switched off at evaluation time: if the
 memory carries the answer, that accuracy falls to chance.
+
+The documents come from the caller (`data_pipeline.eval_data`, wired in by `launch/eval.py`):
+this module scores a model on them and imports nothing of the data pipeline.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 
-from data_pipeline.tasks import TaskSpec, generate, vocab_from_tokenizer
 from memgpt_dist.model import GPT
 
-EVAL_STREAM = 2  # task split index for evaluation documents (train 0, validation 1)
 DISTANCES = (1, 3, 7, 15, 31)
+TaskBatches = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (input_ids (b, S*N), answer mask (b, S*N))
 
 
 @dataclass(frozen=True)
@@ -31,15 +32,6 @@ class TaskResult:
     accuracy_read_off: float
     chance: float
     documents: int
-
-
-def task_batches(spec: TaskSpec, tokenizer, n_docs: int, seed: int, batch: int):
-    """Batches of (input_ids (b, S*N), answer mask (b, S*N)) of evaluation documents."""
-    docs = list(generate(spec, vocab_from_tokenizer(tokenizer, spec), n_docs, seed, EVAL_STREAM))
-    for i in range(0, n_docs, batch):
-        ids = torch.from_numpy(np.stack([d[0] for d in docs[i:i + batch]]))  # (b, S*N)
-        mask = torch.from_numpy(np.stack([d[1] for d in docs[i:i + batch]])).bool()  # (b, S*N)
-        yield ids, mask
 
 
 @torch.no_grad()
@@ -55,31 +47,18 @@ def answer_accuracy(model: GPT, ids: torch.Tensor, mask: torch.Tensor, per_docum
     return int((hit & answers).sum()), int(answers.sum())
 
 
-def evaluate_task(model: GPT, spec: TaskSpec, tokenizer, gaps=DISTANCES, n_docs: int = 256, seed: int = 0,
-                  batch: int = 32) -> list[TaskResult]:
-    """Accuracy at each gap, with the memory read on and off."""
+def evaluate_task(model: GPT, batches_at: Callable[[int], TaskBatches], gaps=DISTANCES, exact: bool = False,
+                  chance: float = 0.0, n_docs: int = 256) -> list[TaskResult]:
+    """Accuracy at each gap, with the memory read on and off. `batches_at(gap)`: the evaluation
+    documents with that many filler segments; `exact`: score whole answers (passkey), else tokens."""
     out = []
-    exact = spec.kind == "passkey"
-    chance = spec.chance ** spec.digits if exact else spec.chance
     for gap in gaps:
-        s = replace(spec, gap=gap)
         counts = np.zeros((2, 2), dtype=np.int64)  # [read on/off] x [correct, total]
-        for ids, mask in task_batches(s, tokenizer, n_docs, seed, batch):
+        for ids, mask in batches_at(gap):
             counts[0] += answer_accuracy(model, ids, mask, exact)
             counts[1] += answer_accuracy(model, ids, mask, exact, read_memory=False)
         out.append(TaskResult(gap, counts[0, 0] / counts[0, 1], counts[1, 0] / counts[1, 1], chance, n_docs))
     return out
-
-
-def task_spec_of(data_dir: Path) -> Optional[TaskSpec]:
-    """The task a prepared corpus was generated for (None for a text corpus)."""
-    from data_pipeline.prepare_corpus import read_manifest
-
-    t = read_manifest(data_dir).get("task")
-    if t is None:
-        return None
-    fields = {k: t[k] for k in TaskSpec.__dataclass_fields__}
-    return TaskSpec(**fields)
 
 
 def format_table(rows: list[tuple[str, list[TaskResult]]]) -> str:
@@ -104,32 +83,16 @@ class CorpusResult:
     segment_len: int
 
 
-def long_documents(data_dir: Path, split: str, min_tokens: int, limit: int) -> list[np.ndarray]:
-    """Up to `limit` documents of a prepared corpus with at least `min_tokens` tokens, in order."""
-    from data_pipeline.prepare_corpus import read_manifest
-    from data_pipeline.segment_stream import read_shard
-
-    m = read_manifest(data_dir)
-    out: list[np.ndarray] = []
-    for s in m["splits"][split]:
-        docs = read_shard(str(data_dir / s["file"]), m["dtype"], s["documents"], None)
-        out.extend(t for t in docs.tokens if len(t) >= min_tokens)
-        if len(out) >= limit:
-            break
-    return out[:limit]
-
-
 @torch.no_grad()
-def evaluate_corpus(model: GPT, data_dir: Path, segment_len: int, n_segments: int = 16, n_docs: int = 32,
-                    split: str = "validation", batch: int = 8) -> CorpusResult:
+def evaluate_corpus(model: GPT, docs: list[np.ndarray], segment_len: int, n_segments: int = 16,
+                    batch: int = 8) -> CorpusResult:
     """Loss at segment index 1..n_segments over the first n_segments * N (+1) tokens of held-out
-    documents at least that long, read with the memory and with its read switched off."""
+    documents at least that long (`docs`), read with the memory and with its read switched off."""
     import torch.nn.functional as F
 
     T = n_segments * segment_len
-    docs = long_documents(data_dir, split, T + 1, n_docs)
     if not docs:
-        raise ValueError(f"no {split} document of {data_dir} has {T + 1} tokens; lower --segments")
+        raise ValueError(f"no held-out document has {T + 1} tokens; lower --segments")
     sums = torch.zeros(2, n_segments, dtype=torch.float64)
     for i in range(0, len(docs), batch):
         ids = torch.from_numpy(np.stack([d[:T + 1] for d in docs[i:i + batch]]))  # (b, T + 1)

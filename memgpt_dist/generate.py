@@ -10,7 +10,7 @@ the memory state, and tokens of the current, partial segment attend locally and 
 from __future__ import annotations
 
 import contextlib
-import json
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +20,12 @@ import torch
 
 from memgpt_dist.config import TrainConfig, config_from_json
 from memgpt_dist.model import GPT
-from memgpt_dist.train.checkpoint import MARKER, CheckpointError, TAG_RE, tag_for, torch_load_weights_only
+from memgpt_dist.parallel.ds_compat import torch_load_weights_only
+from memgpt_dist.parallel.pipeline import pipeline_to_model_name
+from memgpt_dist.train.checkpoint import (CheckpointError, committed_step_dirs, is_committed, read_marker,
+                                          verify_step_dir)
+
+log = logging.getLogger("memgpt_dist")
 
 
 @dataclass(frozen=True)
@@ -33,27 +38,41 @@ class SamplingConfig:
 
 
 def find_checkpoint(path: Path, step: Optional[int] = None) -> Path:
-    """A committed checkpoint directory from a run dir, a checkpoints dir or a step dir."""
+    """A committed, intact checkpoint directory from a run dir, a checkpoints dir or a step dir.
+    Without `step`, the newest one whose files verify (damaged newer ones are named and skipped,
+    as `--resume auto` does); a given step or step dir must verify itself."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; pass --checkpoint RUN_DIR of a training run")
-    if (path / MARKER).is_file():
-        return path
+    if is_committed(path):
+        return _verified(path)
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    steps = sorted(int(m.group(1)) for c in root.iterdir() if (m := TAG_RE.match(c.name)) and (c / MARKER).is_file())
+    steps = committed_step_dirs(root)
     if not steps:
         raise CheckpointError(f"no committed checkpoint under {root}; train with checkpoint.every > 0 or "
                               f"checkpoint.save_at_end: true first")
-    chosen = step if step is not None else steps[-1]
-    if chosen not in steps:
-        raise CheckpointError(f"no committed checkpoint for step {chosen} under {root}; available: {steps}")
-    return root / tag_for(chosen)
+    if step is not None:
+        if step not in steps:
+            raise CheckpointError(f"no committed checkpoint for step {step} under {root}; available: {sorted(steps)}")
+        return _verified(steps[step])
+    for s in sorted(steps, reverse=True):
+        problem = verify_step_dir(steps[s])
+        if problem is None:
+            return steps[s]
+        log.warning("skipping checkpoint %s: %s; trying the previous one", steps[s], problem)
+    raise CheckpointError(f"no intact checkpoint under {root}: every committed one is damaged (see above)")
+
+
+def _verified(step_dir: Path) -> Path:
+    problem = verify_step_dir(step_dir)
+    if problem:
+        raise CheckpointError(f"checkpoint {step_dir} is damaged: {problem}; pass another --step or the run directory")
+    return step_dir
 
 
 def checkpoint_config(ckpt_dir: Path) -> TrainConfig:
     """The run configuration a checkpoint was saved with (from its commit marker)."""
-    marker = json.loads((ckpt_dir / MARKER).read_text())
-    return config_from_json(marker["meta"]["config"])
+    return config_from_json(read_marker(ckpt_dir)["meta"]["config"])
 
 
 def load_model(ckpt_dir: Path) -> tuple[GPT, TrainConfig]:
@@ -114,7 +133,7 @@ def _pipeline_tp_shard(ckpt_dir: Path, tp_rank: int) -> dict[str, torch.Tensor]:
     for f in files:
         index = int(f.name[6:8])
         for key, value in torch.load(f, map_location="cpu", weights_only=True).items():
-            name = f"blocks.{index - 1}.{key[len('block.'):]}" if key.startswith("block.") else key
+            name = pipeline_to_model_name(f"{index}.{key}") or key  # the tied layers' keys are the GPT's
             out.setdefault(name, value.float())
     return out
 

@@ -209,6 +209,34 @@ class Block(nn.Module):
                 "mem_read_norm": read.detach().flatten(2).norm(dim=-1).mean()}  # L2 over all heads of a token
 
 
+# The pieces of `GPT.forward`, as functions of the modules they use, so that a pipeline stage
+# (which holds only some of the modules) runs exactly this code (parallel/pipeline.py).
+def segment_positions(T: int, segment_len: int, device: torch.device) -> Tensor:
+    """(T,): positions restart at 0 in every segment."""
+    return torch.arange(T, device=device) % segment_len
+
+
+def embed_tokens(wte: nn.Embedding, wpe: Optional[nn.Embedding], drop: nn.Dropout, input_ids: Tensor,
+                 segment_len: int) -> Tensor:
+    """Token (+ learned position) embedding and dropout: (B, T) -> (B, T, C)."""
+    x = wte(input_ids)  # (B, T, C)
+    if wpe is not None:
+        x = x + wpe(segment_positions(input_ids.shape[1], segment_len, input_ids.device))
+    return drop(x)
+
+
+def rope_tables(cfg: ModelConfig, T: int, device: torch.device) -> Optional[Rope]:
+    """The rotary tables every layer uses for T tokens (None with learned positions)."""
+    if cfg.position != "rope":
+        return None
+    return build_rope(segment_positions(T, cfg.segment_len, device), cfg.head_dim, cfg.rope_theta)
+
+
+def lm_head(ln_f: nn.LayerNorm, wte: nn.Embedding, x: Tensor) -> Tensor:
+    """Final norm and the LM head tied to the token embedding: (B, T, C) -> (B, T, vocab)."""
+    return F.linear(ln_f(x), wte.weight)
+
+
 class GPT(nn.Module):
     """Decoder-only LM with segment-local attention and (optionally) per-head memory."""
 
@@ -252,19 +280,15 @@ class GPT(nn.Module):
         zeroed before s reads it); read_memory=False zeroes every memory read (ablation; writes
         still happen)."""
         self._check_inputs(input_ids, state, reset)
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device) % self.cfg.segment_len  # (T,)
-        x = self.wte(input_ids)  # (B, T, C)
-        if self.wpe is not None:
-            x = x + self.wpe(positions)
-        x = self.drop(x)
-        rope = build_rope(positions, self.cfg.head_dim, self.cfg.rope_theta) if self.cfg.position == "rope" else None
+        x = embed_tokens(self.wte, self.wpe, self.drop, input_ids, self.cfg.segment_len)  # (B, T, C)
+        rope = rope_tables(self.cfg, input_ids.shape[1], input_ids.device)
         layer_states = state if state is not None else (None,) * len(self.blocks)
         new_states, stats = [], {}
         for i, block in self.blocks.items():
             x, layer_state, block_stats = block(x, rope, layer_states[int(i)], reset, read_memory)
             new_states.append(layer_state)
             stats.update({f"{key}/layer{i}": value for key, value in block_stats.items()})
-        logits = F.linear(self.ln_f(x), self.wte.weight)  # (B, T, vocab); head tied to the embedding
+        logits = lm_head(self.ln_f, self.wte, x)  # (B, T, vocab)
         return ModelOutput(logits, tuple(new_states) if self.mem_cfg.enabled else None, stats)
 
     def _check_inputs(self, input_ids: Tensor, state: Optional[MemoryState], reset: Optional[Tensor]) -> None:

@@ -42,8 +42,9 @@ MemoryState = tuple[LayerState, ...]  # one LayerState per layer, in layer order
 
 
 def feature_dim(head_dim: int, nu: int) -> int:
-    """Size of the DPFP key space, dk = 2 * nu * head_dim."""
-    return 2 * nu * head_dim
+    """Size of the key space: dk = 2 * nu * head_dim DPFP features, or head_dim for nu = 0 (raw
+    unit-length keys, `memory.kind: delta` only; see `delta_features`)."""
+    return 2 * nu * head_dim if nu > 0 else head_dim
 
 
 def dpfp(x: Tensor, nu: int) -> Tensor:

@@ -25,7 +25,7 @@ def build_ds_config(cfg: TrainConfig, world_size: int, device_type: str = "cpu",
     """DeepSpeed config for `cfg` at `world_size` ranks on `device_type` ("cpu", "cuda", ...).
 
     `load_universal`: the engine will restore a universal checkpoint (a resume on another layout,
-    see `memgpt_dist.train.reshard`); DeepSpeed reads the flag only when loading."""
+    see `memgpt_dist.train.universal`); DeepSpeed reads the flag only when loading."""
     par, opt = cfg.parallel, cfg.optim
     dp = par.dp(world_size)
     precision = resolve_precision(par.precision, device_type, bf16_supported)

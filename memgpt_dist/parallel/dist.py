@@ -17,14 +17,16 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from memgpt_dist.config import ConfigError
-from memgpt_dist.parallel.layout import RankCoord, rank_coord
+from memgpt_dist.config import dp_degree
+from memgpt_dist.parallel.layout import RankPlace, head_range, place_of
 
 
 @dataclass(frozen=True)
 class Topology:
-    """Where this process sits: global rank and world, its data-, tensor- and pipeline-parallel
-    ranks and degrees, and its device."""
+    """This process's handle on the world: global rank and world size, its data-, tensor- and
+    pipeline-parallel ranks and degrees, its device, its process groups and the few collectives
+    the trainer uses. Where the rank sits in the grid is its `place` (a `layout.RankPlace`); the
+    whole job's layout is a `layout.Layout`; what a rank holds of the model is its `RankShare`."""
 
     rank: int
     world_size: int
@@ -46,8 +48,13 @@ class Topology:
         return self.rank == 0
 
     @property
-    def coord(self) -> RankCoord:
-        return RankCoord(dp=self.dp_rank, pp=self.pp_rank, tp=self.tp_rank)
+    def place(self) -> RankPlace:
+        return RankPlace(dp=self.dp_rank, pp=self.pp_rank, tp=self.tp_rank)
+
+    def head_range(self, n_head: int) -> tuple[int, int]:
+        """The attention heads [first, last + 1) this rank holds (and their memory): TP rank t of
+        tp holds the t-th contiguous block, as AutoTP splits the projections' output features."""
+        return head_range(n_head, self.tp_rank, self.tp_size)
 
     def barrier(self) -> None:
         if dist.is_initialized() and self.world_size > 1:
@@ -90,16 +97,28 @@ class Topology:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
 
-def rank_layout_state(topo: Topology, stream_ids: Optional[list[int]], n_head: int) -> dict[str, Any]:
-    """Where a rank's per-rank checkpoint state sits in the global picture: the layout's degrees,
-    the rank's (dp, tp, pp) coordinates, the global ids of the streams whose loader cursors and
-    memory state it holds (rows of its batch), and the heads [first, last + 1) of that memory
-    state. Enough for a later step to reshard memory states to another layout."""
-    heads_per_rank = n_head // topo.tp_size
-    return {"layout": {"dp": topo.dp_size, "tp": topo.tp_size, "pp": topo.pp_size},
-            "coord": dataclasses.asdict(topo.coord),
-            "stream_ids": None if stream_ids is None else [int(g) for g in stream_ids],
-            "heads": [topo.tp_rank * heads_per_rank, (topo.tp_rank + 1) * heads_per_rank]}
+def place_record(topo: Topology, stream_ids: Optional[list[int]], n_head: int,
+               layers: Optional[list[int]] = None) -> dict[str, Any]:
+    """Where a rank sits, as its checkpoint file records it: the layout's degrees, the rank's
+    (dp, tp, pp) coordinates, the global ids of the streams whose loader cursors and memory state
+    it holds (rows of its batch), the heads [first, last + 1) of that memory state and, in a
+    pipeline, the global layers of its stage. Enough to redistribute to another layout."""
+    h0, h1 = topo.head_range(n_head)
+    out = {"layout": {"dp": topo.dp_size, "tp": topo.tp_size, "pp": topo.pp_size},
+           "coord": dataclasses.asdict(topo.place),  # "coord": the key every version wrote
+           "stream_ids": None if stream_ids is None else [int(g) for g in stream_ids], "heads": [h0, h1]}
+    if layers is not None:
+        out["layers"] = sorted(layers)
+    return out
+
+
+def share_cores() -> None:
+    """Unless OMP_NUM_THREADS says otherwise, give each of this node's ranks an equal share of its
+    cores: every rank taking all of them (torch's default) oversubscribes the node, and on CPU a
+    step then takes 20-30x longer."""
+    local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if "OMP_NUM_THREADS" not in os.environ and local > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
 def _free_port() -> int:
@@ -134,35 +153,32 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: Optional[str] = None) ->
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend)
     rank, world = dist.get_rank(), dist.get_world_size()
-    if world % (tp * pp):
-        raise ConfigError(f"world size {world} is not divisible by parallel.tp x parallel.pp = {tp} x {pp}; "
-                          f"launch a multiple of {tp * pp} ranks")
-    dp = world // (tp * pp)
-    coord = rank_coord(rank, dp, tp)
+    dp = dp_degree(world, tp, pp)
+    place = place_of(rank, dp, tp)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cpu") if accel.device_name() == "cpu" else torch.device(accel.device_name(), local_rank)
     if device.type != "cpu":
         accel.set_device(local_rank)
-    return Topology(rank=rank, world_size=world, local_rank=local_rank, dp_rank=coord.dp, dp_size=dp, device=device,
-                    tp_rank=coord.tp, tp_size=tp, pp_rank=coord.pp, pp_size=pp,
-                    dp_group=_data_parallel_group(coord, dp, tp, pp), tp_group=_tensor_parallel_group(coord, dp, tp, pp))
+    return Topology(rank=rank, world_size=world, local_rank=local_rank, dp_rank=place.dp, dp_size=dp, device=device,
+                    tp_rank=place.tp, tp_size=tp, pp_rank=place.pp, pp_size=pp,
+                    dp_group=_data_parallel_group(place, dp, tp, pp), tp_group=_tensor_parallel_group(place, dp, tp, pp))
 
 
-def _data_parallel_group(coord: RankCoord, dp: int, tp: int, pp: int):
+def _data_parallel_group(place: RankPlace, dp: int, tp: int, pp: int):
     """The group of ranks that share this rank's (pp, tp) coordinates; None when it is the world.
     `new_group` is collective: every rank creates every group, in the same order."""
     if tp * pp == 1:
         return None
     groups = {(p, t): dist.new_group([(p * dp + d) * tp + t for d in range(dp)]) for p in range(pp) for t in range(tp)}
-    return groups[coord.pp, coord.tp]
+    return groups[place.pp, place.tp]
 
 
-def _tensor_parallel_group(coord: RankCoord, dp: int, tp: int, pp: int):
+def _tensor_parallel_group(place: RankPlace, dp: int, tp: int, pp: int):
     """The group of ranks that share this rank's (pp, dp) coordinates (consecutive ranks); None when tp == 1."""
     if tp == 1:
         return None
     groups = {(p, d): dist.new_group([(p * dp + d) * tp + t for t in range(tp)]) for p in range(pp) for d in range(dp)}
-    return groups[coord.pp, coord.dp]
+    return groups[place.pp, place.dp]
 
 
 def shutdown() -> None:

@@ -6,17 +6,27 @@ then ZeRO partitions each shard over the rank's data-parallel group.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import nn
 
 from memgpt_dist.config import OptimConfig, TrainConfig
+from memgpt_dist.model.gpt import GATE_SUFFIX
+from memgpt_dist.parallel import ds_compat
 from memgpt_dist.parallel.deepspeed_config import build_ds_config
 from memgpt_dist.parallel.dist import Topology
-from memgpt_dist.parallel.tensor_parallel import check_tp_inputs_once
+from memgpt_dist.parallel.tensor_parallel import check_tp_inputs_once, unsharded_grad_norm
 
-GATE_SUFFIX = "mem_beta"
+
+class NonFiniteUpdate(RuntimeError):
+    """ZeRO-0 was about to apply a non-finite gradient: it has no overflow check that could skip
+    the step, so the run must stop before the update (the trainer says so, as `Diverged`)."""
+
+    def __init__(self, grad_norm: float):
+        super().__init__(f"non-finite gradient norm {grad_norm}")
+        self.grad_norm = grad_norm
 
 
 def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
@@ -55,33 +65,30 @@ def build_engine(model: nn.Module, cfg: TrainConfig, topo: Topology, load_univer
         model_parameters=param_groups(model, cfg.optim),
         config=ds_config,
         dist_init_required=False,
-        mpu=None if topo.pp_size > 1 else _autotp_mpu(topo),  # a PipelineModule brings its own grid
+        # a PipelineModule brings its own grid
+        mpu=None if topo.pp_size > 1 else ds_compat.autotp_mpu(topo.tp_size, topo.tp_rank, topo.dp_rank),
     )
     if topo.tp_size > 1 and topo.pp_size == 1:  # in a pipeline, pipeline.py split the stages and checks
         _replace_tp_input_check(engine, topo)
+    if topo.pp_size > 1 and engine.zero_optimization_stage() == 0 and \
+            not (engine.fp16_enabled() or engine.bfloat16_enabled()):
+        # DeepSpeed's own clipping of this path uses a norm without the later stages
+        ds_compat.step_by_whole_model_norm(engine, cfg.optim.grad_clip, _stop_if_nonfinite, unsharded_grad_norm)
     return engine, ds_config
 
 
-def _autotp_mpu(topo: Topology):
-    """DeepSpeed's own (data, tensor) process-group mesh, built before the engine so that its
-    batch-size check counts data-parallel ranks (world / tp), not the world; None without TP."""
-    if topo.tp_size == 1:
-        return None
-    from deepspeed.utils import groups
-
-    groups._init_tp_mesh_device(tensor_model_parallel_size=topo.tp_size)  # mesh (dp, tp): tp fastest
-    assert (groups.get_tensor_model_parallel_rank(), groups.get_data_parallel_rank()) == (topo.tp_rank, topo.dp_rank), \
-        "DeepSpeed's TP mesh disagrees with the Topology the per-head parameters were sliced by"
-    return groups
+def _stop_if_nonfinite(grad_norm: float) -> None:
+    """ZeRO-0 applies whatever gradient it gets. Its gradients are already all-reduced here,
+    so every rank sees the same norm and stops at the same point, before the update."""
+    if not math.isfinite(grad_norm):
+        raise NonFiniteUpdate(grad_norm)
 
 
 def _replace_tp_input_check(engine, topo: Topology) -> None:
     """DeepSpeed's AutoTP engine compares every forward argument across TP ranks once; the memory
     state legitimately differs there (each rank holds its heads; a resumed run passes it on its
     first step), so compare the data only."""
-    ds_check = getattr(engine, "first_dataloader_check", None)
-    if ds_check is not None:
-        ds_check.remove()
+    ds_compat.remove_autotp_input_check(engine)
     check_tp_inputs_once(engine.module, topo.tp_group, tp_src_rank=topo.rank - topo.tp_rank)
 
 

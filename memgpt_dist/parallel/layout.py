@@ -1,9 +1,9 @@
-"""Parallel layouts: check a (dp, tp, pp, ZeRO) layout against a world size, and plan it.
+"""Parallel layouts: check a (dp, tp, pp, ZeRO) layout against a world size; where each rank sits.
 
 `validate_layout` holds the checks that need the world size (the ones that need only the model
-run at config load, in `ParallelConfig.validate_for_model`). `plan_layout` says, without any
-accelerator, torch.distributed or DeepSpeed engine, which rank holds which layers and heads,
-how many parameters, and roughly how many bytes; `dry_run_report` prints that for `--dry-run`.
+run at config load, in `ParallelConfig.validate_for_model`). Each rank's `RankPlace` (dp, pp, tp)
+and head range are computed here; what each rank holds of the model, and how many bytes, is
+`parallel.shares`, and `--dry-run` prints it (`parallel.dry_run`).
 
 Rank order is DeepSpeed's `PipeModelDataParallelTopology`: axes (pipe, data, model), row-major,
 so tp is the fastest axis: rank = (pp_rank * dp + dp_rank) * tp + tp_rank. The pipeline split
@@ -13,29 +13,15 @@ matches `PipelineModule(partition_method="parameters" | "uniform")` over the lay
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Sequence
 
 from memgpt_dist.config import ConfigError, ParallelConfig, TrainConfig
+from memgpt_dist.parallel.tensor_parallel import head_slice
 
 log = logging.getLogger("memgpt_dist")
 
-GiB = 1024**3
-
-# Parameters split across tensor-parallel ranks: projections whose output features are heads or
-# MLP units (column-parallel, weight and bias) and whose input features are (row-parallel,
-# weight only). Norms, embeddings and row-parallel biases are replicated on every TP rank.
-TP_SHARDED_SUFFIXES = (
-    "attn.q_proj.weight", "attn.q_proj.bias", "attn.k_proj.weight", "attn.k_proj.bias",
-    "attn.v_proj.weight", "attn.v_proj.bias", "attn.o_proj.weight",
-    "attn.mem_q_proj.weight", "attn.mem_k_proj.weight", "attn.mem_v_proj.weight",
-    "attn.mem_write_gate.weight", "attn.mem_write_gate.bias", "attn.mem_beta",
-    "attn.mem_q_conv.weight", "attn.mem_k_conv.weight", "attn.mem_v_conv.weight",  # depthwise: per channel
-    "mlp.up_proj.weight", "mlp.up_proj.bias", "mlp.down_proj.weight",
-)
 TIED_EMBEDDING = "wte.weight"
 
 
@@ -43,7 +29,7 @@ TIED_EMBEDDING = "wte.weight"
 
 
 @dataclass(frozen=True)
-class RankCoord:
+class RankPlace:
     """A rank's place in the grid: data-parallel replica, pipeline stage, tensor-parallel shard."""
 
     dp: int
@@ -51,9 +37,16 @@ class RankCoord:
     tp: int
 
 
-def rank_coord(rank: int, dp: int, tp: int) -> RankCoord:
+def head_range(n_head: int, tp_rank: int, tp: int) -> tuple[int, int]:
+    """The attention heads [first, last + 1) that TP rank `tp_rank` of `tp` holds, with their
+    memory: the rank's contiguous block, as AutoTP splits the projections' output features."""
+    block = head_slice(n_head, tp_rank, tp)
+    return block.start, block.stop
+
+
+def place_of(rank: int, dp: int, tp: int) -> RankPlace:
     """Coordinates of a global rank in a grid of dp replicas of tp ranks per pipeline stage."""
-    return RankCoord(dp=rank // tp % dp, pp=rank // (tp * dp), tp=rank % tp)
+    return RankPlace(dp=rank // tp % dp, pp=rank // (tp * dp), tp=rank % tp)
 
 
 @dataclass(frozen=True)
@@ -70,9 +63,9 @@ class Layout:
     global_batch_size: int  # samples per optimizer step, all ranks
     warnings: tuple[str, ...] = ()
 
-    def coord(self, rank: int) -> RankCoord:
+    def place(self, rank: int) -> RankPlace:
         """Coordinates of a global rank, in PipeModelDataParallelTopology order (tp fastest)."""
-        return rank_coord(rank, self.dp, self.tp)
+        return place_of(rank, self.dp, self.tp)
 
     @property
     def streams(self) -> int:
@@ -87,9 +80,9 @@ class Layout:
         parts = [f"dp{self.dp}"] + [f"{name}{n}" for name, n in (("tp", self.tp), ("pp", self.pp)) if n > 1]
         return f"{' x '.join(parts)} ZeRO-{self.zero_stage} (micro-batch {self.micro_batch_size})"
 
-    def rank(self, coord: RankCoord) -> int:
-        """The global rank at `coord`; the inverse of `coord`."""
-        return (coord.pp * self.dp + coord.dp) * self.tp + coord.tp
+    def rank(self, place: RankPlace) -> int:
+        """The global rank at `place`; the inverse of `place`."""
+        return (place.pp * self.dp + place.dp) * self.tp + place.tp
 
 
 def validate_layout(cfg: TrainConfig, world_size: int) -> Layout:
@@ -101,7 +94,7 @@ def validate_layout(cfg: TrainConfig, world_size: int) -> Layout:
         raise ConfigError(f"world size {world_size}: it must be >= 1")
     if world_size % (par.tp * par.pp):
         raise ConfigError(_world_size_message(cfg, world_size))
-    dp = world_size // (par.tp * par.pp)
+    dp = par.dp(world_size)
     return Layout(world_size=world_size, dp=dp, tp=par.tp, pp=par.pp, zero_stage=par.zero_stage,
                   micro_batch_size=par.micro_batch_size, grad_accum=par.grad_accum,
                   global_batch_size=_global_batch(par, dp), warnings=tuple(_bubble_warnings(par)))
@@ -256,225 +249,3 @@ def partition_balanced(weights: Sequence[int], n_parts: int) -> tuple[int, ...]:
     for j in range(n_parts, 0, -1):
         bounds.append(cut[bounds[-1]][j])
     return tuple(reversed(bounds))
-
-
-# --------------------------------------------------------------------------- plan and memory
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """Estimated bytes on one rank (see `plan_layout` for the formulas)."""
-
-    weights: int
-    gradients: int
-    optimizer: int
-    activations: int
-    memory_state: int
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.memory_state
-
-
-@dataclass(frozen=True)
-class RankPlan:
-    """What one rank holds."""
-
-    rank: int
-    coord: RankCoord
-    items: tuple[str, ...]  # pipeline items of its stage
-    blocks: tuple[int, ...]  # transformer blocks among them
-    heads: tuple[int, int]  # [first, last + 1) attention heads (and memory heads) of its TP shard
-    n_params: int  # parameters it holds before ZeRO partitioning (its stage, its TP shard)
-    memory: MemoryEstimate
-
-
-@dataclass(frozen=True)
-class LayoutPlan:
-    """A validated layout with every rank's share of the model and of the memory."""
-
-    layout: Layout
-    precision: str  # resolved: "fp32", "bf16" or "fp16"
-    n_params: int  # the model's parameters, the tied head counted once
-    stage_params: tuple[int, ...]  # the partition weights of each stage, as DeepSpeed counts them
-    ranks: tuple[RankPlan, ...]
-
-
-def parameter_numels(cfg: TrainConfig) -> dict[str, int]:
-    """Parameter name -> element count, from a model built on the meta device (nothing allocated)."""
-    import torch
-
-    from memgpt_dist.model import GPT
-
-    with torch.device("meta"):
-        model = GPT(cfg.model, cfg.memory)
-    return {name: p.numel() for name, p in model.named_parameters()}
-
-
-def plan_layout(cfg: TrainConfig, layout: Layout, precision: str,
-                numels: Optional[dict[str, int]] = None) -> LayoutPlan:
-    """Split the model over the layout's ranks and estimate each rank's memory.
-
-    Per rank, with P its parameters (stage and TP shard), w = 2 bytes for bf16/fp16 else 4:
-    weights P*w, gradients P*w, optimizer 12 bytes per parameter (fp32 master copy + Adam's two
-    fp32 moments; no master copy under plain fp32 ZeRO-0). ZeRO divides by dp: stage 1 the
-    optimizer states, stage 2 also the gradients, stage 3 also the weights. Activations and the
-    memory state: see `activation_bytes` and `memory_state_bytes`.
-    """
-    numels = numels if numels is not None else parameter_numels(cfg)
-    items = pipeline_items(list(numels), cfg.model.n_layer)
-    weights = [sum(numels[n] for n in item.params) for item in items]
-    bounds = stage_bounds(weights, layout.pp, cfg.parallel.pp_partition)
-    ranks = tuple(_rank_plan(cfg, layout, precision, numels, items[bounds[c.pp]:bounds[c.pp + 1]], c, r)
-                  for r, c in ((r, layout.coord(r)) for r in range(layout.world_size)))
-    stage_params = tuple(sum(weights[bounds[s]:bounds[s + 1]]) for s in range(layout.pp))
-    return LayoutPlan(layout, precision, sum(numels.values()), stage_params, ranks)
-
-
-def _rank_plan(cfg: TrainConfig, layout: Layout, precision: str, numels: dict[str, int],
-               stage: Sequence[PipeItem], coord: RankCoord, rank: int) -> RankPlan:
-    heads_per_rank = cfg.model.n_head // layout.tp
-    held = {n for item in stage for n in item.params}  # a set: pp=1 holds the tied weight once
-    n_params = sum(numels[n] // layout.tp if n.endswith(TP_SHARDED_SUFFIXES) else numels[n] for n in held)
-    blocks = tuple(int(item.name.split(".")[1]) for item in stage if item.name.startswith("block."))
-    has_head = stage[-1].name == "norm+head"
-    # 1F1B: stage s keeps the activations of up to pp - s micro-batches in flight
-    in_flight = min(layout.pp - coord.pp, layout.grad_accum)
-    act = in_flight * activation_bytes(cfg, len(blocks), has_head, layout.tp, precision)
-    memory = MemoryEstimate(*_model_state_bytes(n_params, layout, precision), activations=act,
-                            memory_state=memory_state_bytes(cfg, len(blocks), layout.tp))
-    return RankPlan(rank, coord, tuple(item.name for item in stage), blocks,
-                    (coord.tp * heads_per_rank, (coord.tp + 1) * heads_per_rank), n_params, memory)
-
-
-def _model_state_bytes(n_params: int, layout: Layout, precision: str) -> tuple[int, int, int]:
-    """(weights, gradients, optimizer states) bytes of `n_params` parameters after ZeRO."""
-    w = 2 if precision in ("bf16", "fp16") else 4
-    master = 4 if w == 2 or layout.zero_stage >= 1 else 0  # ZeRO keeps an fp32 copy even for fp32
-    stage, dp = layout.zero_stage, layout.dp
-    return (n_params * w // (dp if stage >= 3 else 1),
-            n_params * w // (dp if stage >= 2 else 1),
-            n_params * (master + 8) // (dp if stage >= 1 else 1))
-
-
-def activation_bytes(cfg: TrainConfig, n_blocks: int, has_head: bool, tp: int, precision: str) -> int:
-    """Rough bytes stored for the backward pass of one micro-batch on `n_blocks` blocks.
-
-    b samples of T = n_segments * segment_len tokens, width h, H heads, MLP width I, tp shards,
-    a = 2 bytes (bf16/fp16) or 4 (fp32). A block keeps (in a bytes) 4bTh replicated tensors (the
-    two LayerNorms' inputs and outputs), 5bTh/tp (q, k, v, attention output, o_proj input),
-    2bTI/tp (MLP up output and GELU output), and b(H/tp)*T*N attention probabilities: attention is
-    causal inside a segment of N tokens, so the score matrix is T x N, not T x T (flash kernels
-    keep less). The memory adds 3bTh/tp + bTH/tp (its projections and write gates) in a bytes
-    and, in fp32, 2bT(H/tp)dk DPFP features, 2bTh/tp values and reads, and K per-segment states of
-    b(H/tp)dk(hd+1) (gradients flow through all K segments). With activation checkpointing a block
-    keeps only its input bTh, plus one block's full set while it is recomputed. The stage holding
-    the head adds the logits bTV in a bytes, their fp32 copy and fp32 log-softmax (8 bytes).
-    """
-    m, mem, par = cfg.model, cfg.memory, cfg.parallel
-    a = 2 if precision in ("bf16", "fp16") else 4
-    b, K, N, h, H = par.micro_batch_size, cfg.data.n_segments, m.segment_len, m.n_embd, m.n_head
-    T, inner, hd = K * N, m.mlp_ratio * m.n_embd, m.head_dim
-    block = a * (4 * b * T * h + (5 * b * T * h + 2 * b * T * inner + b * H * T * N) // tp)
-    if mem.enabled:
-        dk = _feature_dim(hd, mem.nu)
-        block += a * (3 * b * T * h + b * T * H) // tp
-        block += 4 * (2 * b * T * H * dk + 2 * b * T * h + K * b * H * dk * (hd + 1)) // tp
-    if n_blocks == 0:
-        stored = 0
-    elif par.activation_checkpointing:
-        stored = n_blocks * (a * b * T * h) + block
-    else:
-        stored = n_blocks * block
-    return stored + (b * T * m.vocab_size * (a + 8) if has_head else 0)
-
-
-def memory_state_bytes(cfg: TrainConfig, n_blocks: int, tp: int) -> int:
-    """fp32 memory state of one micro-batch on the rank: per block and held head, A (dk, hd) and
-    z (dk,) for each of micro_batch_size streams."""
-    if not cfg.memory.enabled:
-        return 0
-    hd = cfg.model.head_dim
-    dk = _feature_dim(hd, cfg.memory.nu)
-    return 4 * cfg.parallel.micro_batch_size * n_blocks * (cfg.model.n_head // tp) * (dk * hd + dk)
-
-
-def _feature_dim(head_dim: int, nu: int) -> int:
-    # DPFP keys have 2 * nu * head_dim features; nu = 0 (raw keys, memory.kind="delta") keeps head_dim
-    return 2 * nu * head_dim if nu > 0 else head_dim
-
-
-# --------------------------------------------------------------------------- dry run
-
-
-def dry_run_report(cfg: TrainConfig, world_size: int, device_type: str, as_json: bool = False) -> str:
-    """What `--dry-run` prints: the resolved config, the layout with every rank's layers, heads,
-    parameters and memory, and the generated DeepSpeed dict (last, as JSON)."""
-    from memgpt_dist.parallel.deepspeed_config import build_ds_config, resolve_precision
-
-    layout = validate_layout(cfg, world_size)
-    bf16 = device_type != "cpu"  # a dry run has no GPU to ask; assume a bf16-capable one
-    plan = plan_layout(cfg, layout, resolve_precision(cfg.parallel.precision, device_type, bf16))
-    ds = build_ds_config(cfg, world_size, device_type=device_type, bf16_supported=bf16)
-    if as_json:
-        return json.dumps({"config": cfg.to_dict(), "plan": _plan_dict(plan), "deepspeed": ds}, indent=2)
-    return "\n".join([f"# resolved config\n{cfg.to_json()}", *format_plan(cfg, plan),
-                      f"# DeepSpeed config\n{json.dumps(ds, indent=2)}"])
-
-
-def format_plan(cfg: TrainConfig, plan: LayoutPlan) -> list[str]:
-    """Human-readable lines: the layout, its warnings, one row per rank, and what the columns mean."""
-    lay = plan.layout
-    tokens = lay.global_batch_size * cfg.data.n_segments * cfg.model.segment_len
-    lines = [f"# layout: world {lay.world_size} = pp {lay.pp} x dp {lay.dp} x tp {lay.tp} "
-             f"(ranks in DeepSpeed's pipe, data, model order: tp fastest); ZeRO-{lay.zero_stage}, {plan.precision}",
-             f"# global batch {lay.global_batch_size} samples = micro-batch {lay.micro_batch_size} x grad_accum "
-             f"{lay.grad_accum} x dp {lay.dp} ({tokens:,} tokens per step)",
-             f"# parameters: {plan.n_params:,} (tied head counted once)" + _split_text(cfg, plan),
-             *(f"# warning: {w}" for w in lay.warnings),
-             "# rank  dp  pp  tp  layers                          heads   params        weights    grads      "
-             "optimizer  activ.     mem state  total"]
-    lines += [_rank_line(r) for r in plan.ranks]
-    lines.append("# memory per rank: weights and gradients in the training precision, optimizer = fp32 master + "
-                 "2 Adam moments, divided by dp as the ZeRO stage partitions them; activations for the micro-batches "
-                 "in flight (rough; memgpt_dist/parallel/layout.py:activation_bytes); mem state = fp32 A and z of "
-                 "the rank's layers and heads for micro_batch_size streams")
-    return lines
-
-
-def _split_text(cfg: TrainConfig, plan: LayoutPlan) -> str:
-    if plan.layout.pp == 1:
-        return ""
-    stages = ", ".join(f"stage {s} {n:,}" for s, n in enumerate(plan.stage_params))
-    return f"; pipeline split by {cfg.parallel.pp_partition} (the tied head counted on both ends): {stages}"
-
-
-def _rank_line(r: RankPlan) -> str:
-    mem = r.memory
-    sizes = (mem.weights, mem.gradients, mem.optimizer, mem.activations, mem.memory_state, mem.total)
-    return (f"  {r.rank:4d} {r.coord.dp:3d} {r.coord.pp:3d} {r.coord.tp:3d}  {_layers_text(r):<31s} "
-            f"{r.heads[0]:>2d}-{r.heads[1] - 1:<3d}  {r.n_params:>12,}  " + " ".join(f"{_fmt_bytes(s):>10s}" for s in sizes))
-
-
-def _layers_text(r: RankPlan) -> str:
-    parts = ["embed"] if "embed" in r.items else []
-    if r.blocks:
-        parts.append(f"blocks {r.blocks[0]}-{r.blocks[-1]}" if len(r.blocks) > 1 else f"block {r.blocks[0]}")
-    if "norm+head" in r.items:
-        parts.append("norm+head")
-    return ", ".join(parts)
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit, size in (("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
-
-
-def _plan_dict(plan: LayoutPlan) -> dict:
-    out = dataclasses.asdict(plan)
-    for rank, r in zip(out["ranks"], plan.ranks):
-        rank["memory"]["total"] = r.memory.total
-        rank["memory_gib"] = round(r.memory.total / GiB, 4)
-    return out

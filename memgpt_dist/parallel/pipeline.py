@@ -13,7 +13,7 @@ from the segment length, and its memory state is created and consumed inside its
 the K segments of the micro-batch, so no state crosses a stage.
 
 Stream training (train.carry_memory): each stage keeps the memory of its own layers for the
-rank's streams in a `StageMemory`, from one training micro-batch to the next. A stage runs its
+rank's streams in a `MemoryCarry`, from one training micro-batch to the next. A stage runs its
 forwards in micro-batch order (1F1B reorders only forwards against backwards), so micro-batch
 j + 1 starts from what micro-batch j left, exactly as in a single process. The state is detached
 between micro-batches (truncated BPTT, as there) and never travels between stages: the memory is
@@ -25,100 +25,88 @@ each stage's blocks are split over its TP ranks by `tensor_parallel.apply_tensor
 """
 from __future__ import annotations
 
+import re
 from typing import Callable, Optional
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memgpt_dist.config import ModelConfig, ParallelConfig
-from memgpt_dist.model.gpt import GPT, Block, build_rope
-from memgpt_dist.model.memory import LayerState
-from memgpt_dist.parallel.tensor_parallel import (apply_tensor_parallel_layers, check_tp_inputs_once,
-                                                  unsharded_grad_norm)
+from memgpt_dist.model.carry import MemoryCarry
+from memgpt_dist.model.gpt import GPT, Block, embed_tokens, lm_head, rope_tables
+from memgpt_dist.parallel import ds_compat
+from memgpt_dist.parallel.tensor_parallel import apply_tensor_parallel_layers, check_tp_inputs_once
 
 TIED_KEY = "embed"  # DeepSpeed's tie key for the embedding and the LM head
 TIED_ATTR = "wte.weight"  # the tied parameter, as an attribute path inside both tied layers
+# How a PipelineModule names the GPT's parameters (the one home of this mapping): layer 0 is the
+# embedding, layer i + 1 block i ("3.block.attn.q_proj.weight" is "blocks.2.attn.q_proj.weight"),
+# and the tied layers' parameters sit under "tied_modules.embed." (wte, wpe; ln_f on the last stage).
+_PIPE_BLOCK = re.compile(r"^(\d+)\.block\.(.+)$")
+_PIPE_TIED = f"tied_modules.{TIED_KEY}."
+
+
+def model_to_pipeline_name(name: str) -> Optional[str]:
+    """The PipelineModule name of a GPT parameter; None for names outside the model."""
+    m = re.match(r"^blocks\.(\d+)\.(.+)$", name)
+    if m:
+        return f"{int(m.group(1)) + 1}.block.{m.group(2)}"
+    if name.startswith(("wte.", "wpe.", "ln_f.")):
+        return _PIPE_TIED + name
+    return None
+
+
+def pipeline_to_model_name(name: str) -> Optional[str]:
+    """The GPT parameter name of a PipelineModule parameter name (a layer file's key prefixed
+    with its layer index, "3.block.attn.q_proj.weight", or a tied module's); None otherwise."""
+    if name.startswith(_PIPE_TIED):
+        return name[len(_PIPE_TIED):]
+    m = _PIPE_BLOCK.match(name)
+    if m:
+        return f"blocks.{int(m.group(1)) - 1}.{m.group(2)}"
+    return None
 
 Activations = tuple[Tensor, Tensor]  # (x (B, T, C), reset (B, S) bool)
 
 
-def _positions(T: int, segment_len: int, device: torch.device) -> Tensor:
-    return torch.arange(T, device=device) % segment_len  # (T,): positions restart in every segment
-
-
 class EmbedStage(nn.Module):
-    """Token (+ learned position) embedding and dropout: (input_ids, reset) -> (x, reset)."""
+    """`GPT`'s embedding (`embed_tokens`): (input_ids, reset) -> (x, reset)."""
 
-    def __init__(self, wte: nn.Embedding, wpe: Optional[nn.Embedding], drop: nn.Dropout, segment_len: int):
+    def __init__(self, wte: nn.Embedding, wpe, drop: nn.Dropout, segment_len: int):
         super().__init__()
         self.wte, self.wpe, self.drop = wte, wpe, drop
         self.segment_len = segment_len
 
     def forward(self, inputs: Activations) -> Activations:
         input_ids, reset = inputs
-        x = self.wte(input_ids)  # (B, T, C)
-        if self.wpe is not None:
-            x = x + self.wpe(_positions(input_ids.shape[1], self.segment_len, input_ids.device))
-        return self.drop(x), reset
-
-
-class StageMemory:
-    """What this rank's stage keeps of its layers between micro-batches: with `carry`
-    (train.carry_memory) the memory state of the rank's streams per global layer index, and the
-    memory statistics of the last training micro-batch. Shared by the stage's `BlockStage`s and
-    the trainer, which saves, restores and logs it."""
-
-    def __init__(self, carry: bool):
-        self.carry = carry
-        self.layers: dict[int, LayerState] = {}  # global layer index -> state after the last micro-batch
-        self.owned: list[int] = []  # the global layer indices of this stage's blocks
-        self.stats: dict[str, Tensor] = {}  # "<stat>/layer<i>" of the last training micro-batch
-
-    def state_dict(self) -> dict[str, Tensor]:
-        """`{"layer<i>.A", "layer<i>.z"}` by global layer index, fp32 on the CPU (as
-        `memory.state_to_dict` names a whole model's state, so a pp1 run reads it back)."""
-        out: dict[str, Tensor] = {}
-        for i, s in sorted(self.layers.items()):
-            out[f"layer{i}.A"], out[f"layer{i}.z"] = s.A.float().cpu(), s.z.float().cpu()
-        return out
-
-    def load_state_dict(self, tensors: Optional[dict[str, Tensor]], device: torch.device) -> None:
-        """Take this stage's layers from a saved state (a stage's or a whole model's); None or a
-        state without them: start from zero memory."""
-        self.layers = {i: LayerState(tensors[f"layer{i}.A"].to(device, torch.float32),
-                                     tensors[f"layer{i}.z"].to(device, torch.float32))
-                       for i in self.owned if tensors and f"layer{i}.A" in tensors}
+        return embed_tokens(self.wte, self.wpe, self.drop, input_ids, self.segment_len), reset
 
 
 class BlockStage(nn.Module):
-    """One transformer block. Its memory starts from zero at the micro-batch, or, when training
-    with `memory.carry`, from the state the previous micro-batch left in this layer."""
+    """One of `GPT`'s blocks with the rotary tables `GPT.forward` gives it. Its memory starts from
+    zero at the micro-batch, or, when training with the carry enabled, from the state the previous
+    micro-batch left in this layer (`MemoryCarry`, shared by the stage's blocks and its step)."""
 
-    def __init__(self, block: Block, cfg: ModelConfig, index: int, memory: StageMemory):
+    def __init__(self, block: Block, cfg: ModelConfig, index: int, memory: MemoryCarry):
         super().__init__()
         self.block = block
         self.cfg = cfg
         self.index = index
-        self.memory = memory  # not a submodule: it holds no parameters and is saved by the trainer
+        self.memory = memory  # not a submodule: it holds no parameters and is saved by the checkpointer
 
     def forward(self, inputs: Activations) -> Activations:
         x, reset = inputs
-        cfg = self.cfg
-        rope = None
-        if cfg.position == "rope":
-            rope = build_rope(_positions(x.shape[1], cfg.segment_len, x.device), cfg.head_dim, cfg.rope_theta)
-        carry = self.training and self.memory.carry
-        x, state, stats = self.block(x, rope, self.memory.layers.get(self.index) if carry else None, reset, True)
+        rope = rope_tables(self.cfg, x.shape[1], x.device)
+        carry = self.training and self.memory.enabled
+        x, state, stats = self.block(x, rope, self.memory.layer(self.index) if carry else None, reset, True)
         if self.training:
             self.memory.stats.update({f"{k}/layer{self.index}": v for k, v in stats.items()})
-        if carry and state is not None:  # the next micro-batch of each stream continues its document
-            self.memory.layers[self.index] = LayerState(state.A.detach(), state.z.detach())
+        if carry:  # the next micro-batch of each stream continues its document
+            self.memory.keep_layer(self.index, state)
         return x, reset
 
 
 class HeadStage(nn.Module):
-    """Final LayerNorm and the LM head tied to the embedding: (x, reset) -> logits (B, T, vocab)."""
+    """`GPT`'s final norm and tied LM head (`lm_head`): (x, reset) -> logits (B, T, vocab)."""
 
     def __init__(self, ln_f: nn.LayerNorm, wte: nn.Embedding):
         super().__init__()
@@ -126,10 +114,10 @@ class HeadStage(nn.Module):
 
     def forward(self, inputs: Activations) -> Tensor:
         x, _ = inputs
-        return F.linear(self.ln_f(x), self.wte.weight)  # (B, T, vocab)
+        return lm_head(self.ln_f, self.wte, x)  # (B, T, vocab)
 
 
-def pipeline_specs(model: GPT, memory: StageMemory) -> list:
+def pipeline_specs(model: GPT, memory: MemoryCarry) -> list:
     """DeepSpeed layer specs in `layout.pipeline_items` order, wrapping `model`'s modules."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
@@ -142,7 +130,7 @@ def pipeline_specs(model: GPT, memory: StageMemory) -> list:
 def build_pipeline_module(model: GPT, parallel: ParallelConfig, loss_fn: Callable[[Tensor, tuple], Tensor],
                           carry_memory: bool = False):
     """This rank's stage of `model` as a PipelineModule of `parallel.pp` stages, each split over
-    `parallel.tp` tensor-parallel ranks, and the stage's `StageMemory` (carrying the memory
+    `parallel.tp` tensor-parallel ranks, and the stage's `MemoryCarry` (carrying the memory
     between training micro-batches if `carry_memory`).
 
     `model` comes from `apply_plan` on this rank's TP rank (its per-head parameters already hold
@@ -153,14 +141,16 @@ def build_pipeline_module(model: GPT, parallel: ParallelConfig, loss_fn: Callabl
     from deepspeed.pipe import PipelineModule
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    dp = dist.get_world_size() // (parallel.pp * parallel.tp)
+    dp = parallel.dp(dist.get_world_size())
     topology = PipeModelDataParallelTopology(num_pp=parallel.pp, num_mp=parallel.tp, num_dp=dp)  # tp fastest
-    memory = StageMemory(carry_memory)
+    memory = MemoryCarry(carry_memory, owned=[])
     net = PipelineModule(layers=pipeline_specs(model, memory), topology=topology, loss_fn=loss_fn,
                          partition_method=parallel.pp_partition, activation_checkpoint_interval=0)
     # the stage's own blocks (DeepSpeed also builds every spec once to count its parameters)
     memory.owned = sorted(m.index for m in net.modules() if isinstance(m, BlockStage))
-    _count_final_norm_in_grad_norm(net)
+    head = net.tied_modules[TIED_KEY] if TIED_KEY in net.tied_modules else None
+    if isinstance(head, HeadStage):  # the tied head module also holds ln_f, which only the last stage has
+        ds_compat.count_in_grad_norm(head.ln_f)
     if parallel.tp > 1:
         _split_stage_over_tp_ranks(net)
     return net, memory
@@ -176,51 +166,9 @@ def _split_stage_over_tp_ranks(net) -> None:
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
     from deepspeed.module_inject.layers import collect_autotp_universal_checkpoint_info
 
-    grid = net._grid
+    grid = ds_compat.pipeline_grid(net)
     group = grid.get_slice_parallel_group()
     apply_tensor_parallel_layers(net, group)
     setattr(net, UNIVERSAL_CHECKPOINT_INFO, collect_autotp_universal_checkpoint_info(net))
     if grid.is_first_stage:
         check_tp_inputs_once(net, group, tp_src_rank=grid.get_global_rank() - grid.get_slice_parallel_rank())
-
-
-def _count_final_norm_in_grad_norm(net) -> None:
-    """DeepSpeed flags every parameter of a tied module on its non-first stages `ds_pipe_replicated`,
-    so that the gradient norm counts the tied weight once; our tied head module also holds ln_f,
-    which exists only on the last stage and must be counted there (else clipping sees a norm
-    without ln_f's gradient)."""
-    head = net.tied_modules[TIED_KEY] if TIED_KEY in net.tied_modules else None
-    if isinstance(head, HeadStage):
-        for p in head.ln_f.parameters():
-            p.ds_pipe_replicated = False
-
-
-def step_by_whole_model_norm(engine, clip: float, before_update: Callable[[float], None]) -> None:
-    """Make a ZeRO-0 fp32 pipeline engine clip by the whole model's gradient norm.
-
-    DeepSpeed clips these gradients with `clip_grad_norm_(mpu=grid)`, which counts a replicated
-    parameter only where the grid's model-parallel rank is 0 (a rank's position across all stages),
-    so the later stages' parameters are left out of the norm and it reports none. Here the
-    engine's `_take_model_step` first computes the whole model's norm (`unsharded_grad_norm` over
-    the stage's TP ranks and the pipeline: every rank gets the same value), records it as the
-    engine's global norm, calls `before_update(norm)` (which may raise: ZeRO-0 cannot skip a
-    non-finite update) and scales the gradients by min(1, clip / (norm + 1e-6)) as DeepSpeed
-    does; DeepSpeed's own clipping is switched off."""
-    take_model_step = engine._take_model_step
-    grid = engine.grid
-    tp_group = grid.get_slice_parallel_group() if grid.get_slice_parallel_world_size() > 1 else None
-
-    def take_step(lr_kwargs=None):
-        norm = unsharded_grad_norm(engine.module, tp_group, grid.get_pipe_parallel_group())
-        engine._global_grad_norm = norm
-        before_update(norm)
-        coef = clip / (norm + 1e-6)
-        if clip > 0 and coef < 1:
-            for p in engine.module.parameters():
-                if p.grad is not None:
-                    p.grad.detach().mul_(coef)
-        take_model_step(lr_kwargs)
-
-    engine._take_model_step = take_step
-    engine.clip_fp32_gradients = lambda: None  # clipped above, by the right norm
-

@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from memgpt_dist.parallel import ds_compat
+
 COLUMN_PARALLEL = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.mem_q_proj", "attn.mem_k_proj",
                    "attn.mem_v_proj", "attn.mem_write_gate", "mlp.up_proj")
 ROW_PARALLEL = ("attn.o_proj", "mlp.down_proj")
@@ -101,7 +103,7 @@ def _weight_pattern(module_suffix: str) -> str:
 def tp_sharded_suffixes() -> tuple[str, ...]:
     """Names (suffixes) of the parameters split across TP ranks: column-parallel weights and
     biases, row-parallel weights (their bias is replicated), and the head-sliced parameters.
-    `memgpt_dist.parallel.layout.TP_SHARDED_SUFFIXES` must list the same set (tested)."""
+    The memory estimate (`layout.TP_SHARDED_SUFFIXES`) reads this same table."""
     column = tuple(f"{m}.{p}" for m in COLUMN_PARALLEL for p in ("weight", "bias"))
     return column + tuple(f"{m}.weight" for m in ROW_PARALLEL) + HEAD_SLICED
 
@@ -173,27 +175,10 @@ def shard_head_parameters(model: nn.Module, tp_rank: int, tp: int) -> list[str]:
                              requires_grad=param.requires_grad)
         # counted on every TP rank in DeepSpeed's gradient norm (else on TP rank 0 only, as replicated)
         shard.tensor_model_parallel = True
-        _describe_for_universal_checkpoint(shard, tuple(param.shape), tp)
+        ds_compat.describe_for_universal_checkpoint(shard, tuple(param.shape), tp)
         setattr(model.get_submodule(owner_name), attr, shard)
         sliced.append(name)
     return sliced
-
-
-def _describe_for_universal_checkpoint(shard: nn.Parameter, full_shape: tuple[int, ...], tp: int) -> None:
-    """Record on `shard` that it is split along dim 0 like a column-parallel weight, in the
-    metadata AutoTP's own layers carry. DeepSpeed collects it into the checkpoint's universal-
-    checkpoint info (ds_to_universal merges the ranks' shards by it); a parameter without it
-    counts as replicated there, and would be merged from one rank's heads only."""
-    from deepspeed.checkpoint.constants import DS_AUTOTP_UC_META
-    from deepspeed.module_inject.layers import _build_param_uc_restore_meta, _derive_affine_map
-
-    sizes = (full_shape[0] // tp,) * tp
-    affine_map = _derive_affine_map(tp_world_size=tp, logical_shape=full_shape, partition_dim=0, partition_sizes=sizes,
-                                    sub_param_shard_widths=None, replicated=False, unsupported_reason=None)
-    setattr(shard, DS_AUTOTP_UC_META, _build_param_uc_restore_meta(
-        partition_type="column", partition_dim=0, logical_shape=full_shape, output_shape=(full_shape[0],),
-        partition_sizes=sizes, target_partition_shape=tuple(shard.shape), original_shape=full_shape,
-        affine_map=affine_map))
 
 
 def unsharded_grad_norm(model: nn.Module, tp_group, pipe_group=None) -> float:

@@ -1,4 +1,8 @@
-"""The one checkpointer: directory layout, per-rank state, commit marker, keep-last-k.
+"""A run's checkpoint directory: layout, crash-safe writes, the commit marker, verification, keep-last-k.
+
+What goes into a checkpoint is decided by `train.checkpointer.Checkpointer`, which writes and
+reads through `CheckpointDir`; this module owns the files: the commit marker has one writer
+(`CheckpointDir._commit`) and one reader (`read_marker`).
 
 Layout under `<run_dir>/checkpoints/`:
 
@@ -39,11 +43,13 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 
 from memgpt_dist.parallel.dist import Topology
+from memgpt_dist.parallel.ds_compat import (repair_universal_optimizer_state, torch_load_weights_only,
+                                            weights_only_loading)
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +58,9 @@ TAG_RE = re.compile(r"^step_(\d{8})$")
 # Directories renamed out of the way: an uncommitted leftover of a killed save ("partial", pruned
 # once a newer checkpoint is committed) or a committed checkpoint newer than the step a run
 # resumed from ("superseded": kept for the user, never read or deleted by the run).
-ASIDE_RE = re.compile(r"^step_(\d{8})\.(partial|superseded)-\d+$")
+# An "uncommitted" directory newer than the step a run resumed from (a save that did not finish,
+# or a checkpoint whose marker was removed) is set aside the same way and never deleted by the run.
+ASIDE_RE = re.compile(r"^step_(\d{8})\.(partial|superseded|uncommitted)-\d+$")
 # How much larger than the previous checkpoint the free space must be before a save starts.
 FREE_SPACE_FACTOR = 1.1
 
@@ -119,67 +127,38 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _deepspeed_safe_globals() -> list:
-    """The non-tensor classes DeepSpeed pickles into its own checkpoint files."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address  # ZeRO-1/2 optimizer: (numel, start) of a slice
-
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+def read_marker(step_dir: Path) -> dict[str, Any]:
+    """The commit marker of a checkpoint directory (the one reader of its format). Markers of
+    older versions also held `config_sha256` and `meta.world_size`; the world size is read from
+    the top level, where every version wrote it."""
+    return json.loads((Path(step_dir) / MARKER).read_text())
 
 
-@contextlib.contextmanager
-def weights_only_loading(engine) -> Iterator[None]:
-    """Make DeepSpeed read its checkpoint files with `torch.load(weights_only=True)`.
+def is_committed(step_dir: Path) -> bool:
+    return (Path(step_dir) / MARKER).is_file()
 
-    DeepSpeed's TorchCheckpointEngine.load passes weights_only=False, which unpickles arbitrary
-    objects (and so can run code from a tampered file). Every load of model, optimizer and
-    scheduler state goes through `engine.checkpoint_engine.load`, so for the duration of a load
-    that method is shadowed on the instance by one that allows tensors, plain containers and the
-    few DeepSpeed classes listed above, nothing else.
-    """
-    ckpt_engine = getattr(engine, "checkpoint_engine", None)
-    if ckpt_engine is None:
-        yield
-        return
-    allowed = _deepspeed_safe_globals()
 
-    def load(path, map_location=None):
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location=map_location, weights_only=True)
-
-    ckpt_engine.load = load
+def verify_step_dir(step_dir: Path) -> Optional[str]:
+    """None if the checkpoint in `step_dir` is intact, else a message naming the bad file (one
+    process; `CheckpointDir.verify` shares the hashing out over the ranks)."""
     try:
-        yield
-    finally:
-        del ckpt_engine.load
+        expected = read_marker(step_dir)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{Path(step_dir) / MARKER} is unreadable ({exc})"
+    problems = [p for p in (_check_file(Path(step_dir) / n, e) for n, e in sorted(expected.items())) if p]
+    return "; ".join(problems) if problems else None
 
 
-@contextlib.contextmanager
-def torch_load_weights_only() -> Iterator[None]:
-    """Every `torch.load` in this process reads with `weights_only=True` while inside.
-
-    DeepSpeed's universal-checkpoint conversion and loading call `torch.load(weights_only=False)`
-    directly rather than through the engine's checkpoint engine (`weights_only_loading`), so
-    for their duration the function itself is shadowed: same allow-list, nothing else unpickled.
-    Single-threaded use only (the conversion runs without worker pools)."""
-    original = torch.load
-    allowed = _deepspeed_safe_globals()
-
-    def load(f, *args, **kwargs):
-        kwargs["weights_only"] = True
-        with torch.serialization.safe_globals(allowed):
-            return original(f, *args, **kwargs)
-
-    torch.load = load
-    try:
-        yield
-    finally:
-        torch.load = original
+def committed_step_dirs(root: Path) -> dict[int, Path]:
+    """{step: directory} of the committed checkpoints under `root` (not verified)."""
+    if not Path(root).is_dir():
+        return {}
+    return {int(m.group(1)): c for c in sorted(Path(root).iterdir())
+            if (m := TAG_RE.match(c.name)) and c.is_dir() and is_committed(c)}
 
 
-class Checkpointer:
-    """Saves and restores a DeepSpeed engine plus our per-rank state, crash-safely."""
+class CheckpointDir:
+    """Writes and reads a DeepSpeed engine plus per-rank state under `root`, crash-safely."""
 
     def __init__(self, root: Path, topo: Topology, keep_last: int):
         self.root = Path(root)
@@ -202,15 +181,21 @@ class Checkpointer:
         for child in self.root.iterdir():
             m = TAG_RE.match(child.name)
             if m and child.is_dir():
-                out.append((int(m.group(1)), (child / MARKER).is_file()))
+                out.append((int(m.group(1)), is_committed(child)))
         return sorted(out)
 
     def marker(self, step: int) -> dict[str, Any]:
-        return json.loads((self.root / tag_for(step) / MARKER).read_text())
+        return read_marker(self.root / tag_for(step))
+
+    def meta(self, step: int) -> dict[str, Any]:
+        """What a resume checks before any tensor is read: the config, its hash, the tokenizer
+        hash, and the world size that wrote the checkpoint."""
+        marker = self.marker(step)
+        return {**marker.get("meta", {}), "world_size": int(marker["world_size"])}
 
     # ------------------------------------------------------------------ save
-    def save(self, engine, step: int, client_state: dict[str, Any], rank_state: dict[str, Any],
-             meta: Optional[dict[str, Any]] = None) -> Path:
+    def write(self, engine, step: int, client_state: dict[str, Any], rank_state: dict[str, Any],
+              meta: Optional[dict[str, Any]] = None) -> Path:
         """Write checkpoint `step` from every rank; returns its directory once committed.
 
         `meta` (JSON-serialisable: the resolved config, its hash, the tokenizer hash) is stored in
@@ -246,7 +231,7 @@ class Checkpointer:
     def _preflight(self, path: Path) -> None:
         """Every rank checks that it can write; all raise together, before any file is written."""
         problem = self._local_write_problem()
-        if problem is None and self.topo.is_main and (path / MARKER).is_file():
+        if problem is None and self.topo.is_main and is_committed(path):
             problem = f"{path} is already committed (refusing to overwrite it)"
         problems = [p for p in self.topo.all_gather_object(problem) if p]
         if problems:
@@ -279,7 +264,7 @@ class Checkpointer:
         if not steps:
             return 0
         try:
-            files = self.marker(steps[-1])["files"]
+            files = read_marker(self.root / tag_for(steps[-1]))["files"]
         except (OSError, ValueError, KeyError):
             return 0
         return int(FREE_SPACE_FACTOR * sum(f["bytes"] for f in files.values()))
@@ -299,7 +284,6 @@ class Checkpointer:
             for d in {p.parent for p in files}:
                 fsync_dir(d)
             marker = {"step": step, "world_size": self.topo.world_size, "time": time.time(),
-                      "config_sha256": meta.get("config_sha256"),
                       "total_bytes": sum(f["bytes"] for f in merged.values()), "files": merged, "meta": meta}
             _atomic_write_text(path / MARKER, json.dumps(marker, indent=1, sort_keys=True))
 
@@ -329,7 +313,7 @@ class Checkpointer:
         """None if checkpoint `step` is intact, else a message naming the bad file (collective)."""
         path = self.root / tag_for(step)
         try:
-            marker = json.loads((path / MARKER).read_text())
+            marker = read_marker(path)
             expected = marker["files"]
             problems = [] if marker.get("step") == step else [f"{path / MARKER} is for step {marker.get('step')}"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -348,6 +332,7 @@ class Checkpointer:
         rather than silently starting over.
         """
         refused = []
+        self._name_uncommitted()
         for step in reversed(self.committed_steps()):
             problem = self.verify(step)
             if problem is None:
@@ -364,11 +349,11 @@ class Checkpointer:
         return None
 
     # ------------------------------------------------------------------ load
-    def load(self, engine, step: int, universal: Optional[Path] = None) -> LoadedCheckpoint:
+    def read(self, engine, step: int, universal: Optional[Path] = None) -> LoadedCheckpoint:
         """Restore engine weights, optimizer and scheduler of `step` and the saved per-rank state.
 
         `universal`: the root of the checkpoint's universal form (a resume on another layout, see
-        `reshard`), loaded by an engine built with `checkpoint.load_universal`; `rank_states` then
+        `universal`), loaded by an engine built with `checkpoint.load_universal`; `rank_states` then
         holds every saved rank's state for the caller to redistribute, `rank_state` is empty.
         Otherwise `rank_state` is this rank's own file.
 
@@ -382,7 +367,7 @@ class Checkpointer:
             loaded_path, client_state = engine.load_checkpoint(
                 str(load_dir), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True)
             if universal is not None and loaded_path is not None:
-                _repair_universal_optimizer_state(engine, universal / path.name)
+                _repair(engine, universal / path.name)
         if loaded_path is None:
             raise CheckpointError(f"DeepSpeed could not load {load_dir / path.name}; delete it or pass --resume with "
                                   f"another checkpoint")
@@ -410,38 +395,24 @@ class Checkpointer:
         files = sorted((self.root / tag_for(step) / "rank_state").glob("rank_*.pt"))
         return tuple(torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in files)
 
+    def _name_uncommitted(self) -> None:
+        """Say which step directories a resume skips for want of a commit marker."""
+        if not self.topo.is_main:
+            return
+        for step, committed in self._step_dirs():
+            if not committed:
+                log.warning("skipping %s: it has no %s (a save that did not finish, or its marker was removed)",
+                            self.root / tag_for(step), MARKER)
+
     def _set_aside_newer(self, step: int) -> None:
+        """Directories newer than the resumed step belong to an abandoned history: renamed aside,
+        kept for the user (never pruned), so a later `--resume auto` cannot jump back to them."""
         for newer, committed in self._step_dirs():
             if newer > step:
-                target = self._set_aside(self.root / tag_for(newer), "superseded" if committed else "partial")
-                if committed:
-                    log.warning("resumed from step %d: moved the newer checkpoint %s aside to %s (not deleted)",
-                                step, tag_for(newer), target)
-
-
-def _repair_universal_optimizer_state(engine, universal_tag_dir: Path) -> None:
-    """Undo two things DeepSpeed's ZeRO-3 universal load (0.19.8,
-    `load_hp_checkpoint_state_from_checkpoint_dir_stage3`) gets wrong for more than one param group.
-
-    1. It copies every key of saved group 0 into every group, its name included: weight decay
-       would hit the norms, biases and memory gates, and the gates would lose their learning-rate
-       multiplier (`engine.param_groups`). The torch optimizer inside ZeRO holds one group per
-       group we passed, in that order, at every layout and stage, so saved group i is group i.
-    2. It gives every group's Adam state the same `step` tensor object; torch's AdamW increments
-       it in place once per group, so the groups' bias corrections would run ahead (measured:
-       steps 4, 5, 6 instead of 4, 4, 4 after one step with our three groups).
-    ZeRO-1/2 restore both per group already; doing it again there changes nothing."""
-    saved = torch.load(universal_tag_dir / "zero" / "optimizer_state.pt", map_location="cpu",
-                       weights_only=True)["param_groups"]
-    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer inside ZeRO's
-    if len(saved) != len(optimizer.param_groups):
-        raise CheckpointError(f"{universal_tag_dir}: the saved optimizer has {len(saved)} parameter groups, this "
-                              f"model has {len(optimizer.param_groups)}; resume with the layout that wrote it")
-    for group, source in zip(optimizer.param_groups, saved):
-        group.update({k: v for k, v in source.items() if k != "params"})
-    for state in optimizer.state.values():
-        if torch.is_tensor(state.get("step")):
-            state["step"] = state["step"].clone()
+                kind = "superseded" if committed else "uncommitted"
+                target = self._set_aside(self.root / tag_for(newer), kind)
+                log.warning("resumed from step %d: moved the newer %s %s aside to %s (not deleted)", step,
+                            "checkpoint" if committed else f"directory without {MARKER}", tag_for(newer), target)
 
 
 def _check_file(file: Path, expected: dict[str, Any]) -> Optional[str]:
@@ -461,3 +432,10 @@ def _remove_checkpoint(path: Path) -> None:
         (path / MARKER).unlink()
     fsync_dir(path)
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _repair(engine, universal_tag_dir: Path) -> None:
+    try:
+        repair_universal_optimizer_state(engine, universal_tag_dir)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from exc

@@ -1,4 +1,5 @@
-"""Training state that is not config: counters and per-rank RNG, each with state_dict()."""
+"""Training state that is not config: the run's counters, per-rank RNG, and the per-rank parts the
+checkpointer saves (loader cursor, RNG, carried memory), each with state_dict()/load_state_dict()."""
 from __future__ import annotations
 
 import random
@@ -7,6 +8,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from memgpt_dist.train.redistribute import redistribute_memory, replica_states, state_at
 
 
 @dataclass
@@ -60,3 +63,64 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# --------------------------------------------------------------------------- checkpointed parts
+# The per-rank parts the checkpointer saves in every rank's file (`train.checkpointer`). Their
+# names there ("loader", "rng", "memory_state") are those older versions wrote.
+class LoaderPart:
+    """The training loader's cursor. `before_load` runs first (the K curriculum: the loader must
+    cut samples of the K its saved state was cut with)."""
+
+    def __init__(self, loader, before_load=lambda: None):
+        self.loader = loader
+        self.before_load = before_load
+
+    def state_dict(self):
+        return self.loader.state_dict()
+
+    def load_state_dict(self, sd) -> None:
+        self.before_load()
+        self.loader.load_state_dict(sd)
+
+    def load_redistributed(self, saved: list[dict], place: dict) -> None:
+        """Every stream continues from its saved cursor, whichever replica held it."""
+        self.before_load()
+        self.loader.load_state_dicts([s["loader"] for s in replica_states(saved)])
+
+
+class RngPart:
+    """This rank's Python, NumPy and torch RNG states."""
+
+    def state_dict(self):
+        return rng_state()
+
+    def load_state_dict(self, sd) -> None:
+        set_rng_state(sd)
+
+    def load_redistributed(self, saved: list[dict], place: dict) -> None:
+        """The RNG of the saved rank at the same (dp, tp, pp) coordinates, if the layout had one."""
+        same_place = state_at(saved, place["coord"])
+        if same_place is not None:
+            set_rng_state(same_place["rng"])
+
+
+class MemoryPart:
+    """The carried memory (`model.carry.MemoryCarry`) of this rank's streams, heads and layers."""
+
+    def __init__(self, carry, device: torch.device):
+        self.carry = carry
+        self.device = device
+        self.missing_streams = 0  # after a relayout: streams of this rank no saved rank held
+
+    def state_dict(self):
+        return self.carry.state_dict()
+
+    def load_state_dict(self, sd) -> None:
+        self.carry.load_state_dict(sd, self.device)
+
+    def load_redistributed(self, saved: list[dict], place: dict) -> None:
+        """Rows by global stream id, heads by head index, layers by global layer index."""
+        moved = redistribute_memory(saved, place["stream_ids"] or [], (place["heads"][0], place["heads"][1]))
+        self.carry.load_state_dict(moved.memory, self.device)
+        self.missing_streams = moved.missing_streams if self.carry.enabled else 0

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from data_pipeline.errors import DataError  # noqa: E402
-from launch.train import build_train_loader, parse_args  # noqa: E402
+from launch.train import loaders_for, parse_args  # noqa: E402
 from memgpt_dist.cli import run_cli  # noqa: E402
 from memgpt_dist.config import load_config  # noqa: E402
 from memgpt_dist.parallel.dist import init_distributed, shutdown  # noqa: E402
@@ -57,7 +57,7 @@ def train() -> int:
     topo = init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
     try:
         setup_logging(topo, Path(cfg.run_dir))
-        batches = RecordingBatches(build_train_loader(cfg, topo))
+        batches = RecordingBatches(loaders_for(cfg, topo)[0])
         state = run_training(cfg, topo, batches, None, resume=args.resume,
                              tokenizer_file=Path(cfg.data.path) / "tokenizer.json", stop_after=args.stop_after_steps)
         steps = batches.calls // cfg.parallel.grad_accum

@@ -15,7 +15,8 @@ import torch
 
 from helpers import bin_path, free_port, read_metrics, run_cmd, tiny_args, train
 from memgpt_dist.config import load_config
-from memgpt_dist.parallel.layout import parameter_numels, pipeline_items, stage_bounds
+from memgpt_dist.parallel.layout import pipeline_items, stage_bounds
+from memgpt_dist.parallel.shares import parameter_numels
 
 STEPS = 6
 COMMON = [f"--train.max_steps={STEPS}", "--train.eval_every=3", "--parallel.zero_stage=1",

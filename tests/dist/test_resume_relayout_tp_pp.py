@@ -8,7 +8,7 @@ tp2 -> tp1 merges the AutoTP shards and the head-sliced memory parameters (DeepS
 conversion, by the metadata `tensor_parallel.shard_head_parameters` records) and each stream's
 memory state from the two TP ranks' heads; pp2 -> pp1 and pp1 -> pp2 map the PipelineModule's
 parameter names to the GPT's and back. tp2 x pp2 -> pp2 and -> one process merge every stage's
-TP shards (by the union of the stages' merge rules, `reshard.stage_with_every_stage_info`);
+TP shards (by the union of the stages' merge rules, `universal.stage_with_every_stage_info`);
 pp2 -> tp2 x pp2 splits them again by the TP layers' own metadata.
 """
 from __future__ import annotations

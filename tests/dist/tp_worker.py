@@ -24,17 +24,18 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
 
-from launch.train import build_train_loader  # noqa: E402
+from launch.train import loaders_for  # noqa: E402
 from memgpt_dist.config import load_config  # noqa: E402
 from memgpt_dist.model import GPT  # noqa: E402
-from memgpt_dist.model.memory import state_to_dict  # noqa: E402
+from memgpt_dist.model.carry import MemoryCarry  # noqa: E402
 from memgpt_dist.parallel.dist import init_distributed, shutdown  # noqa: E402
 from memgpt_dist.parallel.engine import build_engine  # noqa: E402
 from memgpt_dist.parallel.plan import apply_plan  # noqa: E402
 from memgpt_dist.parallel.tensor_parallel import unsharded_grad_norm  # noqa: E402
-from memgpt_dist.train.checkpoint import Checkpointer  # noqa: E402
+from memgpt_dist.train.checkpoint import CheckpointDir  # noqa: E402
 from memgpt_dist.train.metrics import MetricsLogger  # noqa: E402
-from memgpt_dist.train.trainer import Trainer  # noqa: E402
+from memgpt_dist.train.run import build_trainer  # noqa: E402
+from memgpt_dist.train.steps import DenseStep  # noqa: E402
 from memgpt_dist.train.state import seed_everything  # noqa: E402
 
 STEPS, SAVE_AT = 5, 3
@@ -86,8 +87,9 @@ def main(out: Path, data: Path, overrides: list[str]) -> None:
     engine, _ = build_engine(build_model_with_distinct_heads(cfg, topo.tp_rank), cfg, topo)
     grads, norms = [], []
     record_grads_before_step(engine, topo, grads, norms)
-    loader = build_train_loader(cfg, topo)
-    trainer = Trainer(cfg, topo, engine, loader, None, Checkpointer(out / "checkpoints", topo, keep_last=2),
+    loader = loaders_for(cfg, topo)[0]
+    step = DenseStep(engine, topo, MemoryCarry(cfg.train.carry_memory), cfg.data.n_segments, cfg.model.n_layer)
+    trainer = build_trainer(cfg, topo, step, loader, None, CheckpointDir(out / "checkpoints", topo, keep_last=2),
                             MetricsLogger(None, enabled=False, tensorboard=False))
     results, saved_params = [], None
     for step in range(1, STEPS + 1):
@@ -95,7 +97,7 @@ def main(out: Path, data: Path, overrides: list[str]) -> None:
         if step == SAVE_AT:
             trainer.save()
             saved_params = gathered_params(engine)
-    params, memory = gathered_params(engine), {k: v.clone() for k, v in state_to_dict(trainer.carried).items()}
+    params, memory = gathered_params(engine), {k: v.clone() for k, v in trainer.step.carry.state_dict().items()}
     trainer.restore(SAVE_AT)
     resumed = [trainer.train_step().loss for _ in range(SAVE_AT, STEPS)]
     torch.save({"losses": [r.loss for r in results], "grad_norms": [r.grad_norm for r in results], "grads": grads,

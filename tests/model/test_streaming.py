@@ -8,7 +8,7 @@ import torch
 
 from memgpt_dist.config import MemoryConfig, ModelConfig
 from memgpt_dist.model import GPT
-from memgpt_dist.streaming import _read, full_attention_twin, measure_in_subprocess
+from streaming import _read, full_attention_twin, measure_in_subprocess
 
 
 def test_chunked_read_carries_the_memory_like_one_pass():

@@ -7,8 +7,9 @@ import pytest
 
 from helpers import bin_path, run_cmd
 from memgpt_dist.config import ConfigError, load_config
-from memgpt_dist.parallel.layout import (RankCoord, bubble_fraction, parameter_numels, partition_balanced,
-                                         partition_uniform, plan_layout, require_executable_layout, validate_layout)
+from memgpt_dist.parallel.layout import (RankPlace, bubble_fraction, partition_balanced, partition_uniform,
+                                         require_executable_layout, validate_layout)
+from memgpt_dist.parallel.shares import parameter_numels, rank_shares
 
 SMALL = ["model.n_layer=4", "model.n_head=4", "model.n_embd=64", "model.vocab_size=256", "model.segment_len=16"]
 
@@ -126,16 +127,16 @@ def test_rank_grid_follows_deepspeed_topology():
     topo = PipeModelDataParallelTopology(num_pp=2, num_mp=2, num_dp=2)
     for rank in range(8):
         ds = topo.get_coord(rank)
-        assert layout.coord(rank) == RankCoord(dp=ds.data, pp=ds.pipe, tp=ds.model), rank
-        assert layout.rank(layout.coord(rank)) == rank
+        assert layout.place(rank) == RankPlace(dp=ds.data, pp=ds.pipe, tp=ds.model), rank
+        assert layout.rank(layout.place(rank)) == rank
     # tp fastest, then dp, then pp
-    assert [tuple(vars(layout.coord(r)).values()) for r in range(4)] == [(0, 0, 0), (0, 0, 1), (1, 0, 0), (1, 0, 1)]
+    assert [tuple(vars(layout.place(r)).values()) for r in range(4)] == [(0, 0, 0), (0, 0, 1), (1, 0, 0), (1, 0, 1)]
 
 
 def test_rank_table_world8_tp2_pp2_dp2():
     cfg = load_config(None, SMALL + ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1"])
-    plan = plan_layout(cfg, validate_layout(cfg, 8), "fp32")
-    table = [(r.rank, r.coord.dp, r.coord.pp, r.coord.tp, r.items, r.heads) for r in plan.ranks]
+    plan = rank_shares(cfg, validate_layout(cfg, 8), "fp32")
+    table = [(r.rank, r.place.dp, r.place.pp, r.place.tp, r.items, r.heads) for r in plan.ranks]
     first = ("embed", "block.0", "block.1")
     last = ("block.2", "block.3", "norm+head")
     assert table == [(0, 0, 0, 0, first, (0, 2)), (1, 0, 0, 1, first, (2, 4)),
@@ -149,12 +150,12 @@ def test_parameters_per_rank_add_up():
     the tied embedding on both end stages."""
     cfg = load_config(None, SMALL + ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1"])
     numels = parameter_numels(cfg)
-    plan = plan_layout(cfg, validate_layout(cfg, 8), "fp32", numels)
+    plan = rank_shares(cfg, validate_layout(cfg, 8), "fp32", numels)
     replicated = sum(v for n, v in numels.items() if ".ln" in n or n.startswith("ln_f.")
                      or n.endswith(("o_proj.bias", "down_proj.bias")))
     tied = numels["wte.weight"]
     sharded = plan.n_params - replicated - tied
-    assert sum(r.n_params for r in plan.ranks if r.coord.dp == 0) == sharded + 2 * replicated + 2 * 2 * tied
+    assert sum(r.n_params for r in plan.ranks if r.place.dp == 0) == sharded + 2 * replicated + 2 * 2 * tied
 
 
 def test_meta_device_count_equals_the_real_model():
@@ -178,13 +179,13 @@ def test_partitions_match_deepspeed(seed):
 
 def test_uniform_split_counts_items_not_parameters():
     cfg = load_config(None, SMALL + ["parallel.pp=3", "parallel.zero_stage=1", "parallel.pp_partition=uniform"])
-    plan = plan_layout(cfg, validate_layout(cfg, 3), "fp32")
+    plan = rank_shares(cfg, validate_layout(cfg, 3), "fp32")
     assert [r.items for r in plan.ranks] == [("embed", "block.0"), ("block.1", "block.2"), ("block.3", "norm+head")]
 
 
 def memory_at(stage, *extra):
     cfg = load_config(None, SMALL + [f"parallel.zero_stage={stage}", *extra])
-    (rank0, *_) = plan_layout(cfg, validate_layout(cfg, 4), "bf16").ranks
+    (rank0, *_) = rank_shares(cfg, validate_layout(cfg, 4), "bf16").ranks
     return rank0.n_params, rank0.memory
 
 
@@ -203,12 +204,12 @@ def test_memory_estimate_shrinks_with_zero_stage():
 
 def test_memory_state_is_split_by_heads_and_layers():
     cfg = load_config(None, SMALL + ["parallel.micro_batch_size=3"])
-    (rank0,) = plan_layout(cfg, validate_layout(cfg, 1), "fp32").ranks
+    (rank0,) = rank_shares(cfg, validate_layout(cfg, 1), "fp32").ranks
     dk, hd = 2 * 3 * 16, 16  # dk = 2 * nu * head_dim
     assert rank0.memory.memory_state == 4 * 3 * 4 * 4 * (dk * hd + dk)  # fp32 x streams x layers x heads
     cfg = load_config(None, SMALL + ["parallel.micro_batch_size=3", "parallel.tp=2", "parallel.pp=2",
                                      "parallel.zero_stage=1"])
-    rank0 = plan_layout(cfg, validate_layout(cfg, 4), "fp32").ranks[0]
+    rank0 = rank_shares(cfg, validate_layout(cfg, 4), "fp32").ranks[0]
     assert rank0.memory.memory_state == 4 * 3 * 2 * 2 * (dk * hd + dk)
 
 

@@ -3,7 +3,7 @@ import torch
 
 from memgpt_dist.config import load_config
 from memgpt_dist.train.run import build_model
-from memgpt_dist.train.trainer import token_loss_sum
+from memgpt_dist.train.batch import token_loss_sum
 
 OVR = ["model.vocab_size=97", "model.n_embd=32", "model.n_head=2", "model.segment_len=8"]
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from memgpt_dist.config import load_config
 from memgpt_dist.model import GPT
-from memgpt_dist.parallel.layout import TP_SHARDED_SUFFIXES
+from memgpt_dist.parallel.shares import TP_SHARDED_SUFFIXES
 from memgpt_dist.parallel.tensor_parallel import (COLUMN_PARALLEL, ROW_PARALLEL, autotp_partition_config,
                                                   head_slice, shard_head_parameters, tp_shard_dim,
                                                   tp_sharded_suffixes)

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from memgpt_dist.config import ConfigError, load_config
-from memgpt_dist.parallel.dist import Topology, rank_layout_state
-from memgpt_dist.train.run import check_resume_compatible
+from memgpt_dist.parallel.dist import Topology, place_record
+from memgpt_dist.train.resume import check_resume_compatible
 
 
 def topo(rank: int, dp: int, tp: int) -> Topology:
@@ -13,7 +13,7 @@ def topo(rank: int, dp: int, tp: int) -> Topology:
 
 
 def test_rank_state_records_coordinates_streams_and_heads():
-    assert rank_layout_state(topo(3, dp=2, tp=2), [2, 3], n_head=8) == {
+    assert place_record(topo(3, dp=2, tp=2), [2, 3], n_head=8) == {
         "layout": {"dp": 2, "tp": 2, "pp": 1}, "coord": {"dp": 1, "tp": 1, "pp": 0},
         "stream_ids": [2, 3], "heads": [4, 8]}
 

@@ -7,10 +7,9 @@ from pathlib import Path
 import torch
 
 from memgpt_dist.config import load_config
-from memgpt_dist.parallel.engine import build_engine
-from memgpt_dist.train.checkpoint import Checkpointer
+from memgpt_dist.train.checkpoint import CheckpointDir
 from memgpt_dist.train.metrics import MetricsLogger
-from memgpt_dist.train.run import build_model
+from memgpt_dist.train.run import build_step, build_trainer
 from memgpt_dist.train.trainer import Trainer
 
 OVERRIDES = ["model.vocab_size=128", "model.n_embd=32", "model.n_head=2", "model.segment_len=8",
@@ -50,9 +49,10 @@ def make_trainer(topo, root: Path, seed: int = 1, stage: int = 3, extra: tuple[s
     `load_universal`: its engine restores universal checkpoints."""
     cfg = load_config(None, OVERRIDES + [f"run_dir={root}", f"train.seed={seed}", f"parallel.zero_stage={stage}",
                                          *extra])
-    engine, _ = build_engine(build_model(cfg), cfg, topo, load_universal=load_universal)
-    return Trainer(cfg, topo, engine, Batches(cfg), None, Checkpointer(Path(root) / "checkpoints", topo, keep_last=2),
-                   MetricsLogger(None, enabled=False, tensorboard=False))
+    step = build_step(cfg, topo, load_universal=load_universal)
+    # the run directory's tokenizer.json stands for the corpus's (a test rewrites it to change the data)
+    return build_trainer(cfg, topo, step, Batches(cfg), None, CheckpointDir(Path(root) / "checkpoints", topo, keep_last=2),
+                         MetricsLogger(None, enabled=False, tensorboard=False), tokenizer_file=Path(root) / "tokenizer.json")
 
 
 def full_params(engine) -> dict[str, torch.Tensor]:

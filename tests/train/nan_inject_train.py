@@ -2,7 +2,7 @@
 
     NAN_RANK=1 NAN_STEPS=4,5 deepspeed --num_gpus 2 tests/train/nan_inject_train.py <train args>
 
-The library has no test hooks; this wrapper patches the trainer's forward before running the
+The library has no test hooks; this wrapper patches the dense step's forward before running the
 real entry point, the way a numerically broken batch would reach only one rank. Under pipeline
 parallelism the logits exist on the last stage only: there the pipeline's loss function is
 poisoned instead (NAN_RANK must then be a last-stage rank).
@@ -16,40 +16,40 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import memgpt_dist.train.run as run  # noqa: E402
-from launch.train import exit_process, main  # noqa: E402
+from launch.train import main  # noqa: E402
+from memgpt_dist.cli import exit_process  # noqa: E402
+from memgpt_dist.train.steps import DenseStep  # noqa: E402
 from memgpt_dist.train.trainer import Trainer  # noqa: E402
 
 RANK = int(os.environ["NAN_RANK"])
 STEPS = {int(s) for s in os.environ["NAN_STEPS"].split(",")}
-_forward = Trainer._forward
+POISON = {"on": False}  # set around a poisoned step, read by the forward (dense) or the loss (pipeline)
+_train_step = Trainer.train_step
+_forward = DenseStep.forward
+_loss = run.scaled_token_loss
+
+
+def _poisoned_train_step(self):
+    POISON["on"] = self.topo.rank == RANK and self.state.step + 1 in STEPS
+    try:
+        return _train_step(self)
+    finally:
+        POISON["on"] = False
 
 
 def _poisoned_forward(self, batch, read_memory=True, state=None):
     out = _forward(self, batch, read_memory, state)
-    if self.engine.training and self.topo.rank == RANK and self.state.step + 1 in STEPS:
+    if self.engine.training and POISON["on"]:
         return out._replace(logits=out.logits * float("nan"))
     return out
-
-
-_pipeline_steps = Trainer._pipeline_micro_steps
-_loss = run.scaled_token_loss
-POISON = {"on": False}  # set around a poisoned step's train_batch, read by the loss on the last stage
-
-
-def _poisoned_pipeline_steps(self, batches, scale):
-    POISON["on"] = self.topo.rank == RANK and self.state.step + 1 in STEPS
-    try:
-        return _pipeline_steps(self, batches, scale)
-    finally:
-        POISON["on"] = False
 
 
 def _poisoned_loss(logits, target):
     return _loss(logits * float("nan") if POISON["on"] else logits, target)
 
 
-Trainer._forward = _poisoned_forward
-Trainer._pipeline_micro_steps = _poisoned_pipeline_steps
+Trainer.train_step = _poisoned_train_step
+DenseStep.forward = _poisoned_forward
 run.scaled_token_loss = _poisoned_loss
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from inprocess import assert_same_leaves, flatten, full_params, make_trainer, optimizer_state
-from memgpt_dist.model.memory import state_to_dict
 from memgpt_dist.parallel.dist import init_distributed
-from memgpt_dist.train.checkpoint import CheckpointError, weights_only_loading
+from memgpt_dist.parallel.ds_compat import weights_only_loading
+from memgpt_dist.train.checkpoint import CheckpointError
 from memgpt_dist.train.state import rng_state
 
 CARRY = ("train.carry_memory=true",)
@@ -50,8 +50,8 @@ def test_every_state_restored(topo, tmp_path, stage):
     assert b.state == a.state and b.state.step == 3
     assert b.train_batches.state_dict() == a.train_batches.state_dict()  # loader cursor
     assert_same_leaves(flatten(rng_at_save), flatten(rng_state()))  # python, numpy, torch RNG
-    assert a.carried is not None
-    assert_same_leaves(state_to_dict(a.carried), state_to_dict(b.carried))  # stream memory, every layer
+    assert a.step.carry.state_dict() is not None
+    assert_same_leaves(a.step.carry.state_dict(), b.step.carry.state_dict())  # stream memory, every layer
 
     ra, rb = a.train_step(), b.train_step()  # and the next step is identical
     assert ra.loss == rb.loss and ra.grad_norm == rb.grad_norm
@@ -84,7 +84,7 @@ def test_resume_refuses_another_tokenizer_and_reports_changed_settings(topo, tmp
     a = make_trainer(topo, tmp_path)
     a.train_step()
     a.save()
-    assert a.checkpointer.marker(1)["config_sha256"] == a.checkpoint_meta()["config_sha256"]
+    assert a.checkpointer.files.meta(1)["config_sha256"] == a.checkpointer.meta["config_sha256"]
     longer = make_trainer(topo, tmp_path, extra=("train.max_steps=20",))
     longer.restore(1)
     assert "train.max_steps: 10 -> 20" in caplog.text

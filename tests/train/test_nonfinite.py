@@ -28,7 +28,7 @@ def topo():
 
 def inject_nan(trainer, steps: set[int], monkeypatch, gradient_only: bool = False) -> None:
     """NaN logits (or, with `gradient_only`, finite logits whose gradient is NaN) at 1-based `steps`."""
-    forward = trainer._forward
+    forward = trainer.step.forward
 
     def poisoned(batch, read_memory=True, state=None):
         out = forward(batch, read_memory, state)
@@ -39,7 +39,7 @@ def inject_nan(trainer, steps: set[int], monkeypatch, gradient_only: bool = Fals
             return out
         return out._replace(logits=out.logits * float("nan"))
 
-    monkeypatch.setattr(trainer, "_forward", poisoned)
+    monkeypatch.setattr(trainer.step, "forward", poisoned)
 
 
 def snapshot(trainer) -> tuple:
@@ -100,10 +100,10 @@ def train_with_nan(tiny_data, run_dir, rank: int, steps: str, *extra: str) -> su
 
 def rank_files(step_dir: Path) -> dict[str, dict]:
     """Every rank's DeepSpeed files of a checkpoint, loaded weights-only, minus bookkeeping."""
-    from memgpt_dist.train.checkpoint import _deepspeed_safe_globals
+    from memgpt_dist.parallel.ds_compat import deepspeed_safe_globals
 
     out = {}
-    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
         for f in sorted(step_dir.glob("*_states.pt")):
             sd = torch.load(f, weights_only=True, map_location="cpu")
             out.update({f.name + k: v for k, v in flatten(sd).items()

@@ -8,9 +8,10 @@ import torch
 from memgpt_dist.config import ConfigError
 from memgpt_dist.parallel.layout import Layout
 from memgpt_dist.train.checkpoint import CheckpointError
-from memgpt_dist.train.reshard import (check_layout_change, ensure_universal, merge_universal_info,
-                                       model_to_pipeline_name, pipeline_to_model_name, redistribute_memory,
-                                       stage_with_every_stage_info)
+from memgpt_dist.parallel.pipeline import model_to_pipeline_name, pipeline_to_model_name
+from memgpt_dist.train.redistribute import redistribute_memory
+from memgpt_dist.train.universal import (check_layout_change, ensure_universal, merge_universal_info,
+                                         stage_with_every_stage_info)
 
 
 def layout(dp=1, tp=1, pp=1, zero=3, mb=4, ga=1) -> Layout:

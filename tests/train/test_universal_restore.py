@@ -10,7 +10,7 @@ import pytest
 from inprocess import assert_same_leaves, full_params, make_trainer, optimizer_state
 from memgpt_dist.parallel.dist import init_distributed
 from memgpt_dist.parallel.layout import Layout
-from memgpt_dist.train.reshard import ensure_universal
+from memgpt_dist.train.universal import ensure_universal
 
 CARRY = ("train.carry_memory=true",)
 SAVED = Layout(world_size=1, dp=1, tp=1, pp=1, zero_stage=3, micro_batch_size=2, grad_accum=1, global_batch_size=2)

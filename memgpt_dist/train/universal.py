@@ -1,4 +1,4 @@
-"""Resume on a different layout: dp, tp, pp or ZeRO stage changed since the checkpoint was written.
+"""Resume on a different layout, on disk: dp, tp, pp or ZeRO stage changed since the checkpoint was written.
 
 Each rank's DeepSpeed files hold its own shard (of the weights, of ZeRO's fp32 master weights and
 Adam moments), so they fit only the layout that wrote them. On `--resume auto` with another
@@ -7,20 +7,14 @@ layout the checkpoint is converted once by DeepSpeed's Universal Checkpointing
 shards merged by the AutoTP metadata the model carries) into `<step_dir>/universal/`, next to
 the original files, which are never modified; the engine is then built with
 `checkpoint.load_universal` and each rank slices what it needs. A finished conversion is reused.
+What is per rank and not DeepSpeed's (loader cursors, memory, RNG) is redistributed by
+`train.redistribute`.
 
-What is per rank and not DeepSpeed's is redistributed here, by global ids:
-
-* Data. The run reads S = dp x micro_batch_size *streams* (rows of the global batch, see
-  `data_pipeline.segment_stream`); what a stream reads depends only on its global id and S. A
-  layout change keeps S and the global batch (the micro-batch size absorbs the change of dp:
-  dp2 x mb 2 -> dp1 x mb 4), so every stream continues from its saved cursor on whichever rank
-  now holds it: the samples after the change are exactly the uninterrupted run's, none skipped
-  or repeated. A change of S would re-cut the shards between streams mid-epoch, which cannot
-  continue exactly, and is refused with the micro-batch size to set.
-* Memory state (`train.carry_memory`): each saved rank recorded its streams and heads; every
-  rank assembles its streams' rows and its heads' slices from those records. Streams that no
-  saved rank holds start from zero memory, with a warning that says how many.
-* RNG: a rank takes the saved state of the rank at the same (dp, tp, pp) coordinates, if any.
+A layout change keeps the run's S = dp x micro_batch_size data streams and the global batch (the
+micro-batch size absorbs the change of dp: dp2 x mb 2 -> dp1 x mb 4), so every stream continues
+from its saved cursor on whichever rank now holds it. A change of S would re-cut the shards
+between streams mid-epoch, which cannot continue exactly, and is refused with the micro-batch
+size to set.
 
 Pipelines: a pipeline checkpoint's parameters are named by PipelineModule layer; the conversion
 renames them to the GPT's names and links the GPT's names back under the pipeline's, so one
@@ -55,14 +49,14 @@ import torch
 
 from memgpt_dist.config import ConfigError
 from memgpt_dist.parallel.layout import Layout
-from memgpt_dist.train.checkpoint import CheckpointError, fsync_dir, torch_load_weights_only
+from memgpt_dist.parallel.pipeline import model_to_pipeline_name, pipeline_to_model_name
+from memgpt_dist.parallel.ds_compat import torch_load_weights_only
+from memgpt_dist.train.checkpoint import CheckpointError, fsync_dir
 
 log = logging.getLogger("memgpt_dist")
 
 UNIVERSAL_DIR = "universal"  # inside a checkpoint's step directory
 DONE = "CONVERTED.json"  # written inside the conversion before it is renamed into place
-_PIPE_BLOCK = re.compile(r"^(\d+)\.block\.(.+)$")  # a PipelineModule's block layer i+1 = GPT block i
-_PIPE_TIED = "tied_modules.embed."  # embedding and (last stage) final norm, tied to the head
 
 
 @dataclass(frozen=True)
@@ -112,7 +106,11 @@ def ensure_universal(step_dir: Path, saved: Layout, topo) -> tuple[Path, Optiona
     earlier one was reused). Every rank raises if the conversion fails."""
     root = universal_root(step_dir)
     seconds, problem = None, None
-    if topo.is_main and not (root / DONE).is_file():
+    if topo.is_main and root.exists() and not (root / DONE).is_file():
+        # not a conversion of ours (each writes its DONE record before it is renamed into place)
+        problem = (f"{root} exists but was not written by memgpt-dist (it has no {DONE}); it was left untouched. "
+                   f"Move it away to let the resume convert the checkpoint itself")
+    elif topo.is_main and not (root / DONE).is_file():
         try:
             seconds = convert_to_universal(step_dir, saved)
         except Exception as exc:  # noqa: BLE001 - reported on every rank, or the others wait forever
@@ -120,7 +118,7 @@ def ensure_universal(step_dir: Path, saved: Layout, topo) -> tuple[Path, Optiona
     problem = topo.broadcast_object(problem)
     if problem:
         raise CheckpointError(f"converting {step_dir} to a universal checkpoint failed ({problem}); the checkpoint "
-                              f"itself is untouched: resume with the layout that wrote it ({saved})")
+                              f"itself is untouched: resume with the layout that wrote it ({saved}) or fix the above")
     topo.barrier()
     return root, seconds
 
@@ -158,9 +156,7 @@ def convert_to_universal(step_dir: Path, saved: Layout) -> float:
     link_pipeline_names(work / step_dir.name / "zero")
     seconds = time.perf_counter() - t0
     (work / DONE).write_text(json.dumps({"source": str(step_dir), "layout": str(saved), "seconds": seconds}))
-    if root.exists():  # cannot hold a DONE record (checked by the caller): an unusable leftover
-        shutil.rmtree(root)
-    os.replace(work, root)
+    os.replace(work, root)  # the caller refused an existing root that is not ours
     fsync_dir(step_dir)
     return seconds
 
@@ -290,85 +286,3 @@ def link_pipeline_names(zero_dir: Path) -> None:
         name = model_to_pipeline_name(folder.name)
         if folder.is_dir() and name is not None and not (zero_dir / name).exists():
             os.symlink(folder.name, zero_dir / name)
-
-
-def model_to_pipeline_name(name: str) -> Optional[str]:
-    """Inverse of `pipeline_to_model_name` for the GPT's parameters."""
-    m = re.match(r"^blocks\.(\d+)\.(.+)$", name)
-    if m:
-        return f"{int(m.group(1)) + 1}.block.{m.group(2)}"
-    if name.startswith(("wte.", "wpe.", "ln_f.")):
-        return _PIPE_TIED + name
-    return None
-
-
-def pipeline_to_model_name(name: str) -> Optional[str]:
-    """The GPT parameter name of a PipelineModule parameter name; None for non-parameter entries."""
-    if name.startswith(_PIPE_TIED):
-        return name[len(_PIPE_TIED):]
-    m = _PIPE_BLOCK.match(name)
-    if m:
-        return f"blocks.{int(m.group(1)) - 1}.{m.group(2)}"
-    return None
-
-
-# ---------------------------------------------------------------------------- per-rank state
-def replica_states(rank_states: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One saved rank state per data-parallel replica (its TP and pipeline ranks read the same
-    streams and hold the same loader cursors), in dp order."""
-    firsts = [s for s in rank_states if s["coord"]["tp"] == 0 and s["coord"]["pp"] == 0]
-    return sorted(firsts, key=lambda s: s["coord"]["dp"])
-
-
-def state_at(rank_states: list[dict[str, Any]], coord: dict[str, int]) -> Optional[dict[str, Any]]:
-    """The saved rank state at (dp, tp, pp) coordinates `coord`, if the saved layout had one."""
-    return next((s for s in rank_states if s["coord"] == coord), None)
-
-
-@dataclass(frozen=True)
-class Redistributed:
-    """This rank's memory state assembled from the saved ranks, and how many of its streams had
-    none (they start from zero memory)."""
-
-    memory: Optional[dict[str, torch.Tensor]]
-    missing_streams: int
-
-
-def redistribute_memory(rank_states: list[dict[str, Any]], stream_ids: list[int],
-                        heads: tuple[int, int]) -> Redistributed:
-    """Rows `stream_ids` and heads [heads[0], heads[1]) of every layer's memory (A (B, H, dk, hd),
-    z (B, H, dk)) from the saved ranks' slices, matched by global stream id and head. A stream is
-    missing when some of its heads are in no saved state; missing ones get zeros."""
-    pieces: dict[str, dict[int, dict[int, torch.Tensor]]] = {}  # key -> stream -> first head -> (h, ...)
-    for s in rank_states:
-        memory = s.get("memory_state")
-        if not memory:
-            continue
-        h0 = s["heads"][0]
-        for key, t in memory.items():
-            for row, g in enumerate(s["stream_ids"]):
-                pieces.setdefault(key, {}).setdefault(int(g), {})[h0] = t[row]  # (h_saved, ...)
-    if not pieces:
-        return Redistributed(memory=None, missing_streams=len(stream_ids))
-    out, missing = {}, set()
-    for key, by_stream in pieces.items():
-        per_head = next(iter(next(iter(by_stream.values())).values())).shape[1:]  # (...) of one head
-        rows = []
-        for g in stream_ids:
-            row = _heads_of(by_stream.get(g, {}), heads)
-            if row is None:
-                missing.add(g)
-                row = torch.zeros((heads[1] - heads[0], *per_head))
-            rows.append(row)
-        out[key] = torch.stack(rows).float()  # (B, H_rank, ...)
-    return Redistributed(memory=out, missing_streams=len(missing))
-
-
-def _heads_of(slices: dict[int, torch.Tensor], heads: tuple[int, int]) -> Optional[torch.Tensor]:
-    """Heads [h0, h1) of one stream from its saved slices {first head: (h, ...)}; None if uncovered."""
-    if not slices:
-        return None
-    whole = torch.cat([slices[h0] for h0 in sorted(slices)])  # (H_covered, ...)
-    covered = sorted(slices)[0] == 0 and sum(t.shape[0] for t in slices.values()) >= heads[1]
-    return whole[heads[0]:heads[1]].clone() if covered else None
-

@@ -1,7 +1,7 @@
 """Cost of reading long documents: a memory model streamed segment by segment next to a
 full-causal-attention model of the same size over the whole document.
 
-Each measurement runs in a fresh process (`python -m memgpt_dist.streaming`), so the peak
+Each measurement runs in a fresh process (`python benchmarks/streaming.py SPEC`), so the peak
 resident memory it reports belongs to that one model and length (on CUDA: peak allocated
 bytes). Forward only, as in evaluation or prefill; weights are freshly initialised, since the
 cost does not depend on their values. The memory model's cost per token must stay flat in
@@ -15,6 +15,7 @@ import json
 import resource
 import subprocess
 import sys
+from pathlib import Path
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -91,7 +92,7 @@ def measure_in_subprocess(model_cfg: ModelConfig, mem_cfg: MemoryConfig, kind: s
     spec = {"model": dataclasses.asdict(model_cfg), "memory": dataclasses.asdict(mem_cfg), "kind": kind,
             "length": length, "device": device, "threads": threads, "segments_per_call": segments_per_call,
             "repeats": repeats}
-    proc = subprocess.run([sys.executable, "-m", "memgpt_dist.streaming", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), json.dumps(spec)],
                           capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"streaming measurement {kind}:{length} failed:\n{proc.stderr[-2000:]}")
@@ -141,6 +142,18 @@ def format_streaming_table(rows: list[StreamCost]) -> str:
         lines.append(f"at {s['full_longest']:,} tokens the memory model reads {s['speedup_vs_full']:.2f}x as many "
                      f"tokens/s as full attention")
     return "\n".join(lines)
+
+
+def checkpoint_streaming_cost(ckpt: Path, name: str, lengths: list[int], full_max: int, device: str) -> dict:
+    """`memgpt-eval --streaming`: the cost for a model of this checkpoint's shape (the cost does
+    not depend on the weights); prints the table and returns its rows and summary."""
+    from memgpt_dist.generate import checkpoint_config
+
+    cfg = checkpoint_config(ckpt)
+    mem = cfg.memory if cfg.memory.enabled else dataclasses.replace(cfg.memory, enabled=True)
+    rows = streaming_costs(cfg.model, mem, lengths, full_max, device=device)
+    print(f"\nstreaming cost, {name} shape\n{format_streaming_table(rows)}")
+    return {"rows": [dataclasses.asdict(r) for r in rows], "summary": summary(rows)}
 
 
 def _child(argv: list[str]) -> int:
