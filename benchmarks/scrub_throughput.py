@@ -102,7 +102,8 @@ def main(argv=None) -> int:
         print(f"{'prepare BPE encode (1 process)':34s} {enc:9.1f} MB/s   scrub adds {100 * enc / scrub:.1f}% to it")
     if args.compare:
         sample = docs[::args.sample_every]
-        print(f"{'detect-secrets scan (1/%d sample)' % args.sample_every:34s} {detect_secrets_mb_per_s(sample):9.3f} MB/s")
+        label = f"detect-secrets scan (1/{args.sample_every} sample)"
+        print(f"{label:34s} {detect_secrets_mb_per_s(sample):9.3f} MB/s")
         try:
             print(f"{'datatrove PIIFormatter':34s} {datatrove_mb_per_s(docs):9.1f} MB/s   (e-mail and IPv4 only)")
         except ImportError:

@@ -8,44 +8,51 @@ how many were replaced. Output depends only on the text (no state, no randomness
 version dependent address tables), and scrubbing scrubbed text changes nothing. Nothing here logs
 or prints: a found value exists only in the input string.
 
-Detector: detect-secrets' plugin regexes, not its scanner. Measured on the stdlib corpus (31.5 MB
-of .py, 2-core machine; `benchmarks/scrub_throughput.py`): detect-secrets' own scan
-(`SecretsCollection.scan_file`) 0.04 MB/s and `scan_line` 0.015 MB/s (per-line plugin dispatch,
-filters and heuristics; its filters also log skipped values at INFO), datatrove's `PIIFormatter`
-2.2 MB/s (an e-mail regex that starts at every character; e-mails and IPv4 only, replaced by
-fake addresses in rotation, so not per-document deterministic). Prepare encodes about 1 MB/s per
-core, so "a few percent" means this must run at tens of MB/s. So we take the maintained
-token formats (AWS, GitHub, GitLab, Slack, Stripe, OpenAI, PyPI, SendGrid, Square, Azure, Twilio,
-Mailchimp, JWT validation, the URL-credentials regex and the secret-name list) from detect-secrets'
-plugin classes, and run each only on documents holding a literal trigger (`str.__contains__`,
-GB/s). E-mails and addresses, which have no literal, are found from cheap anchors (`@`, digit
-runs, `:hex:`) and validated in Python only at those anchors.
+Detector: detect-secrets' plugin patterns, not its scanner. Measured on the stdlib corpus (1786
+.py files, 31.5 MB; `benchmarks/scrub_throughput.py`, a shared 2-core machine): detect-secrets'
+own scan (`SecretsCollection.scan_file`) 0.04 MB/s and `scan_line` 0.015 MB/s (per-line plugin
+dispatch, filters, verification hooks; its filters also log skipped values at INFO); datatrove's
+`PIIFormatter` 2.2 MB/s (an e-mail regex tried at every character; e-mails and IPv4 only, swapped
+for fake addresses in rotation, so a document's output depends on the documents before it); this
+module about 50 MB/s, where one prepare process BPE-encodes about 0.6 MB/s: about 1% added. So
+the maintained formats (AWS, GitHub, GitLab, Slack, Stripe, OpenAI, PyPI, SendGrid, Square, Azure,
+Twilio, Mailchimp; JWT validation; the URL-credentials pattern; the secret-name list) come from
+detect-secrets' plugin classes, and each runs only where a scan found its literal prefix. A scan
+is a regex that starts with one literal character (sre skips between its occurrences at memchr
+speed; a regex with several possible first characters is tried at every position, 10-100x
+slower), so the formats share ten scans. E-mails and addresses are found from literal anchors
+(`@`, `.d.d.d`, `:hex:`) and checked in Python only there.
 
 Policy: what is replaced
 * e-mail addresses, except RFC 2606/6761 reserved names (`example.com|net|org` and their
   subdomains, `*.example`, `*.test`, `*.invalid`, `*.localhost`), `git@host` (an SSH remote,
   not a mailbox), and `scheme://user@host` (a URL's user name).
 * IPv4 and IPv6 addresses that are globally routable: private, loopback, link-local, shared,
-  multicast, reserved and the documentation ranges (192.0.2.0/24, 198.51.100.0/24,
-  203.0.113.0/24, 2001:db8::/32) are kept: they name no one, and code and docs are full of them.
-  IPv6 is replaced only inside global unicast 2000::/3, which also keeps slices (`x[1::2]`).
+  multicast, reserved and documentation ranges (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24,
+  2001:db8::/32, 3fff::/20) and IETF 2001::/23 are kept: they name no one, and code and docs are
+  full of them. IPv6 is replaced only inside global unicast 2000::/3, which also keeps slices
+  (`x[1::2]`), times and MAC addresses. Networks (`8.8.8.0/24`) are kept.
 * private key blocks (`-----BEGIN ... PRIVATE KEY-----` through the matching END, or through
-  the base64 body when the END is missing); credentials in the token formats above; the value
-  after `Authorization: Bearer|Basic|token` and `Bearer`; the password of `scheme://user:pw@host`
-  (user and host kept) unless it is template syntax (`<pw>`, `${PW}`, `{pw}`) or a mask (`***`).
+  the base64 body when the END is missing); credentials in the token formats above; a random
+  value after `Bearer` or `Authorization: Basic|token`; the password of `scheme://user:pw@host`
+  (user and host kept) unless it is template syntax (`<pw>`, `${PW}`, `%s`), a mask (`***`), the
+  word password/pass/passwd/pwd/secret/changeme, or the host is a reserved example domain.
 * a random-looking literal assigned to a name holding secret, token, password, passwd, pwd,
-  api_key, access_key, private_key... (`name = "v"`, `"name": "v"`, `name: v`, `NAME=v`): the
-  value has 8+ characters (16+ unquoted), two character classes, a digit or symbol, enough Shannon
-  entropy for its length, no alphabet run (`abcdef`, `123456`), and is not template syntax, a
-  dotted name or a URL. So `password = "..."`, `token = "<token>"`, `secret = "changeme"` stay.
-Kept everywhere else: hex digests, git hashes, UUIDs and base64 blobs that are not assigned to a
-secret name (a scanner for bare high-entropy strings would flag every sha256 in a lock file);
-version strings: a dotted quad right after `version`, `__version__`, `release`, `ver` or `oid`,
-or touching a letter or another `.digit` (`v1.2.3.4`, `1.2.3.4.5`), is not an address.
+  api_key, access_key, private_key... (`name = "v"`, `"name": "v"`, `name: v`, `NAME=v`), the
+  keyword not followed by a lower-case letter (`secretKey` yes, `tokenizer` no) and the name not
+  ending in path/file/url/name/type... The value has 8+ characters, two character classes, a
+  digit or symbol, Shannon entropy of at least 75% of log2(length) (at most 3 bits), no alphabet
+  run (`abcdef`, `123456`), and is not template syntax, a dotted name or a URL; unquoted, it needs
+  16+ characters and upper, lower and digit (or 32+ hex), since in code it is an expression. So
+  `password = "..."`, `token = "<token>"`, `secret = "changeme"` stay.
+Kept everywhere else: hex digests, git hashes, UUIDs and base64 blobs not assigned to a secret
+name (a scanner for bare high-entropy strings would flag every sha256 in a lock file). Versions:
+a dotted quad right after `version`, `__version__`, `release`, `ver`, `oid`, `section` or `rfc`,
+or touching a letter or another `.digit` (`v1.2.3.4`, `1.2.3.4.5`), is not an address; a bare
+quad elsewhere is (the stdlib has a few such versions: `V('3.1.1.6')`, `(2.0.0.0)`).
 """
 from __future__ import annotations
 
-import bisect
 import ipaddress
 import math
 import re
@@ -90,7 +97,6 @@ def placeholder(kind: str) -> str:
     return f"<{kind.upper()}>"
 
 
-
 def scrub_text(text: str) -> tuple[str, dict[str, int]]:
     """`text` with every finding replaced by its placeholder, and the count of each kind found."""
     spans = _resolve_overlaps(_find_formats(text) + _find_assigned(text) + _find_emails(text)
@@ -108,17 +114,17 @@ def scrub_text(text: str) -> tuple[str, dict[str, int]]:
 
 
 def _resolve_overlaps(spans: list[_Span]) -> list[_Span]:
-    """Keep each span unless it overlaps one kept before it: detectors run most specific first
-    (a key block before the base64 inside it, a URL's password before the `pw@host` e-mail)."""
-    starts: list[int] = []
-    kept: list[_Span] = []
-    for s in spans:
-        i = bisect.bisect_right(starts, s.start)
-        if (i > 0 and kept[i - 1].end > s.start) or (i < len(kept) and kept[i].start < s.end):
+    """Non-overlapping spans in text order. `spans` come most specific detector first; of two that
+    overlap, the earlier in that order wins (a key block over the base64 inside it, a URL's
+    password over the `pw@host` e-mail it looks like)."""
+    kept: list[tuple[int, _Span]] = []
+    for rank, s in sorted(enumerate(spans), key=lambda rs: (rs[1].start, rs[0])):
+        if kept and s.start < kept[-1][1].end:
+            if rank < kept[-1][0]:
+                kept[-1] = (rank, s)  # starts at or after the one it replaces: clear of those before
             continue
-        starts.insert(i, s.start)
-        kept.insert(i, s)
-    return kept
+        kept.append((rank, s))
+    return [s for _, s in kept]
 
 
 # --- helpers on candidate values ---------------------------------------------------------------
@@ -162,11 +168,6 @@ def _inside_run(text: str, span: _Span) -> bool:
     return (span.start > 0 and text[span.start - 1].isalnum()) or (span.end < len(text) and text[span.end].isalnum())
 
 
-def _line_before(text: str, pos: int, width: int) -> str:
-    start = max(text.rfind("\n", 0, pos) + 1, pos - width)
-    return text[start:pos]
-
-
 # --- token formats from detect-secrets ---------------------------------------------------------
 
 class _Format(NamedTuple):
@@ -189,9 +190,9 @@ class _Format(NamedTuple):
         if m is None or not m.group(self.group):
             return None
         span = _Span(m.start(self.group), m.end(self.group), self.kind)
-        if (self.bounded and _inside_run(text, span)) or (self.valid is not None and not self.valid(m.group(self.group))):
+        if self.bounded and _inside_run(text, span):
             return None
-        return span
+        return span if self.valid is None or self.valid(m.group(self.group)) else None
 
 
 _LONGEST_TOKEN = 2048  # a match starts at most `back` before its hint and ends within this after it
@@ -225,7 +226,8 @@ _GITLAB_PREFIXES = ("glpat", "gldt", "glft", "glsoat", "glrt", "glcbt", "glimt",
 _DASH_SCAN = re.compile("-(?:----BEGIN [A-Z0-9 ]*PRIVATE KEY|us[0-9]|(?<=pypi-)Ag|(?<=sq0csp-)|(?<=xox[abposr]-)|"
                         + "|".join(f"(?<={p}-)" for p in _GITLAB_PREFIXES) + ")")
 _SCANS: tuple[tuple[re.Pattern, tuple[_Format, ...]], ...] = (
-    (_DASH_SCAN, (_Format("private_key", _PRIVATE_KEY), *_tokens(MailchimpDetector, back=32, search=True, bounded=True),
+    (_DASH_SCAN, (_Format("private_key", _PRIVATE_KEY),
+                  *_tokens(MailchimpDetector, back=32, search=True, bounded=True),
                   *_tokens(PypiTokenDetector, back=4), *_tokens(SquareOAuthDetector, back=6),
                   *_tokens(SlackDetector, back=4), *_tokens(GitLabTokenDetector, back=7, search=True))),
     (re.compile(r"A(?:3T[A-Z0-9]|BIA|CCA|KIA|SIA|C[a-z0-9]{32}|ccountKey=|uthorization|UTHORIZATION)"),

@@ -13,9 +13,11 @@ import pytest
 from data_pipeline.corpus_sources import iter_stdlib, stdlib_root
 from data_pipeline.scrub import placeholder, scrub_text
 
-JWT = ("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4gRG9lIiwiaWF0IjoxNTE2MjM5MDIyfQ"
+JWT = ("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9"
+       ".eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4gRG9lIiwiaWF0IjoxNTE2MjM5MDIyfQ"
        ".SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c")
-RSA_BODY = "MIIEowIBAAKCAQEAu1SU1LfVLPHCozMxH2Mo4lgOEePzNm0tRgeLezV6ffAt0gun\nVTLw7onLRnrq0/IzW7yWR7QkrmBL7jTKEn5u+qKhbwKfBstIs+bMY2Zkp18gnTxK\n"
+RSA_BODY = ("MIIEowIBAAKCAQEAu1SU1LfVLPHCozMxH2Mo4lgOEePzNm0tRgeLezV6ffAt0gun\n"
+            "VTLw7onLRnrq0/IzW7yWR7QkrmBL7jTKEn5u+qKhbwKfBstIs+bMY2Zkp18gnTxK\n")
 
 # (kind, document with one planted value, the planted value)
 PLANTED = [
@@ -29,8 +31,12 @@ PLANTED = [
      "Zx9Kq2Lm8Np4Rt6Vw1Yb3Cd5Ef7Gh0Jk2Mn4Pq6S"),
     ("private_key", f"key = '''-----BEGIN RSA PRIVATE KEY-----\n{RSA_BODY}-----END RSA PRIVATE KEY-----'''",
      RSA_BODY[:40]),
-    ("private_key", "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtz\n"
+    ("private_key", "-----BEGIN OPENSSH PRIVATE KEY-----\n"
+     "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtz\n"
      "-----END OPENSSH PRIVATE KEY-----\n", "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ"),
+    ("private_key", "truncated:\n-----BEGIN EC PRIVATE KEY-----\n"
+     "MHcCAQEEIIrYSSNQFaA2Hwf1duRSxKtLYX5CB04fSeQ6tF1aY/PuoAoGCCqGSM49\n",
+     "MHcCAQEEIIrYSSNQFaA2Hwf1duRSxKtLYX5CB04fSeQ6tF1aY"),
     ("api_token", 'headers = {"Authorization": "Bearer 8f3kQ9zX2mL5pR7tV1wY4bN6cJ0hG3dS"}',
      "8f3kQ9zX2mL5pR7tV1wY4bN6cJ0hG3dS"),
     ("api_token", "git clone https://x:ghp_Ab3dE5gH7jK9mN1pQ3sT5vW7yZ0bC2dF4gH6@github.com/o/r",
