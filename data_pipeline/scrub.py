@@ -93,7 +93,11 @@ class _Span(NamedTuple):
     kind: str
 
 
+KINDS = ("email", "ip_address", "aws_access_key", "aws_secret_key", "private_key", "api_token", "password", "secret")
+
+
 def placeholder(kind: str) -> str:
+    """`<EMAIL>` for "email": the token that replaces a finding of that kind."""
     return f"<{kind.upper()}>"
 
 

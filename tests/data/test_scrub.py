@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 from data_pipeline.corpus_sources import iter_stdlib, stdlib_root
-from data_pipeline.scrub import placeholder, scrub_text
+from data_pipeline.scrub import KINDS, placeholder, scrub_text
 
 JWT = ("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9"
        ".eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4gRG9lIiwiaWF0IjoxNTE2MjM5MDIyfQ"
@@ -66,6 +66,10 @@ def test_planted_value_is_replaced_and_counted(kind, text, value):
 def test_url_password_keeps_user_and_host():
     out, _ = scrub_text("postgres://admin:Xq7vR2pK9w@db.corp.io:5432/app")
     assert out == "postgres://admin:<PASSWORD>@db.corp.io:5432/app"
+
+
+def test_every_kind_is_planted():
+    assert sorted({kind for kind, _, _ in PLANTED}) == sorted(KINDS)
 
 
 def test_counts_cover_every_replacement_in_a_mixed_document():
@@ -172,10 +176,11 @@ def test_output_is_deterministic_and_stateless():
     assert [scrub_text(d) for d in reversed(docs)][::-1] == first
 
 
-def test_found_values_never_reach_logs_or_stdout(caplog, capsys):
+def test_found_values_never_reach_logs_or_stdout(caplog, capfd):
+    """capfd (file descriptors): detect-secrets' logger writes to the stderr it saw at import."""
     caplog.set_level(logging.DEBUG)
     scrub_text("\n".join(text for _, text, _ in PLANTED))
-    captured = capsys.readouterr()
+    captured = capfd.readouterr()
     for _, _, value in PLANTED:
         assert value not in caplog.text
         assert value not in captured.out and value not in captured.err
