@@ -27,6 +27,7 @@ from memgpt_dist.parallel.engine import NonFiniteUpdate
 from memgpt_dist.train.batch import IGNORE, Batch, StatefulBatches
 from memgpt_dist.train.callbacks import Callback, StepEnd
 from memgpt_dist.train.checkpointer import Checkpointer, ResumePoint
+from memgpt_dist.train.resume import find_resume_point
 from memgpt_dist.train.state import TrainState
 from memgpt_dist.train.stopping import Diverged, any_rank
 
@@ -152,8 +153,6 @@ class Trainer:
         """Restore checkpoint `step` in-process (tests, tools): of the same layout, checked as
         `--resume STEP` is, or from its universal form `universal` (the engine must have been
         built to load one), redistributing the per-rank state as a relayout does."""
-        from memgpt_dist.train.resume import find_resume_point
-
         if universal is not None:
             self.resume(ResumePoint(step=step, universal=universal))
             return
