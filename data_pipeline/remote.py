@@ -182,8 +182,12 @@ def _run_pipe(url: str, timeout_s: float) -> bytes:
     return done.stdout
 
 
-def fetch_manifest(location: CorpusLocation, policy: FetchPolicy = FetchPolicy()) -> dict:
-    """The manifest of a remote corpus, or a DataError naming the URL and what to do."""
+def read_corpus_manifest(location: CorpusLocation, policy: FetchPolicy = FetchPolicy()) -> dict:
+    """The manifest of the corpus at `location`, or a DataError naming where and what to do."""
+    if not location.is_remote:
+        from data_pipeline.prepare_corpus import read_manifest  # its messages for local corpora
+
+        return read_manifest(Path(location.url(MANIFEST)).parent)
     url = location.url(MANIFEST)
     try:
         data = fetch(url, policy)
@@ -197,13 +201,17 @@ def fetch_manifest(location: CorpusLocation, policy: FetchPolicy = FetchPolicy()
         raise DataError(f"{url} is not valid JSON ({exc}); re-upload the manifest.json memgpt-prepare wrote") from exc
 
 
+def read_corpus_file(spec: str | Path, name: str, policy: FetchPolicy = FetchPolicy()) -> bytes:
+    """The bytes of file `name` (e.g. manifest.json, for fingerprinting a run's data) of the corpus
+    at `spec`, local or remote."""
+    return fetch(parse_location(spec).url(name), policy)
+
+
 def fetch_tokenizer(spec: str | Path, policy: FetchPolicy = FetchPolicy()) -> bytes:
     """tokenizer.json of a corpus (local or remote), checked against the sha256 in its manifest;
     for copying it into a run directory."""
     location = parse_location(spec)
-    manifest = fetch_manifest(location, policy) if location.is_remote else json.loads(
-        fetch(location.url(MANIFEST), policy))
-    info = manifest["tokenizer"]
+    info = read_corpus_manifest(location, policy)["tokenizer"]
     data = fetch(location.url(info["file"]), policy)
     if hashlib.sha256(data).hexdigest() != info["sha256"]:
         raise DataError(f"{location.url(info['file'])} does not match the tokenizer sha256 in the manifest of "

@@ -51,8 +51,7 @@ import numpy as np
 import torch
 
 from data_pipeline.errors import DataError
-from data_pipeline.prepare_corpus import read_manifest
-from data_pipeline.remote import FetchPolicy, ShardCache, fetch_manifest, parse_location
+from data_pipeline.remote import FetchPolicy, ShardCache, parse_location, read_corpus_manifest
 from data_pipeline.shard_reader import ShardDocs, ShardRequest, load_shard, read_shard  # noqa: F401 (read_shard: API)
 
 log = logging.getLogger(__name__)
@@ -72,7 +71,12 @@ class Cursor:
 
 
 class SegmentLoader:
-    """Micro-batches for one data-parallel rank; iterate it (train: forever, validation: once)."""
+    """Micro-batches for one data-parallel rank; iterate it (train: forever, validation: once).
+
+    `data_dir` is a corpus location (a directory, an http(s) base, a pipe: command, brace lists;
+    see data_pipeline.remote). For remote corpora only: `cache_dir` keeps verified shards locally,
+    at most `cache_max_gb` (least recently used evicted); a failed read is retried `open_retries`
+    times, waiting `retry_backoff_s` * 2**i before retry i."""
 
     def __init__(self, data_dir: str | Path, split: str = "train", *, segment_len: int, n_segments: int,
                  micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 1234, num_workers: int = 0,
@@ -85,7 +89,7 @@ class SegmentLoader:
         self.policy = FetchPolicy(retries=open_retries, backoff_s=retry_backoff_s)
         self.cache = (ShardCache(str(cache_dir), int(cache_max_gb * 2**30))
                       if cache_dir and self.location.is_remote else None)  # local shards are read in place
-        self.manifest = self._read_manifest()
+        self.manifest = read_corpus_manifest(self.location, self.policy)
         self._check_tokenizer(expected_tokenizer_hash)
         self.split, self.N, self.K, self.mb = split, segment_len, n_segments, micro_batch_size
         self.seed, self.max_skip_fraction, self.verify = seed, max_skip_fraction, verify_checksums
@@ -119,11 +123,6 @@ class SegmentLoader:
     @property
     def pad_id(self) -> int:
         return int(self.manifest["tokenizer"]["pad_id"])
-
-    def _read_manifest(self) -> dict:
-        if self.location.is_remote:
-            return fetch_manifest(self.location, self.policy)
-        return read_manifest(Path(self.location.url("manifest.json")).parent)
 
     def _check_tokenizer(self, expected: Optional[str]) -> None:
         if expected is not None and expected != self.manifest["tokenizer"]["sha256"]:
@@ -426,6 +425,11 @@ class MixedLoader:
     @property
     def vocab_size(self) -> int:
         return self.sources[0].vocab_size
+
+    @property
+    def tokenizer_hash(self) -> str:
+        """The sources' shared tokenizer sha256 (from their manifests, local or remote)."""
+        return self.sources[0].tokenizer_hash
 
     def __iter__(self):
         return self

@@ -14,7 +14,7 @@ import torch
 
 from data_pipeline.errors import DataError
 from data_pipeline.prepare_corpus import read_manifest
-from data_pipeline.remote import parse_location
+from data_pipeline.remote import fetch_tokenizer, parse_location
 from data_pipeline.segment_stream import SegmentLoader
 
 N, K = 8, 3
@@ -95,6 +95,16 @@ def test_pipe_corpus_gives_the_samples_of_its_local_copy(corpus):
     assert same_batches(take(loader(f"pipe:cat {corpus}/{{name}}"), 12), take(loader(corpus), 12))
 
 
+def test_mix_of_a_remote_and_a_local_corpus_blends_like_two_local_ones(corpus, server):
+    from data_pipeline.segment_stream import MixedLoader
+
+    def mixed(first):  # one corpus twice, two sources with their own cursors
+        return MixedLoader([loader(first), loader(corpus, seed=8)], [0.5, 0.5], seed=3)
+
+    assert same_batches(take(mixed(server.url), 8), take(mixed(corpus), 8))
+    assert mixed(server.url).tokenizer_hash == read_manifest(corpus)["tokenizer"]["sha256"]
+
+
 def test_http_corpus_resumes_a_local_run_exactly(corpus, server):
     expected = take(loader(corpus), 12)
     first = loader(corpus)
@@ -113,6 +123,13 @@ def test_brace_list_reads_only_the_listed_shards(corpus, server):
     assert [s["file"] for s in some.shards] == files[:4]
     with pytest.raises(DataError, match="no validation shards.*brace list"):
         loader(everything, "validation")
+
+
+def test_tokenizer_is_fetched_and_checked_against_the_manifest(corpus, server):
+    assert fetch_tokenizer(server.url) == (corpus / "tokenizer.json").read_bytes()
+    server.root = corpus / "nowhere"  # manifest and tokenizer both 404 now
+    with pytest.raises(DataError, match="manifest.json answered HTTP 404"):
+        fetch_tokenizer(server.url)
 
 
 def test_pipe_location_without_a_name_slot_is_refused():
