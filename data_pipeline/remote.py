@@ -19,7 +19,8 @@ names no shard of has no shards). Manifest file names are checked to be plain na
 put into a shell command.
 
 Reading. A file is read whole into memory (the loader verifies a shard's sha256 before it uses
-any of it). A failed read is retried `retries` times, waiting backoff_s, 2*backoff_s, 4*backoff_s...
+any of it). A failed read (for a verified remote shard: bytes that do not match its sha256,
+e.g. a transfer cut short without an error) is retried `retries` times, waiting backoff_s, 2*backoff_s, 4*backoff_s...
 between attempts; a missing file (HTTP 4xx, no such local file) is not retried. http(s) goes
 through urllib rather than webdataset's curl pipe, so a 404 is told apart from a dropped
 connection and no curl binary is needed; `pipe:` runs the command with the shell, as webdataset
@@ -129,11 +130,16 @@ def _brace_slot(spec: str) -> Optional[tuple[int, int]]:
 
 
 # ------------------------------------------------------------------ reading files
-def fetch(url: str, policy: FetchPolicy = FetchPolicy()) -> bytes:
-    """The whole file at `url`, retried with exponential backoff; FetchError naming it if it fails."""
+def fetch(url: str, policy: FetchPolicy = FetchPolicy(), sha256: str = "") -> bytes:
+    """The whole file at `url`, retried with exponential backoff; FetchError naming it if it fails.
+    With `sha256`, bytes that do not match it count as a failed read too (a transfer can be cut
+    without an error, e.g. a server that sends no Content-Length)."""
     for attempt in range(policy.retries + 1):
         try:
-            return _fetch_once(url, policy.timeout_s)
+            data = _fetch_once(url, policy.timeout_s)
+            if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+                raise FetchError(f"the bytes read from {url} do not match the sha256 in its manifest")
+            return data
         except FetchError as exc:
             if exc.permanent or attempt == policy.retries:
                 tries = f" (after {attempt + 1} attempts)" if attempt else ""

@@ -52,7 +52,7 @@ class ShardRequest:
 def load_shard(req: ShardRequest) -> ShardDocs:
     """Fetch, verify and decode the shard `req` names."""
     try:
-        data = _shard_bytes(req)
+        data, matches = _shard_bytes(req)
     except FetchError as exc:
         if exc.permanent:
             raise DataError(f"shard {req.url} listed in the manifest is missing ({exc}); restore it or re-run "
@@ -61,25 +61,32 @@ def load_shard(req: ShardRequest) -> ShardDocs:
             raise DataError(f"shard {req.url} could not be read: {exc}; check the storage and the network, "
                             f"raise data.open_retries, or set data.verify_checksums=false to skip such shards") from exc
         return ShardDocs([], [], req.documents, f"not readable: {exc}")
-    if req.verify and hashlib.sha256(data).hexdigest() != req.sha256:
+    if req.verify and not matches and _sha256(data) != req.sha256:
         raise DataError(f"shard {req.url} does not match the sha256 in its manifest (corrupted or replaced); "
                         f"re-run memgpt-prepare or restore the file (or set data.verify_checksums=false to "
                         f"skip its bad documents)")
     return decode_shard(data, req.url, req.dtype, req.documents, req.vocab_size)
 
 
-def _shard_bytes(req: ShardRequest) -> bytes:
-    """The shard's bytes: from the cache when it holds a verified copy, else fetched (and then
-    cached when they match the manifest, so the cache never holds a damaged shard)."""
+def _shard_bytes(req: ShardRequest) -> tuple[bytes, bool]:
+    """(the shard's bytes, whether they are known to match the manifest's sha256): from the cache
+    when it holds a verified copy, else fetched (a verified remote fetch retries bytes that do not
+    match) and then cached if they match, so the cache never holds a damaged shard."""
     use_cache = req.cache is not None and req.remote and bool(req.sha256)
     if use_cache:
         cached = req.cache.get(req.sha256)
         if cached is not None:
-            return cached
-    data = fetch(req.url, req.policy)
-    if use_cache and hashlib.sha256(data).hexdigest() == req.sha256:
+            return cached, True
+    checked = req.remote and req.verify
+    data = fetch(req.url, req.policy, req.sha256 if checked else "")
+    matches = checked or (use_cache and _sha256(data) == req.sha256)
+    if use_cache and matches:
         req.cache.put(req.sha256, data)
-    return data
+    return data, matches
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def read_shard(path: str, dtype: str, expected_docs: int, sha256: Optional[str],

@@ -23,10 +23,12 @@ N, K = 8, 3
 class CorpusServer:
     """Serves a corpus directory on 127.0.0.1 (port chosen by the OS), with faults on demand:
     `drops[name]` GETs of that file send half its body and close the connection (-1: every
-    GET), `missing` names answer 404. `hits` counts GETs per file."""
+    GET), `flips[name]` GETs send it whole with some bytes flipped, `missing` names answer 404.
+    `hits` counts GETs per file."""
 
     def __init__(self, root: Path):
-        self.root, self.drops, self.missing, self.hits = root, {}, set(), collections.Counter()
+        self.root, self.drops, self.flips, self.missing = root, {}, {}, set()
+        self.hits: collections.Counter = collections.Counter()
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -44,6 +46,9 @@ class CorpusServer:
                 if server.drops.get(name, 0):
                     server.drops[name] -= 1
                     data = data[:len(data) // 2]  # then HTTP/1.0 closes the connection: the body is short
+                elif server.flips.get(name, 0):
+                    server.flips[name] -= 1
+                    data = data[:-600] + bytes(b ^ 0xFF for b in data[-600:-512]) + data[-512:]
                 self.wfile.write(data)
 
             def log_message(self, *args):
@@ -146,6 +151,15 @@ def test_dropped_connection_is_retried_and_gives_the_same_samples(corpus, server
     assert "IncompleteRead" in caplog.text and "retry 1 of 3" in caplog.text
     opened = [name for name in train_files(corpus) if server.hits[name]]
     assert opened and all(server.hits[name] == 2 for name in opened)  # each broken once, then read whole
+
+
+def test_shard_that_arrives_damaged_is_fetched_again_with_checksums(corpus, server):
+    first = train_files(corpus)[0]
+    server.flips = {first: 1}
+    streams = len(train_files(corpus))
+    assert same_batches(take(loader(server.url, micro_batch_size=streams), 3),
+                        take(loader(corpus, micro_batch_size=streams), 3))
+    assert server.hits[first] == 2
 
 
 def test_shard_that_never_downloads_is_skipped_without_checksums(corpus, server, caplog):
