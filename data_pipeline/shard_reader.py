@@ -102,7 +102,9 @@ def decode_shard(data: bytes, name: str, dtype: str, expected_docs: int, vocab_s
     doc_ids, tokens, masks, error = [], [], [], ""
     try:
         # Straight from memory: the bytes are already here (read once for the checksum), and a
-        # whole WebDataset pipeline per shard costs more than the reading itself.
+        # whole WebDataset pipeline per shard costs more than the reading itself. These two stages
+        # draw no randomness (a WebDataset pipeline without a seed would advance the run's Python
+        # RNG at every shard opened, so a resumed run would end in another state).
         files = wti.tar_file_expander([{"url": name, "stream": io.BytesIO(data)}])
         for sample in wti.group_by_keys(files):
             try:
