@@ -15,8 +15,8 @@ How a location names the corpus's files (NAME is a file name from manifest.json)
 place. A brace-expanded list in the file-name slot, e.g. `https://host/corpus/train-{000000..000127}.tar`
 or `pipe:aws s3 cp s3://bucket/corpus/train-{000000..000127}.tar -`, means the base with `{name}`
 in that slot, reading only the listed shards (each must be in the manifest; a split the list
-names no shard of has no shards). Manifest file names are checked to be plain names before one is
-put into a shell command.
+names no shard of has no shards). Manifest file names are checked to be plain relative paths (letters, digits, `._-/`, no `..`) before
+one is put into a shell command.
 
 Reading. A file is read whole into memory (the loader verifies a shard's sha256 before it uses
 any of it). A failed read (for a verified remote shard: bytes that do not match its sha256,
@@ -54,7 +54,7 @@ from data_pipeline.errors import DataError
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 _SLOT_END = " \t\n/'\""  # what ends the file-name slot around a brace list
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]+")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*")  # no "..", no shell
 
 
 class FetchError(DataError):

@@ -137,6 +137,24 @@ def test_tokenizer_is_fetched_and_checked_against_the_manifest(corpus, server):
         fetch_tokenizer(server.url)
 
 
+@pytest.mark.parametrize("spec,manifest,shard", [
+    ("/data/c", "/data/c/manifest.json", "/data/c/train-000001.tar"),
+    ("https://h/c/", "https://h/c/manifest.json", "https://h/c/train-000001.tar"),
+    ("https://h/c/{name}?sig=1", "https://h/c/manifest.json?sig=1", "https://h/c/train-000001.tar?sig=1"),
+    ("pipe:aws s3 cp s3://b/c/{name} -", "pipe:aws s3 cp s3://b/c/manifest.json -", "pipe:aws s3 cp s3://b/c/train-000001.tar -"),
+    ("pipe:aws s3 cp s3://b/c/train-{000000..000003}.tar -", "pipe:aws s3 cp s3://b/c/manifest.json -",
+     "pipe:aws s3 cp s3://b/c/train-000001.tar -"),
+])
+def test_each_location_kind_names_the_manifest_and_shards_as_documented(spec, manifest, shard):
+    loc = parse_location(spec)
+    assert (loc.url("manifest.json"), loc.url("train-000001.tar")) == (manifest, shard)
+
+
+def test_manifest_names_that_are_not_plain_paths_never_reach_a_shell():
+    with pytest.raises(DataError, match="not a plain file name"):
+        parse_location("pipe:cat /c/{name}").url("x.tar; rm -rf ~")
+
+
 def test_pipe_location_without_a_name_slot_is_refused():
     with pytest.raises(DataError, match=r"pipe: command must say where the file name goes.*\{name\}"):
         parse_location("pipe:aws s3 cp s3://bucket/corpus/ -")
