@@ -14,8 +14,8 @@ How a location names the corpus's files (NAME is a file name from manifest.json)
 `manifest.json` (and `tokenizer.json`) are NAMEs like any shard, so they are read from the same
 place. A brace-expanded list in the file-name slot, e.g. `https://host/corpus/train-{000000..000127}.tar`
 or `pipe:aws s3 cp s3://bucket/corpus/train-{000000..000127}.tar -`, means the base with `{name}`
-in that slot, reading only the listed shards (each must be in the manifest; a split the list
-names no shard of has no shards). Manifest file names are checked to be plain relative paths (letters, digits, `._-/`, no `..`) before
+in that slot, reading only the listed shards of each split (each must be in the manifest; a
+split the list names no shard of is read whole, so validation still works beside a train list). Manifest file names are checked to be plain relative paths (letters, digits, `._-/`, no `..`) before
 one is put into a shell command.
 
 Reading. A file is read whole into memory (the loader verifies a shard's sha256 before it uses

@@ -132,24 +132,23 @@ class SegmentLoader:
                             f"at {self.location.url('tokenizer.json')}")
 
     def _selected(self, shards: list[dict]) -> list[dict]:
-        """The shards of a split that a brace-expanded location lists (all of them without a list)."""
+        """The shards of this split that a brace-expanded location lists; a split it lists none of
+        (e.g. validation beside `train-{000000..000127}.tar`) is read whole."""
         names = self.location.selected
         if names is None:
             return shards
         known = {s["file"] for split in self.manifest["splits"].values() for s in split}
         unknown = [n for n in names if n not in known]
         if unknown:
-            raise DataError(f"{self.location.spec} lists {len(unknown)} shards its manifest does not have "
+            raise DataError(f"{self.location.spec} names {len(unknown)} shard(s) its manifest does not have "
                             f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}); fix the brace list")
-        chosen = set(names)
-        return [s for s in shards if s["file"] in chosen]
+        chosen = [s for s in shards if s["file"] in set(names)]
+        return chosen or shards
 
     def _check_shards(self) -> None:
         n, where = len(self.shards), self.location.spec
         if n == 0:
-            hint = (" (its brace list names none of them: list them too, or give the corpus's base)"
-                    if self.location.selected is not None else "")
-            raise DataError(f"{where} has no {self.split} shards{hint}; re-run memgpt-prepare with more documents"
+            raise DataError(f"{where} has no {self.split} shards; re-run memgpt-prepare with more documents"
                             + (" or a larger --val-fraction" if self.split == "validation" else ""))
         if not self.location.is_remote:  # remote: a missing shard is named when it is opened (no request per shard)
             for s in self.shards:
