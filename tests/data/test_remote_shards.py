@@ -67,6 +67,13 @@ class CorpusServer:
         self.httpd.server_close()
 
 
+@pytest.fixture(autouse=True)
+def no_proxy(monkeypatch):
+    """urllib honours http_proxy: a CI proxy must not stand between the loader and 127.0.0.1."""
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+
+
 @pytest.fixture
 def server(corpus):
     with CorpusServer(corpus) as s:
