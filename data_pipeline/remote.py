@@ -12,19 +12,21 @@ How a location names the corpus's files (NAME is a file name from manifest.json)
                                              the file to stdout (a pipe: location must say {name})
 
 `manifest.json` (and `tokenizer.json`) are NAMEs like any shard, so they are read from the same
-place. A brace-expanded list in the file-name slot, e.g. `https://host/corpus/train-{000000..000127}.tar`
-or `pipe:aws s3 cp s3://bucket/corpus/train-{000000..000127}.tar -`, means the base with `{name}`
-in that slot, reading only the listed shards of each split (each must be in the manifest; a
-split the list names no shard of is read whole, so validation still works beside a train list). Manifest file names are checked to be plain relative paths (letters, digits, `._-/`, no `..`) before
-one is put into a shell command.
+place. A brace-expanded list in the file-name slot, e.g.
+`https://host/corpus/train-{000000..000127}.tar` or
+`pipe:aws s3 cp s3://bucket/corpus/train-{000000..000127}.tar -`, means the base with `{name}` in
+that slot, reading only the listed shards of each split (each must be in the manifest; a split
+the list names no shard of is read whole, so validation still works beside a train list).
+Manifest file names are checked to be plain relative paths (letters, digits, `._-/`, no `..`)
+before one is put into a shell command.
 
 Reading. A file is read whole into memory (the loader verifies a shard's sha256 before it uses
-any of it). A failed read (for a verified remote shard: bytes that do not match its sha256,
-e.g. a transfer cut short without an error) is retried `retries` times, waiting backoff_s, 2*backoff_s, 4*backoff_s...
-between attempts; a missing file (HTTP 4xx, no such local file) is not retried. http(s) goes
-through urllib rather than webdataset's curl pipe, so a 404 is told apart from a dropped
-connection and no curl binary is needed; `pipe:` runs the command with the shell, as webdataset
-does, keeping its stderr for the error message.
+any of it). A failed read (for a verified remote shard also bytes that do not match its sha256:
+a transfer can be cut short without an error) is retried `retries` times, waiting backoff_s,
+2*backoff_s, 4*backoff_s... between attempts; a missing file (HTTP 4xx, no such local file) is
+not retried. http(s) goes through urllib rather than webdataset's curl pipe, so a 404 is told
+apart from a dropped connection and no curl binary is needed; `pipe:` runs the command with the
+shell, as webdataset does, keeping its stderr for the error message.
 
 Cache. With a cache directory, a remote shard whose bytes match the manifest's sha256 is kept as
 `<sha256>.tar` (content-addressed, so ranks of one node share it safely); a cached copy is

@@ -150,7 +150,8 @@ def test_tokenizer_is_fetched_and_checked_against_the_manifest(corpus, server):
     ("/data/c", "/data/c/manifest.json", "/data/c/train-000001.tar"),
     ("https://h/c/", "https://h/c/manifest.json", "https://h/c/train-000001.tar"),
     ("https://h/c/{name}?sig=1", "https://h/c/manifest.json?sig=1", "https://h/c/train-000001.tar?sig=1"),
-    ("pipe:aws s3 cp s3://b/c/{name} -", "pipe:aws s3 cp s3://b/c/manifest.json -", "pipe:aws s3 cp s3://b/c/train-000001.tar -"),
+    ("pipe:aws s3 cp s3://b/c/{name} -", "pipe:aws s3 cp s3://b/c/manifest.json -",
+     "pipe:aws s3 cp s3://b/c/train-000001.tar -"),
     ("pipe:aws s3 cp s3://b/c/train-{000000..000003}.tar -", "pipe:aws s3 cp s3://b/c/manifest.json -",
      "pipe:aws s3 cp s3://b/c/train-000001.tar -"),
 ])
