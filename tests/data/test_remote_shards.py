@@ -126,6 +126,17 @@ def test_http_corpus_resumes_a_local_run_exactly(corpus, server):
     assert same_batches(take(resumed, 7), expected[5:])
 
 
+def test_relayout_moves_streams_between_remote_and_local_reads(corpus, server):
+    """dp2 x micro-batch 2 over http, then one rank with micro-batch 4 through pipe:cat."""
+    expected = take(loader(corpus, micro_batch_size=4), 9)
+    halves = [loader(server.url, micro_batch_size=2, dp_rank=r, dp_size=2) for r in range(2)]
+    for h in halves:
+        take(h, 4)
+    one = loader(f"pipe:cat {corpus}/{{name}}", micro_batch_size=4)
+    one.load_state_dicts([json.loads(json.dumps(h.state_dict())) for h in halves])
+    assert same_batches(take(one, 5), expected[4:])
+
+
 def test_brace_list_reads_only_the_listed_shards(corpus, server):
     files = train_files(corpus)
     everything = f"{server.url}train-{{000000..{len(files) - 1:06d}}}.tar"
