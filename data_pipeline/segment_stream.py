@@ -18,12 +18,25 @@ Resume. All cursors (epoch, shard position, document, segment) live in this proc
 `state_dict()` / `load_state_dict()` reproduce the exact next batch; worker processes only read
 and decode whole shards ahead of time, which cannot change what is produced.
 
+Where shards come from. `data_dir` is a local directory, an http(s):// base, a `pipe:` command
+with `{name}`, or any of these with a brace-expanded shard list (data_pipeline.remote says how
+each names manifest.json and the shards). A shard is read once into memory, its sha256 checked,
+then decoded (data_pipeline.shard_reader); a failed remote read is retried with backoff, and
+remote shards can be kept in a size-bounded local cache. What a stream reads depends only on the
+manifest and the shards' bytes, so a remote corpus gives exactly the samples of its local copy
+and resumes the same way.
+
+First batch. Before the first sample (at start and after `load_state_dict`) every stream's
+current shard is opened at once on threads instead of one stream after another: the same shards
+and bytes, only sooner.
+
 Bad shards. With `verify_checksums` a shard whose sha256 differs from the manifest is an error
 that names it. Without it (or for damage the checksum cannot see at read time) a shard that fails
 to read is cut where the tar breaks (a truncated or corrupt archive): its later documents are
 skipped with a warning and counted. A member that reads but does not decode (no token member,
-token bytes of the wrong length) skips that document alone. More than `max_skip_fraction`
-skipped documents is an error.
+token bytes of the wrong length, a token id >= the vocabulary size) skips that document alone.
+A remote shard still unreadable after its retries is an error with verification on and skipped
+whole without it. More than `max_skip_fraction` skipped documents is an error.
 """
 from __future__ import annotations
 
@@ -37,13 +50,14 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from data_pipeline.bpe_tokenizer import file_sha256
 from data_pipeline.errors import DataError
-from data_pipeline.prepare_corpus import read_manifest
+from data_pipeline.remote import FetchPolicy, ShardCache, parse_location, read_corpus_manifest
+from data_pipeline.shard_reader import ShardDocs, ShardRequest, load_shard, read_shard  # noqa: F401 (read_shard: API)
 
 log = logging.getLogger(__name__)
 IGNORE = -100
 MIN_DOCS_FOR_SKIP_CHECK = 100
+OPEN_THREADS = 8  # shards opened at once before the first sample
 
 
 @dataclass
@@ -56,82 +70,32 @@ class Cursor:
     seg_pos: int = 0
 
 
-@dataclass(frozen=True)
-class ShardDocs:
-    """Decoded documents of one shard, plus how many members failed to read."""
-
-    doc_ids: list[int]
-    tokens: list[np.ndarray]
-    skipped: int
-    error: str
-    masks: Optional[list[np.ndarray]] = None  # task corpora: 1 where the token is supervised
-
-
-def _decode_member(sample: dict, dtype: str) -> tuple[int, np.ndarray, Optional[np.ndarray]]:
-    """(document id, tokens, optional loss mask) of one tar member; ValueError if it does not decode."""
-    key = f"ids.{dtype}"
-    if key not in sample:
-        raise ValueError(f"no {key} in it")
-    doc_id = int(str(sample["__key__"]).removeprefix("doc"))
-    toks = np.frombuffer(sample[key], dtype="<u2" if dtype == "u16" else "<u4").astype(np.int64)
-    mask = np.frombuffer(sample["mask.u8"], dtype=np.uint8) if "mask.u8" in sample else None
-    if mask is not None and len(mask) != len(toks):
-        raise ValueError(f"mask.u8 has {len(mask)} entries for {len(toks)} tokens")
-    return doc_id, toks, mask
-
-
-def read_shard(path: str, dtype: str, expected_docs: int, sha256: Optional[str]) -> ShardDocs:
-    """Decode one shard (runs in worker processes too, so it takes and returns plain data)."""
-    if sha256 is not None:
-        if file_sha256(path) != sha256:
-            raise DataError(f"shard {path} does not match the sha256 in its manifest (corrupted or replaced); "
-                            f"re-run memgpt-prepare or restore the file (or set data.verify_checksums=false to "
-                            f"skip its bad documents)")
-    import webdataset as wds
-
-    doc_ids, tokens, masks, error = [], [], [], ""
-    try:
-        # Shards are already assigned per rank and per worker by SegmentLoader, so webdataset's own node and
-        # worker splitting is switched off (its default refuses to run under torch.distributed). An explicit
-        # seed: without one webdataset draws it from the global `random`, so every shard opened would advance
-        # the run's Python RNG, and a resumed run (which reopens its current shard) would end in another state.
-        pipeline = wds.WebDataset(path, shardshuffle=False, handler=wds.reraise_exception, nodesplitter=None,
-                                  workersplitter=None, empty_check=False, seed=0)
-        for sample in pipeline:
-            try:
-                doc_id, toks, mask = _decode_member(sample, dtype)
-            except ValueError as exc:  # this document alone is bad: skip it, read on
-                error = error or f"member {sample.get('__key__')}: {exc}"
-                continue
-            doc_ids.append(doc_id)
-            tokens.append(toks)
-            if mask is not None:
-                masks.append(mask)
-    except Exception as exc:  # tar and gzip errors: the archive is broken from here on
-        error = f"{type(exc).__name__}: {exc}"
-    if masks and len(masks) != len(tokens):
-        error = error or "some documents have a mask.u8 and some do not"
-        tokens, doc_ids, masks = tokens[:len(masks)], doc_ids[:len(masks)], masks[:len(tokens)]
-    return ShardDocs(doc_ids, tokens, max(0, expected_docs - len(doc_ids)), error, masks or None)
-
-
 class SegmentLoader:
-    """Micro-batches for one data-parallel rank; iterate it (train: forever, validation: once)."""
+    """Micro-batches for one data-parallel rank; iterate it (train: forever, validation: once).
+
+    `data_dir` is a corpus location (a directory, an http(s) base, a pipe: command, brace lists;
+    see data_pipeline.remote). For remote corpora only: `cache_dir` keeps verified shards locally,
+    at most `cache_max_gb` (least recently used evicted); a failed read is retried `open_retries`
+    times, waiting `retry_backoff_s` * 2**i before retry i."""
 
     def __init__(self, data_dir: str | Path, split: str = "train", *, segment_len: int, n_segments: int,
                  micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 1234, num_workers: int = 0,
                  max_skip_fraction: float = 0.01, expected_tokenizer_hash: Optional[str] = None,
-                 verify_checksums: bool = True):
+                 verify_checksums: bool = True, cache_dir: Optional[str | Path] = None, cache_max_gb: float = 100.0,
+                 open_retries: int = 3, retry_backoff_s: float = 1.0):
         if split not in ("train", "validation"):
             raise DataError(f"split {split!r}: use 'train' or 'validation'")
-        self.dir = Path(data_dir)
-        self.manifest = read_manifest(self.dir)
+        self.location = parse_location(data_dir)
+        self.policy = FetchPolicy(retries=open_retries, backoff_s=retry_backoff_s)
+        self.cache = (ShardCache(str(cache_dir), int(cache_max_gb * 2**30))
+                      if cache_dir and self.location.is_remote else None)  # local shards are read in place
+        self.manifest = read_corpus_manifest(self.location, self.policy)
         self._check_tokenizer(expected_tokenizer_hash)
         self.split, self.N, self.K, self.mb = split, segment_len, n_segments, micro_batch_size
         self.seed, self.max_skip_fraction, self.verify = seed, max_skip_fraction, verify_checksums
         self.n_streams = dp_size * micro_batch_size
         self.stream_ids = [dp_rank * micro_batch_size + i for i in range(micro_batch_size)]
-        self.shards = self.manifest["splits"][split]
+        self.shards = self._selected(self.manifest["splits"][split])
         self._check_shards()
         self.cursors = {g: Cursor() for g in self.stream_ids}
         self._orders: dict[int, list[int]] = {}  # epoch -> shard order, derived from (seed, epoch)
@@ -141,6 +105,7 @@ class SegmentLoader:
         self._cache: dict[int, ShardDocs] = {}  # shard index -> decoded docs, for shards in use
         self._pool = _make_pool(num_workers)
         self._futures: dict[int, cf.Future] = {}
+        self._opened = False  # every stream's current shard opened (at the first sample)
 
     # ------------------------------------------------------------------ manifest facts
     @property
@@ -161,21 +126,37 @@ class SegmentLoader:
 
     def _check_tokenizer(self, expected: Optional[str]) -> None:
         if expected is not None and expected != self.manifest["tokenizer"]["sha256"]:
-            raise DataError(f"tokenizer mismatch: the shards in {self.dir} were made with tokenizer sha256 "
-                            f"{self.manifest['tokenizer']['sha256'][:12]}… but data.tokenizer has {expected[:12]}…; "
-                            f"re-run memgpt-prepare with that tokenizer or point data.tokenizer at {self.dir}/tokenizer.json")
+            raise DataError(f"tokenizer mismatch: the shards in {self.location.spec} were made with tokenizer "
+                            f"sha256 {self.manifest['tokenizer']['sha256'][:12]}… but data.tokenizer has "
+                            f"{expected[:12]}…; re-run memgpt-prepare with that tokenizer or point data.tokenizer "
+                            f"at {self.location.url('tokenizer.json')}")
+
+    def _selected(self, shards: list[dict]) -> list[dict]:
+        """The shards of this split that a brace-expanded location lists; a split it lists none of
+        (e.g. validation beside `train-{000000..000127}.tar`) is read whole."""
+        names = self.location.selected
+        if names is None:
+            return shards
+        known = {s["file"] for split in self.manifest["splits"].values() for s in split}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise DataError(f"{self.location.spec} names {len(unknown)} shard(s) its manifest does not have "
+                            f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}); fix the brace list")
+        chosen = [s for s in shards if s["file"] in set(names)]
+        return chosen or shards
 
     def _check_shards(self) -> None:
-        n = len(self.shards)
+        n, where = len(self.shards), self.location.spec
         if n == 0:
-            raise DataError(f"{self.dir} has no {self.split} shards; re-run memgpt-prepare with more documents"
+            raise DataError(f"{where} has no {self.split} shards; re-run memgpt-prepare with more documents"
                             + (" or a larger --val-fraction" if self.split == "validation" else ""))
-        for s in self.shards:
-            if not (self.dir / s["file"]).is_file():
-                raise DataError(f"shard {self.dir / s['file']} listed in the manifest is missing; restore it or "
-                                f"re-run memgpt-prepare")
+        if not self.location.is_remote:  # remote: a missing shard is named when it is opened (no request per shard)
+            for s in self.shards:
+                if not Path(self.location.url(s["file"])).is_file():
+                    raise DataError(f"shard {self.location.url(s['file'])} listed in the manifest is missing; "
+                                    f"restore it or re-run memgpt-prepare")
         if self.split == "train" and n < self.n_streams:
-            raise DataError(f"{self.dir} has {n} train shards but this run reads {self.n_streams} streams "
+            raise DataError(f"{where} has {n} train shards but this run reads {self.n_streams} streams "
                             f"(dp x micro_batch_size); re-run memgpt-prepare with --min-shards >= {self.n_streams}")
 
     # ------------------------------------------------------------------ stream plan
@@ -206,28 +187,50 @@ class SegmentLoader:
         return plan
 
     # ------------------------------------------------------------------ shard access
-    def _shard_args(self, s: int) -> tuple:
+    def _request(self, s: int) -> ShardRequest:
         info = self.shards[s]
-        return (str(self.dir / info["file"]), self.manifest["dtype"], info["documents"],
-                info["sha256"] if self.verify else None)
+        return ShardRequest(self.location.url(info["file"]), self.manifest["dtype"], info["documents"],
+                            info["sha256"], self.verify, self.vocab_size, self.location.is_remote, self.policy,
+                            self.cache)
 
     def _prefetch(self, s: int) -> None:
         if self._pool is not None and s not in self._cache and s not in self._futures:
-            self._futures[s] = self._pool.submit(read_shard, *self._shard_args(s))
+            self._futures[s] = self._pool.submit(load_shard, self._request(s))
 
     def _docs(self, s: int) -> ShardDocs:
         if s not in self._cache:
             fut = self._futures.pop(s, None)
-            docs = fut.result() if fut is not None else read_shard(*self._shard_args(s))
-            self._note_damage(s, docs)
-            self._cache[s] = docs
+            self._keep(s, fut.result() if fut is not None else load_shard(self._request(s)))
         return self._cache[s]
+
+    def _open_current(self) -> None:
+        """Open every stream's current shard at once, before the first sample (at start and at
+        resume), on threads: reading and sha256 release the GIL and remote reads wait on the
+        network, so S streams no longer wait for S opens one after another. What is read is the
+        same as opening them one by one; only when differs."""
+        self._opened = True
+        wanted: list[int] = []
+        for g, c in self.cursors.items():
+            plan = self._plan(g, c.epoch)
+            if c.shard_pos < len(plan):
+                s = plan[c.shard_pos][0]
+                if s not in self._cache and s not in self._futures and s not in wanted:
+                    wanted.append(s)
+        if len(wanted) < 2:
+            return
+        with cf.ThreadPoolExecutor(min(OPEN_THREADS, len(wanted))) as pool:
+            for s, docs in zip(wanted, pool.map(load_shard, [self._request(s) for s in wanted])):
+                self._keep(s, docs)
+
+    def _keep(self, s: int, docs: ShardDocs) -> None:
+        self._note_damage(s, docs)
+        self._cache[s] = docs
 
     def _note_damage(self, s: int, docs: ShardDocs) -> None:
         if docs.skipped or docs.error:
-            path = self.dir / self.shards[s]["file"]
-            self._bad_files.add(str(path))
-            log.warning("shard %s is damaged (%s); skipping %d of its documents", path, docs.error or "short",
+            url = self.location.url(self.shards[s]["file"])
+            self._bad_files.add(url)
+            log.warning("shard %s is damaged (%s); skipping %d of its documents", url, docs.error or "short",
                         docs.skipped)
 
     def _release_unused(self) -> None:
@@ -308,6 +311,8 @@ class SegmentLoader:
     def next_sample(self, g: int):
         """The next K segments of stream g as (inputs, labels, reset, doc ids), or None once a
         validation stream is exhausted."""
+        if not self._opened:
+            self._open_current()
         segs = []
         for _ in range(self.K):
             seg = self._next_segment(g)
@@ -360,6 +365,7 @@ class SegmentLoader:
         self._bad_files = set(sd.get("bad_files", []))
         self._cache.clear()
         self._futures.clear()
+        self._opened = False
 
     def load_state_dicts(self, states: list[dict[str, Any]]) -> None:
         """Restore from the states of every data-parallel replica of another layout (a resume with
@@ -408,7 +414,7 @@ class MixedLoader:
             raise DataError(f"mix weights {weights} must give one weight per corpus and sum to 1")
         hashes = {ld.tokenizer_hash for ld in sources}
         if len(hashes) > 1:
-            raise DataError(f"mixed corpora {', '.join(str(ld.dir) for ld in sources)} were made with different "
+            raise DataError(f"mixed corpora {', '.join(ld.location.spec for ld in sources)} were made with different "
                             f"tokenizers; prepare them with the same --tokenizer")
         self.sources, self.seed = sources, seed
         self.cumulative = np.cumsum(weights)
@@ -418,6 +424,11 @@ class MixedLoader:
     @property
     def vocab_size(self) -> int:
         return self.sources[0].vocab_size
+
+    @property
+    def tokenizer_hash(self) -> str:
+        """The sources' shared tokenizer sha256 (from their manifests, local or remote)."""
+        return self.sources[0].tokenizer_hash
 
     def __iter__(self):
         return self

@@ -300,3 +300,24 @@ def test_bad_member_or_undecodable_sample_is_skipped_deterministically(big_corpu
     take(mid, 10)
     resumed.load_state_dict(mid.state_dict())
     assert same_batches(take(resumed, 20), batches[10:])
+
+
+def test_token_ids_past_the_vocabulary_skip_their_document(big_corpus, tmp_path, caplog):
+    """Flipped bytes in a token payload, checksums off: the document is skipped, counted and its
+    shard named, instead of an IndexError in the embedding far from here."""
+    import tarfile
+
+    shutil.copytree(big_corpus, tmp_path / "c")
+    m = read_manifest(tmp_path / "c")
+    shard = tmp_path / "c" / m["splits"]["train"][0]["file"]
+    with tarfile.open(shard) as tf:
+        member = [x for x in tf.getmembers() if x.name.endswith(f".ids.{m['dtype']}")][1]
+    raw = bytearray(shard.read_bytes())
+    raw[member.offset_data:member.offset_data + 2] = b"\xff\xff"  # token id 65535 in the 2nd document
+    shard.write_bytes(bytes(raw))
+    ld = loader(tmp_path / "c", verify_checksums=False, max_skip_fraction=0.5, micro_batch_size=8)
+    with caplog.at_level(logging.WARNING):
+        batches = take(ld, 30)
+    assert ld.skipped_samples == 1 and shard.name in caplog.text and "vocabulary size" in caplog.text
+    assert max(int(b["input_ids"].max()) for b in batches) < ld.vocab_size
+    assert victim_id(shard) not in {int(d) for b in batches for d in b["doc_ids"].flatten()}
