@@ -27,7 +27,7 @@ def parse_args(argv):
     p.add_argument("--json", action="store_true", help="--dry-run prints one JSON object")
     p.add_argument("--rendezvous-timeout", type=float, default=600.0,
                    help="seconds a rank waits for rank 0's rendezvous (MASTER_ADDR:MASTER_PORT) before failing")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed's
     return p.parse_known_args(argv)
 
 
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
 
 
 def _train(args, overrides) -> int:
-    from data_pipeline.loaders import check_vocab, corpus_tokenizer
+    from data_pipeline.loaders import check_vocab, corpus_fingerprint, corpus_tokenizer
     from memgpt_dist.config import describe_config, load_config
     from memgpt_dist.parallel.dist import init_distributed, share_cores, shutdown
     from memgpt_dist.parallel.dry_run import dry_run_report
@@ -60,11 +60,11 @@ def _train(args, overrides) -> int:
     topo = init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
     try:
         setup_logging(topo, Path(cfg.run_dir))
-        check_same_everywhere(cfg)  # a node with other code, config or data fails here, not hours later
+        check_same_everywhere(cfg, corpus_fingerprint(cfg.data))  # other code, config or data fails here
         train, make_val = loaders_for(cfg, topo)
         check_vocab(train.vocab_size, cfg.model.vocab_size)
-        run_training(cfg, topo, train, make_val, resume=args.resume, tokenizer_file=corpus_tokenizer(cfg.data),
-                     stop_after=args.stop_after_steps)
+        run_training(cfg, topo, train, make_val, resume=args.resume,
+                     tokenizer_file=corpus_tokenizer(cfg.data, Path(cfg.run_dir)), stop_after=args.stop_after_steps)
     finally:
         shutdown()
     return 0

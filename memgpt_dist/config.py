@@ -127,7 +127,8 @@ class DataConfig:
     fields, so equality, `to_dict` and `to_json` see only the strings.
     """
 
-    path: str = doc_field("data/default", "directory written by memgpt-prepare (holds manifest.json)")
+    path: str = doc_field("data/default", "corpus written by memgpt-prepare: a directory, an http(s) base, a "
+                                          "'pipe:COMMAND' with {name}, or a brace list of shards")
     n_segments: int = doc_field(4, "K: consecutive segments per sample (BPTT depth); validation always uses it")
     seed: int = doc_field(1234, "shard permutation seed (with the epoch)")
     num_workers: int = doc_field(0, "shard-reading worker processes per rank")
@@ -136,10 +137,17 @@ class DataConfig:
     verify_checksums: bool = doc_field(True, "sha256 of every shard against the manifest when first opened")
     # Blends other prepared corpora (same tokenizer) into training, e.g. "data/recall:0.05" for
     # 95% text and 5% recall.
-    mix: str = doc_field("", "corpora blended in, 'PATH:WEIGHT[,PATH:WEIGHT]'; data.path gets the remaining weight")
+    mix: str = doc_field("", "corpora blended in, 'PATH:WEIGHT[,PATH:WEIGHT]' (locations as data.path); data.path "
+                             "gets the remaining weight")
     # e.g. "0:2,500:4,1000:8"; validation always uses data.n_segments
     n_segments_schedule: str = doc_field("", "curriculum over K, 'STEP:K[,STEP:K]': K segments per training sample "
                                              "from STEP on; empty: data.n_segments")
+    cache_dir: str = doc_field("", "local directory for sha256-verified copies of remote shards (the ranks of a "
+                                   "node may share it); empty: no cache; ignored for local corpora")
+    cache_max_gb: float = doc_field(100.0, "size bound of data.cache_dir; least recently used shards are evicted")
+    open_retries: int = doc_field(3, "further attempts after a failed read of a remote file (dropped connection, "
+                                     "failed pipe command, bytes not matching the manifest); a 404 is not retried")
+    retry_backoff_s: float = doc_field(1.0, "wait before retry i of a remote read: retry_backoff_s * 2**i seconds")
 
     def __post_init__(self) -> None:
         # object.__setattr__: the dataclass is frozen; plain attributes, not fields (see above)
@@ -160,6 +168,9 @@ class DataConfig:
 
     def validate(self) -> None:
         _check(self.n_segments >= 1, "data.n_segments must be >= 1")
+        _check(self.cache_max_gb > 0, "data.cache_max_gb must be > 0")
+        _check(self.open_retries >= 0, "data.open_retries must be >= 0")
+        _check(self.retry_backoff_s >= 0, "data.retry_backoff_s must be >= 0")
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
         _check(0.0 <= self.max_skip_fraction < 1.0, "data.max_skip_fraction must be in [0, 1)")
 

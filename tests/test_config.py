@@ -225,6 +225,7 @@ JSON_CASES = {
 
 @pytest.mark.parametrize("name", sorted(JSON_CASES))
 def test_to_json_is_byte_identical_to_before(name):
+    """The format checkpoints store and hash: pinned (regenerated only when a field is added)."""
     path, overrides = JSON_CASES[name]
     cfg = load_config(CONFIGS / path if path else None, overrides)
     expected = (Path(__file__).parent / "data" / "config_json" / f"{name}.json").read_text()

@@ -50,24 +50,16 @@ def code_hash(root: Optional[Path] = None) -> str:
     return h.hexdigest()[:16]
 
 
-def data_hash(cfg: TrainConfig) -> str:
-    """sha256 over the manifests of every corpus the run reads (they hold each shard's sha256)."""
-    h = hashlib.sha256()
-    for path, _ in cfg.data.mix_sources():
-        manifest = Path(path) / "manifest.json"
-        h.update(manifest.read_bytes() if manifest.is_file() else f"missing {manifest}".encode())
-    return h.hexdigest()[:16]
-
-
-def fingerprint(cfg: TrainConfig) -> Fingerprint:
+def fingerprint(cfg: TrainConfig, data: str) -> Fingerprint:
+    """`data`: a digest of the corpora's manifests (`data_pipeline.loaders.corpus_fingerprint`)."""
     return Fingerprint(code=code_hash(), config=hashlib.sha256(cfg.to_json().encode()).hexdigest()[:16],
-                       data=data_hash(cfg), host=socket.gethostname())
+                       data=data, host=socket.gethostname())
 
 
-def check_same_everywhere(cfg: TrainConfig, mine: Optional[Fingerprint] = None) -> None:
+def check_same_everywhere(cfg: TrainConfig, data: str = "", mine: Optional[Fingerprint] = None) -> None:
     """All-gather every rank's fingerprint; raise ConfigError on every rank if any differs from
     rank 0's, naming the ranks, their hosts and what differs. Call on every rank."""
-    mine = mine or fingerprint(cfg)
+    mine = mine or fingerprint(cfg, data)
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
     gathered: list = [None] * dist.get_world_size()
