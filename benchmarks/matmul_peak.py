@@ -37,7 +37,8 @@ def main() -> None:
     p.add_argument("--sizes", default="256,512,1024,2048")
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
-    rates = {n: matmul_tflops(n, args.device, DTYPES[args.dtype], args.repeats) for n in map(int, args.sizes.split(","))}
+    sizes = [int(n) for n in args.sizes.split(",")]
+    rates = {n: matmul_tflops(n, args.device, DTYPES[args.dtype], args.repeats) for n in sizes}
     for n, r in rates.items():
         print(f"{args.device} {args.dtype} matmul {n}x{n}: {r:.4f} TFLOP/s")
     print(f"threads {torch.get_num_threads()}; best {max(rates.values()):.4f} TFLOP/s -> "

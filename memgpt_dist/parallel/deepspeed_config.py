@@ -16,8 +16,8 @@ def resolve_precision(requested: str, device_type: str, bf16_supported: bool) ->
 
     bf16 runs on CPU too, through DeepSpeed's bf16 config with its CPU accelerator (the GPU path's
     code: tests/train/test_bf16.py); "auto" still picks fp32 there, because CPUs without bf16
-    matrix units run it slower (1.6x the fp32 step time of a tiny model on a 2-core dev machine). fp16 needs a loss
-    scaler and is refused on CPU."""
+    matrix units run it slower (1.6x the fp32 step time of a tiny model on a 2-core dev machine).
+    fp16 needs a loss scaler and is refused on CPU."""
     if requested == "auto":
         return "bf16" if device_type != "cpu" and bf16_supported else "fp32"
     if requested == "fp16" and device_type == "cpu":

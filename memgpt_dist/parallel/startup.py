@@ -38,8 +38,9 @@ def announce_comm_op_build(device_name: str) -> None:
 
 
 def silence_known_warnings() -> None:
-    """DeepSpeed's ZeRO calls torch.distributed.reduce_scatter_tensor, which torch 2.13 deprecates
-    with a FutureWarning on every call (two per step, 403 lines in a 200-step run). Nothing for a
-    user to act on; filtered here, the only place, by its exact message."""
+    """DeepSpeed's ZeRO calls torch.distributed.reduce_scatter_tensor (every step) and
+    all_gather_into_tensor, which torch 2.13 deprecates with a FutureWarning (403 lines in a
+    200-step run, issue 16). Nothing for a user to act on; filtered here, the only place, by the
+    exact messages."""
     warnings.filterwarnings("ignore", category=FutureWarning,
-                            message=r"`torch\.distributed\.reduce_scatter_tensor` is deprecated")
+                            message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated")

@@ -85,8 +85,8 @@ class ThroughputCallback(Callback):
         self.cfg = cfg
         self.metrics = metrics
         self.window = ThroughputWindow()
-        self.flops = FlopsPerSample(lambda T: 3 * count_flops(cfg.model, cfg.memory, T,
-                                                              carried=cfg.train.carry_memory).forward)
+        self.flops = FlopsPerSample(lambda T: T * count_flops(cfg.model, cfg.memory, T,
+                                                              carried=cfg.train.carry_memory).train_per_token)
         self.peak: Optional[float] = None
 
     def on_fit_start(self, trainer: "Trainer") -> None:
@@ -241,9 +241,11 @@ class CheckpointCallback(Callback):
 
 def default_callbacks(cfg: TrainConfig, metrics: MetricsLogger, make_val_batches) -> list[Callback]:
     """The documented order (see the module docstring)."""
-    return [ThroughputCallback(cfg, metrics), MetricsCallback(cfg.log, cfg.train, metrics), NonFiniteCallback(cfg.train.max_nan_skips, metrics),
+    return [ThroughputCallback(cfg, metrics), MetricsCallback(cfg.log, cfg.train, metrics),
+            NonFiniteCallback(cfg.train.max_nan_skips, metrics),
             StopCallback(cfg.train, metrics), EvalCallback(cfg.train, metrics, make_val_batches),
             CheckpointCallback(cfg.checkpoint, cfg.train.max_steps)]
 
 
-DEFAULT_ORDER = ("ThroughputCallback", "MetricsCallback", "NonFiniteCallback", "StopCallback", "EvalCallback", "CheckpointCallback")
+DEFAULT_ORDER = ("ThroughputCallback", "MetricsCallback", "NonFiniteCallback", "StopCallback", "EvalCallback",
+                 "CheckpointCallback")

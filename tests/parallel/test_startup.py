@@ -61,11 +61,13 @@ def test_builds_are_cached_under_the_virtualenv_unless_set(monkeypatch, tmp_path
     assert startup.extensions_dir() == tmp_path
 
 
-def test_only_the_reduce_scatter_deprecation_is_silenced():
+def test_only_deepspeeds_collective_deprecations_are_silenced():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         startup.silence_known_warnings()
         warnings.warn("`torch.distributed.reduce_scatter_tensor` is deprecated. Please use "
                       "`torch.distributed.reduce_scatter_single` instead.", FutureWarning)
+        warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use "
+                      "`torch.distributed.all_gather_single` instead.", FutureWarning)
         warnings.warn("something else is deprecated", FutureWarning)
     assert [str(w.message) for w in caught] == ["something else is deprecated"]

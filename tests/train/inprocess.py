@@ -51,7 +51,8 @@ def make_trainer(topo, root: Path, seed: int = 1, stage: int = 3, extra: tuple[s
                                          *extra])
     step = build_step(cfg, topo, load_universal=load_universal)
     # the run directory's tokenizer.json stands for the corpus's (a test rewrites it to change the data)
-    return build_trainer(cfg, topo, step, batches(cfg), None, CheckpointDir(Path(root) / "checkpoints", topo, keep_last=2),
+    return build_trainer(cfg, topo, step, batches(cfg), None,
+                         CheckpointDir(Path(root) / "checkpoints", topo, keep_last=2),
                          MetricsLogger(None, enabled=False, tensorboard=False), tokenizer_file=Path(root) / "tokenizer.json")
 
 

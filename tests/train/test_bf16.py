@@ -16,7 +16,8 @@ STEPS = 50
 # mantissa, so the stated bound: every step within 3% of the fp32 loss, on average within 0.02
 REL_TOLERANCE = 0.03
 MEAN_TOLERANCE = 0.02
-FAST = ("optim.lr=1e-2", "optim.min_lr=1e-3")  # a loss that moves within 50 steps
+# a loss that moves within 50 steps; a carried memory, so the state crosses steps (and the checkpoint)
+EXTRA = (f"train.max_steps={STEPS}", "train.carry_memory=true", "optim.lr=1e-2", "optim.min_lr=1e-3")
 
 
 class Counting(Batches):
@@ -40,8 +41,7 @@ def topo():
 
 
 def trained(topo, root, precision: str):
-    t = make_trainer(topo, root, stage=1, batches=Counting, extra=(f"parallel.precision={precision}",
-                                                                    f"train.max_steps={STEPS}", "train.carry_memory=true", *FAST))
+    t = make_trainer(topo, root, stage=1, batches=Counting, extra=(f"parallel.precision={precision}", *EXTRA))
     losses = [t.train_step().loss for _ in range(STEPS)]
     return t, losses
 
@@ -89,7 +89,7 @@ def test_a_bf16_checkpoint_restores_every_tensor(runs, topo):
     bf16 = runs[0]
     bf16.save()
     fresh = make_trainer(topo, bf16.checkpointer.root.parent, seed=7, stage=1, batches=Counting,
-                         extra=("parallel.precision=bf16", f"train.max_steps={STEPS}", "train.carry_memory=true", *FAST))
+                         extra=("parallel.precision=bf16", *EXTRA))
     fresh.restore(STEPS)
     assert_same_leaves(full_params(bf16.engine), full_params(fresh.engine))
     assert_same_leaves(optimizer_state(bf16.engine), optimizer_state(fresh.engine))
