@@ -1,7 +1,6 @@
 """Train entry point: `deepspeed launch/train.py --config configs/tiny.yaml [--resume auto] [--key=value ...]`.
 
-Also runs as one plain process (`python launch/train.py ...`) and as `memgpt-train`.
-Wires the data pipeline into the trainer; all logic lives in memgpt_dist and data_pipeline.
+Also runs as one plain process and as `memgpt-train`; wires data_pipeline into memgpt_dist, where the logic lives.
 """
 from __future__ import annotations
 
@@ -44,17 +43,18 @@ def _train(args, overrides) -> int:
     from memgpt_dist.config import describe_config, load_config
     from memgpt_dist.parallel.dist import init_distributed, share_cores, shutdown
     from memgpt_dist.parallel.dry_run import dry_run_report
-    from memgpt_dist.parallel.preflight import check_same_everywhere, wait_for_master
+    from memgpt_dist.parallel.preflight import check_before_deepspeed, check_same_everywhere, wait_for_master
     from memgpt_dist.train.run import run_training, setup_logging
 
     if args.help_config:
         print(describe_config(), end="")
         return 0
     cfg = load_config(args.config, overrides)
+    world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     if args.dry_run:
-        world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
         print(dry_run_report(cfg, world, args.device, as_json=args.json))
         return 0
+    check_before_deepspeed(cfg, world)  # a config or run-directory mistake fails before DeepSpeed's start-up
     share_cores()
     wait_for_master(args.rendezvous_timeout)
     topo = init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp)

@@ -11,6 +11,7 @@ Each YAML section is backed by one class; the class docstring says what the sect
     checkpoint:   CheckpointConfig   how often checkpoints are written and kept
     log:          LogConfig          console and TensorBoard logging
     train:        TrainingConfig     the training loop: length, validation, stop rules
+    perf:         PerfConfig         throughput and MFU accounting
 
 Every field carries a one-line doc (`doc_field`, read back by `field_doc`), which
 `describe_config` prints with the key's type and default for `--help-config`; a test keeps
@@ -357,6 +358,19 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class PerfConfig:
+    """Throughput and MFU accounting (`perf/*` scalars; memgpt_dist/perf)."""
+
+    # The table holds dense bf16 tensor-core peaks of common GPUs (memgpt_dist/perf/device.py); on a
+    # CPU there is none: `python benchmarks/matmul_peak.py` measures one to put here.
+    peak_tflops: float = doc_field(0.0, "peak TFLOP/s of one device, the denominator of perf/mfu; "
+                                        "0: from the GPU table (no MFU on CPU or an unknown device)")
+
+    def validate(self) -> None:
+        _check(self.peak_tflops >= 0, "perf.peak_tflops must be >= 0 (0: from the device table)")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Root of the run configuration: `run_dir` and one section per concern."""
 
@@ -369,6 +383,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = section_field(CheckpointConfig)
     log: LogConfig = section_field(LogConfig)
     train: TrainingConfig = section_field(TrainingConfig)
+    perf: PerfConfig = section_field(PerfConfig)
 
     def validate(self) -> None:
         for f in fields(self):

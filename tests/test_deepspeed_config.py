@@ -46,9 +46,11 @@ def test_schedule_is_warmup_cosine_to_min_lr():
     assert sched["params"]["cos_min_ratio"] == pytest.approx(0.1)
 
 
-def test_bf16_on_cpu_is_rejected_with_advice():
-    with pytest.raises(ConfigError, match="precision=fp32"):
-        resolve_precision("bf16", "cpu", False)
+def test_fp16_on_cpu_is_rejected_with_advice_and_bf16_runs():
+    with pytest.raises(ConfigError, match="precision=bf16, fp32 or auto"):
+        resolve_precision("fp16", "cpu", False)
+    assert resolve_precision("bf16", "cpu", False) == "bf16"  # DeepSpeed's CPU accelerator: tests/train/test_bf16.py
+    assert resolve_precision("auto", "cpu", True) == "fp32"
 
 
 def test_world_size_must_fit_layout():

@@ -143,6 +143,10 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: Optional[str] = None) ->
     Works under the `deepspeed` launcher, torchrun, srun wrappers that export RANK/WORLD_SIZE,
     and as a single plain process.
     """
+    from memgpt_dist.parallel.startup import announce_comm_op_build, extensions_dir, silence_known_warnings
+
+    extensions_dir()  # before DeepSpeed reads it
+    silence_known_warnings()
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -151,6 +155,7 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: Optional[str] = None) ->
     if backend is None:
         backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
     if not dist.is_initialized():
+        announce_comm_op_build(accel.device_name())
         deepspeed.init_distributed(dist_backend=backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     dp = dp_degree(world, tp, pp)

@@ -8,7 +8,7 @@ from typing import Optional
 from memgpt_dist.config import TrainConfig
 from memgpt_dist.parallel.layout import validate_layout
 from memgpt_dist.parallel.shares import GiB, LayoutShares, RankShare, rank_shares
-
+from memgpt_dist.perf.flops import count_flops, format_count
 
 
 def dry_run_report(cfg: TrainConfig, world_size: int, device_type: Optional[str] = None, as_json: bool = False) -> str:
@@ -25,9 +25,40 @@ def dry_run_report(cfg: TrainConfig, world_size: int, device_type: Optional[str]
     plan = rank_shares(cfg, layout, resolve_precision(cfg.parallel.precision, device_type, bf16))
     ds = build_ds_config(cfg, world_size, device_type=device_type, bf16_supported=bf16)
     if as_json:
-        return json.dumps({"config": cfg.to_dict(), "plan": _shares_dict(plan), "deepspeed": ds}, indent=2)
-    return "\n".join([f"# resolved config\n{cfg.to_json()}", *format_shares(cfg, plan),
+        return json.dumps({"config": cfg.to_dict(), "plan": _shares_dict(plan), "flops": flops_dict(cfg, plan),
+                           "deepspeed": ds}, indent=2)
+    return "\n".join([f"# resolved config\n{cfg.to_json()}", *format_shares(cfg, plan), *format_flops(cfg, plan),
                       f"# DeepSpeed config\n{json.dumps(ds, indent=2)}"])
+
+
+def _sample_flops(cfg: TrainConfig):
+    """The forward FLOPs of one training sample of data.n_segments segments (memgpt_dist/perf/flops.py)."""
+    T = cfg.data.n_segments * cfg.model.segment_len
+    return count_flops(cfg.model, cfg.memory, T, carried=cfg.train.carry_memory)
+
+
+def flops_dict(cfg: TrainConfig, plan: LayoutShares) -> dict:
+    """Model FLOPs: forward and training (3x) per token, training per optimizer step over the job."""
+    count = _sample_flops(cfg)
+    return {"forward_per_token": count.per_token, "train_per_token": count.train_per_token,
+            "train_per_step": count.train_per_token * count.tokens * plan.layout.global_batch_size,
+            "forward_by_term": {**count.matmul, **count.other}}
+
+
+def format_flops(cfg: TrainConfig, plan: LayoutShares) -> list[str]:
+    """The FLOPs lines of the dry run, with the forward's terms."""
+    count, f = _sample_flops(cfg), flops_dict(cfg, plan)
+    return [f"# model FLOPs: {f['train_per_token'] / 1e6:,.2f} MFLOPs per token trained (3 x forward "
+            f"{f['forward_per_token'] / 1e6:,.2f}), {_fmt_flops(f['train_per_step'])} per step "
+            f"({plan.layout.global_batch_size} samples x {count.tokens} tokens); forward by term:",
+            format_count(count)]
+
+
+def _fmt_flops(n: float) -> str:
+    for unit, size in (("PFLOPs", 1e15), ("TFLOPs", 1e12), ("GFLOPs", 1e9)):
+        if n >= size:
+            return f"{n / size:,.2f} {unit}"
+    return f"{n / 1e6:,.2f} MFLOPs"
 
 
 def format_shares(cfg: TrainConfig, plan: LayoutShares) -> list[str]:

@@ -93,3 +93,22 @@ def wait_for_master(timeout_s: float, env: Optional[dict] = None) -> None:
     raise ConfigError(f"rank {env.get('RANK')} on {socket.gethostname()} could not reach the rendezvous "
                       f"MASTER_ADDR={addr} MASTER_PORT={port} within {timeout_s:.0f} s ({last}); check that rank 0's "
                       f"node started, that the address is reachable from this node and the port is open")
+
+
+def check_before_deepspeed(cfg: TrainConfig, world_size: int) -> None:
+    """The layout at this world size and the run directory; raises ConfigError naming what to change."""
+    from memgpt_dist.parallel.layout import require_executable_layout
+
+    require_executable_layout(cfg, world_size)
+    check_run_dir(Path(cfg.run_dir))
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """`run_dir` is a directory this process can write, or can be created."""
+    existing = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir={run_dir} is a file; set run_dir to a directory (it holds config, logs, "
+                          f"checkpoints)")
+    if existing is not None and not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+        raise ConfigError(f"run_dir={run_dir}: {existing} is not a writable directory; choose a run_dir "
+                          f"under a directory you can write")

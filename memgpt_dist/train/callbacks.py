@@ -4,6 +4,10 @@ After every step the trainer agrees with all ranks, in one all-reduce, on whethe
 skipped and on every flag a callback raised (`local_flags`), then calls `on_step_end` of each
 callback in `DEFAULT_ORDER`:
 
+0. `ThroughputCallback`: sums tokens, step time and model FLOPs every step and, at logging
+   steps, hands `perf/*` figures (MFU, TFLOP/s and tokens/s per device, peak memory) averaged
+   over the window since the last one to the metrics callback through `StepEnd.figures`; first,
+   so that the figures exist when they are logged;
 1. `MetricsCallback`: console line, TensorBoard and metrics.jsonl at logging steps (and at
    skipped ones); the only host syncs for figures happen here, at those steps;
 2. `NonFiniteCallback`: a skipped step must not have been applied on this rank; more than
@@ -14,7 +18,7 @@ callback in `DEFAULT_ORDER`:
 5. `CheckpointCallback`: a checkpoint every `checkpoint.every` steps, and at the end.
 
 Collectives inside callbacks run at the same steps on every rank, because the flags that decide
-them were agreed. New observers (throughput, hang detection, async saves) subclass `Callback`
+them were agreed. New observers (hang detection, async saves) subclass `Callback`
 and are inserted in this list. A callback may read the trainer; it may not run a training step.
 """
 from __future__ import annotations
@@ -23,6 +27,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 from memgpt_dist.config import CheckpointConfig, LogConfig, TrainConfig, TrainingConfig
+from memgpt_dist.perf.device import peak_memory_gb, peak_tflops
+from memgpt_dist.perf.flops import count_flops
+from memgpt_dist.perf.throughput import FlopsPerSample, ThroughputWindow, console_text
 from memgpt_dist.train.checkpoint import tag_for
 from memgpt_dist.train.metrics import MetricsLogger
 from memgpt_dist.train.stopping import Diverged, Preempted, StopSignals, TimeBudget
@@ -39,6 +46,10 @@ class StepEnd:
     result: "StepResult"
     skipped: bool
     flags: dict[int, list[bool]] = field(default_factory=dict)
+    # scalars an earlier callback computed for this logging step, logged by `MetricsCallback`
+    # (to TensorBoard and metrics.jsonl, and `console` on its console line)
+    figures: dict[str, float] = field(default_factory=dict)
+    console: list[str] = field(default_factory=list)
 
 
 class Callback:
@@ -59,6 +70,45 @@ class Callback:
         """Always, also when the loop raised."""
 
 
+def is_logging_step(step: int, skipped: bool, log: LogConfig, train: TrainingConfig) -> bool:
+    """Steps with a console line and scalars: every `log.every`, the first, the last, and every
+    skipped one (agreed over the ranks, so collectives at these steps run everywhere)."""
+    return skipped or step % log.every == 0 or step == 1 or step == train.max_steps
+
+
+class ThroughputCallback(Callback):
+    """MFU, TFLOP/s, tokens/s (input and loss-bearing) per device and peak memory, averaged over
+    each logging window (memgpt_dist/perf/throughput.py), with the model FLOPs of
+    memgpt_dist/perf/flops.py and the peak of memgpt_dist/perf/device.py (or `perf.peak_tflops`)."""
+
+    def __init__(self, cfg: TrainConfig, metrics: MetricsLogger):
+        self.cfg = cfg
+        self.metrics = metrics
+        self.window = ThroughputWindow()
+        self.flops = FlopsPerSample(lambda T: T * count_flops(cfg.model, cfg.memory, T,
+                                                              carried=cfg.train.carry_memory).train_per_token)
+        self.peak: Optional[float] = None
+
+    def on_fit_start(self, trainer: "Trainer") -> None:
+        self.peak, source = peak_tflops(trainer.topo.device.type, self.cfg.perf.peak_tflops)
+        T = self.cfg.data.n_segments * self.cfg.model.segment_len
+        self.metrics.line(f"perf: {self.flops(T) / T / 1e6:,.2f} MFLOPs per token trained (3x forward, "
+                          f"K={self.cfg.data.n_segments}); MFU peak: {source}")
+
+    def on_step_end(self, trainer: "Trainer", end: StepEnd, flags: list[bool]) -> None:
+        r = end.result
+        T = r.input_tokens // max(r.samples, 1)
+        self.window.add(r.step_time, r.input_tokens, r.tokens, r.samples * self.flops(T))
+        if not is_logging_step(trainer.state.step, end.skipped, self.cfg.log, self.cfg.train):
+            return
+        figures = self.window.figures(trainer.topo.world_size, self.peak)
+        # the most loaded rank's peak: a collective, at a step every rank agreed to log
+        figures["perf/peak_mem_gb"] = max(trainer.topo.all_gather_object(peak_memory_gb(trainer.topo.device.type)))
+        end.figures.update(figures)
+        end.console.append(console_text(figures))
+        self.window = ThroughputWindow()
+
+
 class MetricsCallback(Callback):
     """Scalars and console lines at logging steps, and a warning for every skipped step."""
 
@@ -69,7 +119,7 @@ class MetricsCallback(Callback):
 
     def on_step_end(self, trainer: "Trainer", end: StepEnd, flags: list[bool]) -> None:
         step, r, state = trainer.state.step, end.result, trainer.state
-        if not (end.skipped or step % self.log.every == 0 or step == 1 or step == self.train.max_steps):
+        if not is_logging_step(step, end.skipped, self.log, self.train):
             return
         toks = r.tokens / max(r.step_time, 1e-9)
         values = {"train/loss": r.loss, "train/lr": r.lr, "train/grad_norm": r.grad_norm,
@@ -77,10 +127,12 @@ class MetricsCallback(Callback):
                   "perf/tokens_per_s": toks, "perf/step_time_s": r.step_time, "perf/data_wait_s": r.data_time}
         values.update({f"memory/{k}": v for k, v in trainer.step.log_stats(r.stats).items()})
         values.update(trainer.data_skips())
+        values.update(end.figures)
         self.metrics.scalars(values, step, state.tokens_seen)
-        self.metrics.line(f"step {step}/{self.train.max_steps} loss {r.loss:.4f} "
-                          f"lr {r.lr:.2e} gnorm {r.grad_norm:.3f} tok/s {toks:,.0f} "
-                          f"step {r.step_time * 1000:.0f}ms data {r.data_time * 1000:.0f}ms")
+        self.metrics.line(" | ".join([f"step {step}/{self.train.max_steps} loss {r.loss:.4f} "
+                                      f"lr {r.lr:.2e} gnorm {r.grad_norm:.3f} tok/s {toks:,.0f} "
+                                      f"step {r.step_time * 1000:.0f}ms data {r.data_time * 1000:.0f}ms",
+                                      *end.console]))
         if end.skipped:
             self.metrics.warning(f"step {step} skipped on every rank: non-finite loss or gradient "
                                  f"({state.nonfinite_streak} in a row, {state.skipped_steps} in all; "
@@ -189,9 +241,11 @@ class CheckpointCallback(Callback):
 
 def default_callbacks(cfg: TrainConfig, metrics: MetricsLogger, make_val_batches) -> list[Callback]:
     """The documented order (see the module docstring)."""
-    return [MetricsCallback(cfg.log, cfg.train, metrics), NonFiniteCallback(cfg.train.max_nan_skips, metrics),
+    return [ThroughputCallback(cfg, metrics), MetricsCallback(cfg.log, cfg.train, metrics),
+            NonFiniteCallback(cfg.train.max_nan_skips, metrics),
             StopCallback(cfg.train, metrics), EvalCallback(cfg.train, metrics, make_val_batches),
             CheckpointCallback(cfg.checkpoint, cfg.train.max_steps)]
 
 
-DEFAULT_ORDER = ("MetricsCallback", "NonFiniteCallback", "StopCallback", "EvalCallback", "CheckpointCallback")
+DEFAULT_ORDER = ("ThroughputCallback", "MetricsCallback", "NonFiniteCallback", "StopCallback", "EvalCallback",
+                 "CheckpointCallback")

@@ -45,6 +45,7 @@ class StepResult:
     data_time: float
     stats: dict[str, float]
     nonfinite: bool = False  # this rank saw a non-finite loss, or the optimizer discarded the step
+    input_tokens: int = 0  # every input token of the step over the replicas (`tokens` counts loss-bearing ones)
 
 
 class Trainer:
@@ -95,7 +96,9 @@ class Trainer:
         t0 = time.perf_counter()
         batches, data_time = self._next_micro_batches()
         n_local = sum(int((b["labels"] != IGNORE).sum()) for b in batches)
-        n_global, samples = self.topo.all_reduce_sum([float(n_local), float(sum(len(b["input_ids"]) for b in batches))])
+        local = [float(n_local), float(sum(len(b["input_ids"]) for b in batches)),
+                 float(sum(b["input_ids"].numel() for b in batches))]
+        n_global, samples, input_tokens = self.topo.all_reduce_sum(local)  # the same one all-reduce as before
         scale = self.topo.dp_size * self.cfg.parallel.grad_accum / max(n_global, 1.0)
         try:
             out = self.step.train(batches, scale, n_global)
@@ -108,7 +111,7 @@ class Trainer:
         self.state.samples_seen += int(samples)
         return StepResult(loss=out.loss, grad_norm=out.grad_norm, lr=self.step.lr(), tokens=int(n_global),
                           samples=int(samples), step_time=time.perf_counter() - t0, data_time=data_time,
-                          stats=out.stats, nonfinite=out.nonfinite)
+                          stats=out.stats, nonfinite=out.nonfinite, input_tokens=int(input_tokens))
 
     def _next_micro_batches(self) -> tuple[list[Batch], float]:
         self.apply_curriculum(self.state.step)

@@ -44,14 +44,15 @@ class Batches:
 
 
 def make_trainer(topo, root: Path, seed: int = 1, stage: int = 3, extra: tuple[str, ...] = (),
-                 load_universal: bool = False) -> Trainer:
+                 load_universal: bool = False, batches=Batches) -> Trainer:
     """A trainer whose checkpoints go to `root/checkpoints`; `seed` sets the initial weights;
-    `load_universal`: its engine restores universal checkpoints."""
+    `load_universal`: its engine restores universal checkpoints; `batches`: the batch source's class."""
     cfg = load_config(None, OVERRIDES + [f"run_dir={root}", f"train.seed={seed}", f"parallel.zero_stage={stage}",
                                          *extra])
     step = build_step(cfg, topo, load_universal=load_universal)
     # the run directory's tokenizer.json stands for the corpus's (a test rewrites it to change the data)
-    return build_trainer(cfg, topo, step, Batches(cfg), None, CheckpointDir(Path(root) / "checkpoints", topo, keep_last=2),
+    return build_trainer(cfg, topo, step, batches(cfg), None,
+                         CheckpointDir(Path(root) / "checkpoints", topo, keep_last=2),
                          MetricsLogger(None, enabled=False, tensorboard=False), tokenizer_file=Path(root) / "tokenizer.json")
 
 

@@ -1,0 +1,1 @@
+"""Performance accounting: model FLOPs from the config, device peaks, throughput and MFU."""

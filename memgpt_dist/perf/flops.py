@@ -1,0 +1,133 @@
+"""FLOPs of the model from its config: every matmul of a forward pass, term by term.
+
+A matmul of (m, k) by (k, n) costs 2 m k n FLOPs. Per layer and sample of T tokens cut into
+segments of n tokens (N = `segment_len`, the last one possibly shorter; C = n_embd, H heads of
+hd, F = mlp_ratio * C, V = vocab_size):
+
+    attention projections  q, k, v, o          4 * 2 T C^2
+    attention scores       Q K^T and P V        2 * 2 n^2 C per segment (the whole n x n square:
+                                                the causal half is computed and masked, and this
+                                                is what FlopCounterMode and PaLM's MFU count)
+    MLP                    up, down            2 * 2 T C F
+    memory projections     q, k, v             3 * 2 T C^2
+    memory write gate      (C -> H)            2 T C H
+    memory convolution     3 depthwise, taps   3 * 2 T C taps
+    memory read + write    ('head')            per head, dk = 2 nu hd features: the read of q and the
+                                                retrieval of k share one (2n, dk) x (dk, hd + 1) matmul
+                                                in every segment that has a memory before it; the write
+                                                is one (dk, n) x (n, hd + 1) matmul in every segment
+    memory read + write    ('delta')           phi(q) A, phi(k) A, the (n, n) Gram matrix of the keys
+                                                and the update K^T U: 2 n dk (3 hd + n) per segment
+    LM head                (tied)              2 T C V
+
+Two more terms are counted but are not matmuls (torch's FlopCounterMode does not see them):
+the DPFP features (one multiply per feature of q and k) and, for 'delta', the triangular solve
+(n^2 hd per segment and head). Norms, softmax, GELU, rotary and the gates' mixing are not counted,
+as is the convention (Kaplan et al. 2020; PaLM's MFU).
+
+Training is 3x the forward (the backward computes a gradient for the input and one for the
+weight of every matmul). That is model FLOPs, the numerator of MFU: the recomputation of
+activation checkpointing is not added (that would be hardware FLOPs, HFU).
+
+The first segment of a sample that starts from an empty memory has nothing to read (`memory_scan`
+skips the matmul), so the FLOPs per token depend on the number of segments K and on whether a
+memory is carried in (`train.carry_memory`). Pure arithmetic on the config: no torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memgpt_dist.config import MemoryConfig, ModelConfig, TrainConfig
+
+TRAIN_MULTIPLIER = 3  # forward + backward (2x: input and weight gradients)
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """Forward FLOPs of one sample, by term; `matmul` terms are what torch's FlopCounterMode sees."""
+
+    matmul: dict[str, int]
+    other: dict[str, int]
+    tokens: int
+
+    @property
+    def forward(self) -> int:
+        return sum(self.matmul.values()) + sum(self.other.values())
+
+    @property
+    def forward_matmul(self) -> int:
+        return sum(self.matmul.values())
+
+    @property
+    def per_token(self) -> float:
+        """Forward FLOPs per token."""
+        return self.forward / self.tokens
+
+    @property
+    def train_per_token(self) -> float:
+        """Training (forward + backward) FLOPs per token: the numerator of MFU."""
+        return TRAIN_MULTIPLIER * self.per_token
+
+
+def segment_lengths(T: int, segment_len: int) -> list[int]:
+    """Lengths of the segments of T tokens: full ones, then a shorter last one if T is ragged."""
+    full, rest = divmod(T, segment_len)
+    return [segment_len] * full + ([rest] if rest else [])
+
+
+def count_flops(model: ModelConfig, memory: MemoryConfig, T: int, carried: bool = False) -> FlopCount:
+    """Forward FLOPs of one sample of T tokens; `carried`: the sample starts from a carried memory
+    (its first segment reads too)."""
+    C, V = model.n_embd, model.vocab_size
+    lengths = segment_lengths(T, model.segment_len)
+    matmul = {
+        "attn_proj": 4 * 2 * T * C * C,
+        "attn_scores": sum(2 * 2 * n * n * C for n in lengths),
+        "mlp": 2 * 2 * T * C * model.mlp_ratio * C,
+    }
+    other: dict[str, int] = {}
+    if memory.enabled:
+        mem_matmul, other = _memory_flops(model, memory, T, lengths, carried)
+        matmul.update(mem_matmul)
+    matmul = {k: v * model.n_layer for k, v in matmul.items()}
+    other = {k: v * model.n_layer for k, v in other.items()}
+    matmul["lm_head"] = 2 * T * C * V
+    return FlopCount(matmul=matmul, other=other, tokens=T)
+
+
+def _memory_flops(model: ModelConfig, memory: MemoryConfig, T: int, lengths: list[int],
+                  carried: bool) -> tuple[dict[str, int], dict[str, int]]:
+    """(matmul terms, other terms) of one layer's memory over one sample."""
+    C, H, hd = model.n_embd, model.n_head, model.head_dim
+    dk = 2 * memory.nu * hd if memory.nu > 0 else hd  # memory.feature_dim, without importing torch
+    matmul = {"mem_proj": 3 * 2 * T * C * C, "mem_write_gate": 2 * T * C * H}
+    if memory.conv >= 2:
+        # conv1d runs over whole padded segments: a ragged last one costs a full one
+        matmul["mem_conv"] = 3 * 2 * len(lengths) * model.segment_len * C * memory.conv
+    other = {"mem_dpfp": 2 * T * H * dk} if memory.nu > 0 else {}
+    if memory.kind == "head":
+        # padded to whole segments too (memory._segments); reads need a memory before the segment
+        n, S = model.segment_len, len(lengths)
+        reads = S if carried else S - 1
+        matmul["mem_read_write"] = H * (reads * 2 * (2 * n) * dk * (hd + 1) + S * 2 * n * dk * (hd + 1))
+    else:
+        n, S = model.segment_len, len(lengths)
+        matmul["mem_read_write"] = H * S * 2 * n * dk * (3 * hd + n)
+        other["mem_solve"] = H * S * n * n * hd
+    return matmul, other
+
+
+def train_flops_per_token(cfg: TrainConfig, n_segments: int | None = None) -> float:
+    """Training FLOPs per input token of a sample of K = `n_segments` segments (default
+    data.n_segments), with the memory carried in when `train.carry_memory` is on."""
+    K = n_segments if n_segments is not None else cfg.data.n_segments
+    count = count_flops(cfg.model, cfg.memory, K * cfg.model.segment_len, carried=cfg.train.carry_memory)
+    return count.train_per_token
+
+
+def format_count(count: FlopCount) -> str:
+    """One line per term with its share of the forward, for the dry run."""
+    total = count.forward
+    terms = [*count.matmul.items(), *((f"{k} (not a matmul)", v) for k, v in count.other.items())]
+    return "\n".join(f"#   {name:<28s} {v / count.tokens:>16,.0f} per token  {100 * v / total:5.1f}%"
+                     for name, v in terms)

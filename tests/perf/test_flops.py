@@ -1,0 +1,87 @@
+"""The FLOPs of `memgpt_dist.perf.flops` against torch's own count of the matmuls it runs.
+
+`FlopCounterMode` counts mm/bmm/addmm/convolution (and the fused SDPA kernels of CUDA); on CPU
+SDPA runs a kernel it does not know, so the math backend is forced: it computes the same n x n
+scores with bmm, which the counter sees. Its formula for the backward of a convolution ignores
+groups ("I skip those for the sake of brevity", torch/utils/flop_counter.py), which counts the
+memory's depthwise convolutions' gradients n_embd times over (65x the forward at n_embd=64); the
+backward is counted here as what it is, one forward-sized convolution per gradient.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+
+from memgpt_dist.config import load_config
+from memgpt_dist.model import GPT
+from memgpt_dist.perf.flops import count_flops, train_flops_per_token
+
+BASE = ["model.vocab_size=256", "model.n_layer=2", "model.segment_len=16"]
+CONFIGS = {
+    "memory-off": ["memory.enabled=false", "model.n_embd=64", "model.n_head=4"],
+    "memory-on": ["model.n_embd=64", "model.n_head=4"],
+    "memory-no-conv-nu1": ["model.n_embd=96", "model.n_head=3", "memory.conv=0", "memory.nu=1"],
+    "memory-delta": ["model.n_embd=64", "model.n_head=2", "memory.kind=delta", "memory.nu=1"],
+    "wide-mlp-learned": ["model.n_embd=128", "model.n_head=8", "model.mlp_ratio=2", "model.position=learned"],
+}
+TOLERANCE = 0.05
+
+
+def grouped_conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                               _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """Each requested gradient (input, weight) of a convolution costs one forward of it; the
+    weight's shape (C_out, C_in / groups, taps) already accounts for the groups."""
+    return (int(output_mask[0]) + int(output_mask[1])) * conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
+
+
+def counted(cfg, T: int, train: bool = False, carried: bool = False) -> int:
+    """FLOPs torch counts for a forward (and backward) of one sample of T tokens."""
+    torch.manual_seed(0)
+    model = GPT(cfg.model, cfg.memory)
+    model.init_weights()
+    ids = torch.randint(0, cfg.model.vocab_size, (1, T))
+    state = None
+    if carried:
+        from memgpt_dist.model.memory import zero_state
+
+        m = cfg.model
+        state = zero_state(m.n_layer, 1, m.n_head, m.head_dim, cfg.memory.nu)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(
+            display=False, custom_mapping={torch.ops.aten.convolution_backward: grouped_conv_backward_flop}) as counter:
+        out = model(ids, state=state)
+        if train:
+            out.logits.float().square().mean().backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("T", [64, 56])  # 4 whole segments; a ragged last one
+def test_forward_matmul_flops_match_torchs_count(name, T):
+    cfg = load_config(None, BASE + CONFIGS[name])
+    ours = count_flops(cfg.model, cfg.memory, T)
+    ratio = ours.forward_matmul / counted(cfg, T)
+    assert abs(ratio - 1) < TOLERANCE, f"{name}: ours / torch = {ratio:.4f}"
+
+
+def test_a_carried_memory_is_read_in_the_first_segment_too():
+    cfg = load_config(None, BASE + CONFIGS["memory-on"])
+    ours = count_flops(cfg.model, cfg.memory, 64, carried=True)
+    assert ours.forward_matmul > count_flops(cfg.model, cfg.memory, 64).forward_matmul
+    assert abs(ours.forward_matmul / counted(cfg, 64, carried=True) - 1) < TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["memory-off", "memory-on"])
+def test_training_is_three_forwards(name):
+    cfg = load_config(None, BASE + CONFIGS[name])
+    ours = count_flops(cfg.model, cfg.memory, 64)
+    ratio = 3 * ours.forward_matmul / counted(cfg, 64, train=True)
+    assert abs(ratio - 1) < TOLERANCE, f"{name}: 3 x forward / torch's forward + backward = {ratio:.4f}"
+
+
+def test_non_matmul_terms_are_small_and_named():
+    cfg = load_config(None, BASE + CONFIGS["memory-on"])
+    count = count_flops(cfg.model, cfg.memory, 64)
+    assert set(count.other) == {"mem_dpfp"} and sum(count.other.values()) < 0.02 * count.forward
+    assert train_flops_per_token(cfg, 4) == pytest.approx(3 * count.forward / 64)
