@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing as mp
+from collections import deque
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -71,25 +72,57 @@ def _encode_chunk(args: tuple[list[str], int, str]) -> list[bytes]:
     return [np.asarray(e.ids + [eos], dtype=dtype).tobytes() for e in _WORKER_TOKENIZER.encode_batch(texts)]
 
 
-def encode_all(tok: Tokenizer, texts: list[str], workers: int, chunk: int = 64) -> Iterator[bytes]:
-    """Token ids (+ EOS) of every text as compact little-endian bytes, in order, on `workers` processes."""
+def encode_all(tok: Tokenizer, texts: Iterable[str], workers: int, chunk: int = 64, chunk_bytes: int = 4 << 20,
+               total_bytes: Optional[int] = None) -> Iterator[bytes]:
+    """Token ids (+ EOS) of every text as compact little-endian bytes, in order, on `workers`
+    processes. `texts` is consumed lazily: at most 2 x workers chunks (of <= `chunk` texts and
+    about `chunk_bytes`) are in flight, so memory does not grow with the corpus. Progress is shown
+    in bytes of text (of `total_bytes` when known)."""
     eos, _ = special_ids(tok)
     dtype = token_dtype(tok.get_vocab_size()).str
-    jobs = [(texts[i:i + chunk], eos, dtype) for i in range(0, len(texts), chunk)]
-    bar = tqdm(total=len(texts), desc="tokenize", unit="doc", mininterval=1.0)
-    if workers <= 1:
+    jobs = ((batch, eos, dtype) for batch in _chunks(texts, chunk, chunk_bytes))
+    bar = tqdm(total=total_bytes, desc="tokenize", unit="B", unit_scale=True, mininterval=1.0)
+    pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(tok.to_str(),)) \
+        if workers > 1 else None
+    if pool is None:
         _init_worker(tok.to_str())
-        results: Iterable[list[bytes]] = map(_encode_chunk, jobs)
-        pool = None
-    else:
-        pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(tok.to_str(),))
-        results = pool.imap(_encode_chunk, jobs)
     try:
-        for encoded in results:
-            bar.update(len(encoded))
+        for batch, encoded in _bounded_map(pool, jobs, 2 * workers):
+            bar.update(sum(len(t.encode("utf-8")) for t in batch))
             yield from encoded
     finally:
         bar.close()
         if pool is not None:
             pool.close()
             pool.join()
+
+
+def _chunks(texts: Iterable[str], max_docs: int, max_bytes: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    size = 0
+    for text in texts:
+        batch.append(text)
+        size += len(text)
+        if len(batch) >= max_docs or size >= max_bytes:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _bounded_map(pool, jobs: Iterator[tuple], window: int) -> Iterator[tuple[list[str], list[bytes]]]:
+    """(texts, encoded) per job, in order, with at most `window` jobs submitted and unfinished
+    (Pool.imap would read every job up front, i.e. the whole corpus)."""
+    if pool is None:
+        for job in jobs:
+            yield job[0], _encode_chunk(job)
+        return
+    pending: deque = deque()
+    for job in jobs:
+        pending.append((job[0], pool.apply_async(_encode_chunk, (job,))))
+        if len(pending) >= window:
+            texts, result = pending.popleft()
+            yield texts, result.get()
+    while pending:
+        texts, result = pending.popleft()
+        yield texts, result.get()
