@@ -110,12 +110,15 @@ def write_shards(out: Path, prefix: str, samples: Iterable[tuple[int, str, bytes
 
 
 def refuse_input_overlap(cfg: PrepareConfig) -> None:
-    """--out may not be, or contain, an input: writing there (or --overwrite) would destroy it."""
+    """--out may not be, contain or lie inside an input: writing there (or --overwrite) would
+    destroy the input, or mix the corpus into it."""
     out = cfg.out.resolve()
     for p in cfg.inputs:
         inp = Path(p).resolve()
         if inp == out or out in inp.parents:
             raise DataError(f"--out {cfg.out} is or contains the input {p}; choose an --out outside the inputs")
+        if inp in out.parents:
+            raise DataError(f"--out {cfg.out} lies inside the input {p}; choose an --out outside the inputs")
 
 
 def is_our_corpus(out: Path) -> bool:
