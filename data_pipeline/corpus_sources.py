@@ -8,8 +8,8 @@ of a JSONL file, one `datasets` file or saved dataset): `list_units` gives them 
 Files that cannot be read or decoded are skipped and counted in a `SkipLog` (never silently)."""
 from __future__ import annotations
 
+import codecs
 import json
-import os
 import sysconfig
 from collections import Counter
 from dataclasses import dataclass, field
@@ -56,6 +56,38 @@ class SkipLog:
         return cls(Counter(d.get("counts", {})), {k: list(v) for k, v in d.get("examples", {}).items()})
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """How a file's bytes become text: the encoding, and what to do where they do not decode."""
+
+    encoding: str = "utf-8"
+    on_error: str = "skip"  # skip the document | replace bad bytes with U+FFFD | fail (stop, naming it)
+
+    def __post_init__(self):
+        if self.on_error not in ("skip", "replace", "fail"):
+            raise DataError(f"--on-decode-error {self.on_error!r} must be skip, replace or fail")
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise DataError(f"--encoding {self.encoding!r} is not an encoding Python knows (e.g. utf-8, latin-1, "
+                            f"cp1252)") from None
+
+    def decode(self, data: bytes, source: str, skips: Optional[SkipLog]) -> Optional[str]:
+        """The text of `data`, or None when it is skipped (counted in `skips` either way)."""
+        try:
+            return data.decode(self.encoding)
+        except UnicodeDecodeError as exc:
+            if self.on_error == "fail":
+                raise DataError(f"{source}: byte {exc.start} is not valid {self.encoding} ({exc.reason}); pass "
+                                f"--encoding with the file's encoding, or --on-decode-error skip|replace") from None
+            if skips is not None:
+                skips.add("decode_error" if self.on_error == "skip" else "decode_replaced", source)
+            return data.decode(self.encoding, errors="replace") if self.on_error == "replace" else None
+
+
+UTF8 = Decoding()
+
+
 def stdlib_files() -> list[Path]:
     root = stdlib_root()
     return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
@@ -63,23 +95,23 @@ def stdlib_files() -> list[Path]:
 
 def iter_stdlib(skips: Optional[SkipLog] = None) -> Iterator[tuple[str, str]]:
     for path in stdlib_files():
-        yield from _iter_file(path, f"stdlib/{path.relative_to(stdlib_root())}", skips)
+        yield from _iter_file(path, f"stdlib/{path.relative_to(stdlib_root())}", skips, UTF8)
 
 
-def _read_text(path: Path, source: str, skips: Optional[SkipLog]) -> Optional[str]:
+def _read_text(path: Path, source: str, skips: Optional[SkipLog], decoding: Decoding) -> Optional[str]:
     try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        reason = "not_utf8"  # binary-ish or another encoding: not a document, but counted and named
+        data = path.read_bytes()
     except OSError:
-        reason = "unreadable"
-    if skips is not None:
-        skips.add(reason, source)
-    return None
+        if skips is not None:
+            skips.add("unreadable", source)
+        return None
+    text = decoding.decode(data, source, skips)
+    # universal newlines, as Path.read_text gives them (corpora made before read files that way)
+    return None if text is None else text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _iter_file(path: Path, source: str, skips: Optional[SkipLog]) -> Iterator[tuple[str, str]]:
-    text = _read_text(path, source, skips)
+def _iter_file(path: Path, source: str, skips: Optional[SkipLog], decoding: Decoding) -> Iterator[tuple[str, str]]:
+    text = _read_text(path, source, skips, decoding)
     if text is not None:
         yield source, text
 
@@ -88,15 +120,15 @@ def text_dir_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
 
 
-def iter_text_dir(root: Path, skips: Optional[SkipLog] = None) -> Iterator[tuple[str, str]]:
+def iter_text_dir(root: Path, skips: Optional[SkipLog] = None, decoding: Decoding = UTF8) -> Iterator[tuple[str, str]]:
     for path in text_dir_files(root):
-        yield from _iter_file(path, str(path), skips)
+        yield from _iter_file(path, str(path), skips, decoding)
 
 
-def iter_jsonl(path: Path, text_field: str, start: int = 0, end: Optional[int] = None,
-               first_lineno: int = 1) -> Iterator[tuple[str, str]]:
+def iter_jsonl(path: Path, text_field: str, start: int = 0, end: Optional[int] = None, first_lineno: int = 1,
+               skips: Optional[SkipLog] = None, decoding: Decoding = UTF8) -> Iterator[tuple[str, str]]:
     """The documents of the lines of `path` that begin in bytes [start, end) (`start` is the
-    beginning of a line, numbered `first_lineno`)."""
+    beginning of a line, numbered `first_lineno`); a line that does not decode is one document."""
     with open(path, "rb") as f:
         f.seek(start)
         offset, lineno = start, first_lineno
@@ -104,8 +136,8 @@ def iter_jsonl(path: Path, text_field: str, start: int = 0, end: Optional[int] =
             if end is not None and offset >= end:
                 break
             offset += len(raw)
-            line = raw.decode("utf-8")
-            if line.strip():
+            line = decoding.decode(raw, f"{path}:{lineno}", skips)
+            if line is not None and line.strip():
                 yield f"{path}:{lineno}", _jsonl_text(path, lineno, line, text_field)
             lineno += 1
 
@@ -229,12 +261,13 @@ def jsonl_ranges(path: Path, slice_bytes: Optional[int]) -> list[Unit]:
             for a, b, n in zip(cuts, cuts[1:], linenos)]
 
 
-def iter_unit(unit: Unit, text_field: str, skips: Optional[SkipLog] = None) -> Iterator[tuple[str, str]]:
+def iter_unit(unit: Unit, text_field: str, skips: Optional[SkipLog] = None,
+              decoding: Decoding = UTF8) -> Iterator[tuple[str, str]]:
     """The (source, text) documents of one unit, in order."""
     if unit.kind == "file":
-        yield from _iter_file(Path(unit.path), unit.source, skips)
+        yield from _iter_file(Path(unit.path), unit.source, skips, decoding)
     elif unit.kind == "jsonl":
-        yield from iter_jsonl(Path(unit.path), text_field, unit.start, unit.end, unit.first_lineno)
+        yield from iter_jsonl(Path(unit.path), text_field, unit.start, unit.end, unit.first_lineno, skips, decoding)
     elif unit.kind == "saved":
         yield from iter_saved_dataset(Path(unit.path), text_field)
     else:
@@ -255,7 +288,7 @@ def split_units(units: list[Unit], n_tasks: int) -> list[list[Unit]]:
 
 
 def iter_documents(inputs: list[str], text_field: str = "text", fmt: Optional[str] = None,
-                   skips: Optional[SkipLog] = None) -> Iterator[tuple[str, str]]:
+                   skips: Optional[SkipLog] = None, decoding: Decoding = UTF8) -> Iterator[tuple[str, str]]:
     """All documents of `inputs` in order (the default corpus when `inputs` is empty)."""
     for unit in list_units(inputs, fmt):
-        yield from iter_unit(unit, text_field, skips)
+        yield from iter_unit(unit, text_field, skips, decoding)

@@ -26,7 +26,7 @@ from typing import Iterable, Iterator, Optional
 import webdataset as wds
 
 from data_pipeline.bpe_tokenizer import file_sha256
-from data_pipeline.corpus_sources import check_input
+from data_pipeline.corpus_sources import Decoding, check_input
 from data_pipeline.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -58,6 +58,8 @@ class PrepareConfig:
     partitions: int = 16  # hash partitions of the exact dedup (one is in memory at a time)
     jsonl_slice_mb: float = 256.0  # Slurm arrays: a JSONL file is cut into line-aligned slices of this size
     scrub: bool = False  # replace secrets and personal data (data_pipeline.scrub) before anything else
+    encoding: str = "utf-8"  # of text and JSONL files
+    on_decode_error: str = "skip"  # skip the document | replace the bad bytes | fail; counted and named
 
 
 @dataclass
@@ -174,6 +176,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     for p in cfg.inputs:
         check_input(Path(p))
     refuse_input_overlap(cfg)
+    Decoding(cfg.encoding, cfg.on_decode_error)  # a bad --encoding fails here, before any reading
     scrub = load_scrubber(cfg.scrub)
     cfg.out.absolute().parent.mkdir(parents=True, exist_ok=True)
     work = WorkDir(Path(tempfile.mkdtemp(prefix=f".{cfg.out.name}.prepare-", dir=cfg.out.absolute().parent)))
@@ -192,15 +195,15 @@ def summary_lines(m: dict, cfg: PrepareConfig) -> list[str]:
     lines = [f"{split}: {t['documents']:,} documents, {t['tokens']:,} tokens, {t['shards']} shards"
              for split, t in m["totals"].items()]
     skipped = m.get("skipped", {})
-    skip_text = ", ".join(f"{n:,} {reason}" for reason, n in skipped.items()) or "none"
+    skip_text = ", ".join(f"{n:,} {reason}" for reason, n in skipped.items() if reason != "decode_replaced")
     lines.append(f"vocab {m['tokenizer']['vocab_size']}, {m['duplicates_dropped']} duplicates dropped, "
-                 f"skipped: {skip_text}, {m['seconds']}s -> {cfg.out}/{MANIFEST}")
+                 f"skipped: {skip_text or 'none'}, {m['seconds']}s -> {cfg.out}/{MANIFEST}")
     if "scrubbed" in m:
         lines.append("scrubbed: " + (", ".join(f"{n:,} {kind}" for kind, n in m["scrubbed"].items()) or "nothing found"))
     for reason, names in m.get("skipped_examples", {}).items():
         if reason != "empty":
-            lines.append(f"warning: {skipped.get(reason, len(names)):,} file(s) skipped as {reason}, e.g. "
-                         f"{', '.join(names)}")
+            what = "kept with undecodable bytes replaced" if reason == "decode_replaced" else f"skipped as {reason}"
+            lines.append(f"warning: {skipped.get(reason, len(names)):,} document(s) {what}, e.g. {', '.join(names)}")
     vocab = m["tokenizer"]["vocab_size"]
     if m["tokenizer"]["trained"] and vocab < cfg.vocab_size:
         lines.append(f"warning: the trained vocabulary has {vocab:,} tokens, fewer than --vocab-size "

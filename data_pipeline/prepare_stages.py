@@ -35,7 +35,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from data_pipeline.bpe_tokenizer import encode_all, load_tokenizer, special_ids, token_dtype, train_bpe
-from data_pipeline.corpus_sources import SkipLog, Unit, iter_unit, list_units, split_units
+from data_pipeline.corpus_sources import Decoding, SkipLog, Unit, iter_unit, list_units, split_units
 from data_pipeline.dedup import PartitionWriter, iter_duplicates, split_position
 from data_pipeline.errors import DataError
 
@@ -111,9 +111,9 @@ def iter_task_documents(cfg, units: list[Unit], skips: Optional[SkipLog] = None,
                         scrub: Optional[Scrubber] = None) -> Iterator[tuple[int, str, str, dict]]:
     """(ordinal, source, text, scrub counts) of every non-empty document of `units`; ordinals
     count the non-empty documents of the task from 0."""
-    ordinal = 0
+    ordinal, decoding = 0, Decoding(cfg.encoding, cfg.on_decode_error)
     for unit in units:
-        for source, text in iter_unit(unit, cfg.text_field, skips):
+        for source, text in iter_unit(unit, cfg.text_field, skips, decoding):
             if not text.strip():
                 if skips is not None:
                     skips.add("empty", source)

@@ -34,6 +34,9 @@ def parse_args(argv):
                    help="train the BPE on at most this much training text, a deterministic sample")
     p.add_argument("--scrub", action=argparse.BooleanOptionalAction, default=False,
                    help="replace secrets and personal data with placeholders (data_pipeline/scrub.py)")
+    p.add_argument("--encoding", default="utf-8", help="of text and JSONL files")
+    p.add_argument("--on-decode-error", choices=["skip", "replace", "fail"], default="skip",
+                   help="a document that does not decode: skip it, replace the bad bytes, or stop (counted, named)")
     p.add_argument("--partitions", type=int, default=16, help="hash partitions of the on-disk exact dedup")
     p.add_argument("--jsonl-slice-mb", type=float, default=256.0, help="Slurm arrays: JSONL slice size")
     s = p.add_argument_group("one task of a Slurm array (launch/slurm/prepare.sbatch)")
@@ -92,7 +95,8 @@ def config_from_args(a):
                          shard_max_mb=a.shard_max_mb, min_shards=a.min_shards, workers=a.workers,
                          max_docs=a.max_docs, overwrite=a.overwrite, seed=a.seed,
                          tokenizer_sample_mb=a.tokenizer_sample, partitions=a.partitions,
-                         jsonl_slice_mb=a.jsonl_slice_mb, scrub=a.scrub)
+                         jsonl_slice_mb=a.jsonl_slice_mb, scrub=a.scrub, encoding=a.encoding,
+                         on_decode_error=a.on_decode_error)
 
 
 def _task(a) -> int:
