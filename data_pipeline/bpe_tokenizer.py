@@ -113,11 +113,12 @@ def splits_safely(tok: Tokenizer) -> bool:
             and pre.get("type") == "ByteLevel" and pre.get("use_regex", True))
 
 
-def encode_all(tok: Tokenizer, texts: Iterable[str], workers: int, chunk: int = 64, chunk_bytes: int = 4 << 20,
+def encode_all(tok: Tokenizer, texts: Iterable[str], workers: int, chunk: int = 64, chunk_bytes: int = 1 << 20,
                total_bytes: Optional[int] = None, piece_chars: int = 1 << 20) -> Iterator[bytes]:
     """Token ids (+ EOS) of every text as compact little-endian bytes, in order, on `workers`
     processes. `texts` is consumed lazily: at most 2 x workers chunks (of <= `chunk` texts and
-    about `chunk_bytes`) are in flight, so memory does not grow with the corpus. Progress is shown
+    about `chunk_bytes`) are in flight, so memory does not grow with the corpus. A worker's peak is
+    about 40x its chunk (tokenizers' Encoding objects plus the ids as Python ints), hence 1 MB. Progress is shown
     in bytes of text (of `total_bytes` when known). A text longer than `piece_chars` is tokenized
     in pieces (same ids) so one huge document does not take gigabytes."""
     eos, _ = special_ids(tok)

@@ -14,6 +14,8 @@ from typing import Iterator
 
 import numpy as np
 
+from data_pipeline.errors import DataError
+
 RECORD = np.dtype([("digest", "S20"), ("pos", "<u8")])  # sha1 digest, global position
 TASK_SHIFT = 40  # position = task << TASK_SHIFT | ordinal: 2**40 documents per task
 
@@ -34,7 +36,8 @@ class PartitionWriter:
 
     def __init__(self, root: Path, task: int, n_partitions: int, buffer_records: int = 1 << 16):
         if not 1 <= n_partitions <= 256:
-            raise ValueError(f"n_partitions={n_partitions} must be in 1..256 (partitions go by a digest's first byte)")
+            raise DataError(f"--partitions {n_partitions} must be in 1..256 "
+                            f"(a partition is chosen by a digest's first byte)")
         self.root, self.task, self.n = Path(root), task, n_partitions
         self.buf = np.zeros(buffer_records, RECORD)
         self.used = 0

@@ -15,7 +15,6 @@ import hashlib
 import json
 import shutil
 from dataclasses import asdict
-from pathlib import Path
 from typing import Optional
 
 from data_pipeline.errors import DataError

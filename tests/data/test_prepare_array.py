@@ -12,7 +12,6 @@ from data_pipeline.errors import DataError
 from data_pipeline.prepare_array import STAGES, init, missing_tasks, run_stage, work_dir
 from data_pipeline.prepare_corpus import PrepareConfig, prepare
 from helpers import make_text_corpus
-from test_prepare import all_docs
 
 GOLDEN = Path(__file__).parent / "golden" / "prepare_inputs"
 

@@ -12,7 +12,6 @@ from tokenizers import Tokenizer
 
 from data_pipeline.bpe_tokenizer import encode_all, safe_pieces
 from data_pipeline.errors import DataError
-from data_pipeline.prepare_corpus import PrepareConfig, prepare
 from helpers import make_text_corpus, prepare_dir
 from launch.prepare import main as prepare_main
 
