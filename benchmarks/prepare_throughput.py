@@ -6,7 +6,9 @@
 2. peak RSS of the prepare process tree on the stdlib corpus as a JSONL of 1 and of 8 distinct
    variants of each file (trained tokenizer, default options); target 8x / 1x <= 1.2;
 3. with --slurm, the wall time of a 4-task Slurm array prepare against a 1-task one on the local
-   two-node cluster (launch/slurm/local_cluster.py; needs root).
+   two-node cluster (launch/slurm/local_cluster.py; needs root);
+4. with --huge-doc-mb N, wall time and peak RSS of a JSONL holding one single-line document of
+   N MB (issue 13 item 11: a 26 MB line took 4.4 GiB and 91 s before it was tokenized in pieces).
 
     python benchmarks/prepare_throughput.py                 # 1 and 2
     python benchmarks/prepare_throughput.py --scales 1,8 --slurm --json prepare.json
@@ -147,6 +149,28 @@ def measure_slurm(tmp: Path) -> dict:
     return {"wall_s": walls, "speedup_4_vs_1": walls[1] / walls[4]}
 
 
+def measure_huge_doc(tmp: Path, mb: float) -> dict:
+    import random
+
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(5000)] + ["def", "(", ")", "=", "{", "}", ";"]
+    text, size = [], 0
+    while size < mb * 2**20:
+        text.append(rng.choice(words))
+        size += len(text[-1]) + 1
+    jsonl, sample = tmp / "huge.jsonl", tmp / "huge-sample.jsonl"
+    jsonl.write_text(json.dumps({"text": " ".join(text)}) + "\n")
+    sample.write_text("".join(json.dumps({"text": " ".join(text[i:i + 500])}) + "\n" for i in range(0, 100_000, 500)))
+    base = tmp / "huge-tok"
+    subprocess.run(prepare_cmd([str(sample)], base, "--vocab-size", "2000"), cwd=ROOT, check=True,
+                   capture_output=True)
+    wall, tree, one = run_measured(prepare_cmd([str(jsonl)], tmp / "huge", "--tokenizer",
+                                               str(base / "tokenizer.json")))
+    print(f"one {mb:g} MB line: {wall:.0f}s, peak RSS {tree / 2**20:.0f} MB (process tree), "
+          f"{one / 2**20:.0f} MB (largest process)", flush=True)
+    return {"mb": mb, "seconds": wall, "peak_rss_tree_mb": tree / 2**20, "peak_rss_one_process_mb": one / 2**20}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scales", default="1,8", help="corpus sizes for the RSS figures, in stdlib copies")
@@ -154,6 +178,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-rss", action="store_true")
     p.add_argument("--slurm", action="store_true", help="also time a 4-task vs 1-task Slurm array (root)")
+    p.add_argument("--huge-doc-mb", type=float, default=0, help="also measure one single-line document this big")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     results: dict = {}
@@ -170,6 +195,8 @@ def main(argv=None) -> int:
                       f"(target <= 1.2)")
         if args.slurm:
             results["slurm"] = measure_slurm(Path(tmp))
+        if args.huge_doc_mb:
+            results["huge_doc"] = measure_huge_doc(Path(tmp), args.huge_doc_mb)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

@@ -301,20 +301,28 @@ def in_validation(cfg, task: int, ordinals: np.ndarray, keys: np.ndarray, fallba
 def write_sample(cfg, work: WorkDir, tasks: list[dict], fallback, rate: float) -> int:
     """Per task, the sorted ordinals of the training documents in the tokenizer sample: every
     one when the training text fits the budget, else those whose sample key (digest bytes,
-    independent of position and of the split key) falls under the rate."""
-    total = 0
+    independent of position and of the split key) falls under the rate; never none while there
+    is a training document (then the one with the lowest key)."""
+    total, lowest = 0, None  # lowest: (sample key, task, ordinal) of any training document
     for t, entry in enumerate(tasks):
         chosen = []
         for ordinals, recs in iter_kept(work, t):
             ok = ~in_validation(cfg, t, ordinals, recs["split_key"], fallback)
             if entry["limit"] is not None:
                 ok &= ordinals < entry["limit"]
+            if ok.any():
+                i = int(np.argmin(np.where(ok, recs["sample_key"], np.iinfo(np.uint64).max)))
+                if lowest is None or recs["sample_key"][i] < lowest[0]:
+                    lowest = (int(recs["sample_key"][i]), t, int(ordinals[i]))
             if rate < 1.0:
                 ok &= recs["sample_key"].astype(np.float64) / 2.0**64 < rate
             chosen.append(ordinals[ok])
         sample = np.concatenate(chosen) if chosen else np.zeros(0, np.int64)
         np.save(work.sample(t), sample)
         total += len(sample)
+    if total == 0 and lowest is not None:
+        np.save(work.sample(lowest[1]), np.array([lowest[2]]))
+        total = 1
     return total
 
 
@@ -343,7 +351,7 @@ def iter_sample_texts(cfg, work: WorkDir, n_tasks: int, budget: Optional[int],
             if ordinal != sample[j]:
                 continue
             used += len(text.encode("utf-8"))
-            if budget is not None and used > budget:
+            if budget is not None and used > budget and j > 0:  # the first document goes in whole
                 return
             yield text
             j += 1

@@ -46,3 +46,9 @@ def test_a_sample_smaller_than_the_corpus_changes_only_the_tokenizer(tmp_path):
     assert got["tokenizer_sha256"] != want["tokenizer_sha256"]
     keys = lambda c: {s: [d[:2] for sh in c["splits"][s] for d in sh["docs"]] for s in c["splits"]}  # noqa: E731
     assert keys(got) == keys(want) and got["duplicates_dropped"] == want["duplicates_dropped"]
+
+
+def test_a_budget_below_every_document_still_trains_on_one(tmp_path):
+    m = prepare(PrepareConfig(out=tmp_path / "o", inputs=INPUTS, tokenizer_sample_mb=1e-6, **CASES["default"]))
+    assert m["tokenizer_sample"]["documents"] == 1 and m["tokenizer_sample"]["rate"] < 1e-3
+    assert m["tokenizer"]["vocab_size"] > 258  # merges were learned: the sample was not empty
