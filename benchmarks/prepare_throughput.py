@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import psutil
 
@@ -32,12 +34,12 @@ sys.path.insert(0, str(ROOT))
 from data_pipeline.corpus_sources import iter_stdlib  # noqa: E402
 
 
-def write_variants(path: Path, variants: int) -> tuple[int, int]:
-    """The stdlib corpus as JSONL, each file in `variants` distinct variants (a first line naming
-    the variant, so exact dedup keeps them all); returns (documents, bytes)."""
+def write_variants(path: Path, variants: int, max_files: Optional[int] = None) -> tuple[int, int]:
+    """The stdlib corpus (its first `max_files` files) as JSONL, each file in `variants` distinct
+    variants (a first line naming the variant, so exact dedup keeps them all); returns (documents, bytes)."""
     n = 0
     with open(path, "w", encoding="utf-8") as f:
-        for _, text in iter_stdlib():
+        for _, text in itertools.islice(iter_stdlib(), max_files):
             for k in range(variants):
                 f.write(json.dumps({"text": f"# variant {k}\n{text}"}) + "\n")
                 n += 1
@@ -105,9 +107,9 @@ def measure_rss(tmp: Path, scales: list[int]) -> dict:
     return rows
 
 
-def measure_throughput(tmp: Path, cores: int) -> dict:
+def measure_throughput(tmp: Path, cores: int, max_files: Optional[int]) -> dict:
     jsonl = tmp / "stdlib-x1.jsonl"
-    write_variants(jsonl, 1)
+    write_variants(jsonl, 1, max_files)
     base = tmp / "tok"
     subprocess.run(prepare_cmd([str(jsonl)], base, "--max-docs", "200"), cwd=ROOT, check=True, capture_output=True)
     wall, _, _ = run_measured(prepare_cmd([str(jsonl)], tmp / "ours", "--tokenizer", str(base / "tokenizer.json"),
@@ -176,6 +178,7 @@ def main(argv=None) -> int:
     p.add_argument("--scales", default="1,8", help="corpus sizes for the RSS figures, in stdlib copies")
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--throughput-files", type=int, default=None, help="only the first N stdlib files (default all)")
     p.add_argument("--skip-rss", action="store_true")
     p.add_argument("--slurm", action="store_true", help="also time a 4-task vs 1-task Slurm array (root)")
     p.add_argument("--huge-doc-mb", type=float, default=0, help="also measure one single-line document this big")
@@ -184,7 +187,7 @@ def main(argv=None) -> int:
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="prepare-bench") as tmp:
         if not args.skip_throughput:
-            results["throughput"] = measure_throughput(Path(tmp), args.cores)
+            results["throughput"] = measure_throughput(Path(tmp), args.cores, args.throughput_files)
         if not args.skip_rss:
             scales = [int(x) for x in args.scales.split(",")]
             results["rss"] = measure_rss(Path(tmp), scales)

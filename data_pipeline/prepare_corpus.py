@@ -199,7 +199,8 @@ def summary_lines(m: dict, cfg: PrepareConfig) -> list[str]:
     lines.append(f"vocab {m['tokenizer']['vocab_size']}, {m['duplicates_dropped']} duplicates dropped, "
                  f"skipped: {skip_text or 'none'}, {m['seconds']}s -> {cfg.out}/{MANIFEST}")
     if "scrubbed" in m:
-        lines.append("scrubbed: " + (", ".join(f"{n:,} {kind}" for kind, n in m["scrubbed"].items()) or "nothing found"))
+        kinds = ", ".join(f"{n:,} {kind}" for kind, n in m["scrubbed"].items())
+        lines.append(f"scrubbed: {kinds or 'nothing found'}")
     for reason, names in m.get("skipped_examples", {}).items():
         if reason != "empty":
             what = "kept with undecodable bytes replaced" if reason == "decode_replaced" else f"skipped as {reason}"
