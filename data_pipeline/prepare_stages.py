@@ -205,7 +205,9 @@ def plan(cfg, work: WorkDir, n_tasks: int, scrub: Optional[Scrubber] = None) -> 
     result = {"tasks": tasks, "fallback": fallback, "duplicates": n_dupes, "skipped": skips.to_dict(),
               "tokenizer_sample": {"rate": rate, "documents": sample_docs, "train_bytes": train_bytes,
                                    "budget_bytes": budget, "trained": trained},
-              "seconds": round(time.time() - t0 + sum(s["seconds"] for s in scans), 2)}
+              "seconds": round(time.time() - t0 + sum(s["seconds"] for s in scans), 2),
+              "stage_seconds": {"scan": round(sum(s["seconds"] for s in scans), 2),
+                                "plan": round(time.time() - t0, 2)}}
     atomic_write_json(work.plan_marker(), result)
     return result
 
@@ -477,7 +479,9 @@ def merge(cfg, work: WorkDir, n_tasks: int, out: Path, extra: Optional[dict] = N
     manifest = build_manifest(cfg, shards, planned["duplicates"], tok.get_vocab_size(), eos, pad,
                               encoded[0]["dtype"], seconds)
     manifest.update(skipped=planned["skipped"]["counts"], skipped_examples=planned["skipped"]["examples"],
-                    tokenizer_sample=planned["tokenizer_sample"], prepare_tasks=n_tasks)
+                    tokenizer_sample=planned["tokenizer_sample"], prepare_tasks=n_tasks,
+                    stage_seconds={**planned["stage_seconds"],
+                                   "encode": round(sum(e["seconds"] for e in encoded), 2)})  # summed over tasks
     if cfg.scrub:
         manifest["scrubbed"] = dict(sorted(scrubbed.items()))
     manifest.update(extra or {})
