@@ -53,17 +53,17 @@ def init(cfg: PrepareConfig, n_tasks: int) -> bool:
     if is_complete(cfg, n_tasks):
         return False
     out, work = cfg.out, work_dir(cfg)
-    if is_our_corpus(out):
-        if not cfg.overwrite:
-            raise DataError(f"{out} already holds a prepared corpus ({out / MANIFEST}) made with other options; "
-                            f"pass --overwrite to replace it")
-        remove_corpus(out)
     recorded = read_json(work.root / "config.json")
     if recorded is not None and recorded["fingerprint"] != fingerprint(cfg, n_tasks):
         raise DataError(f"{work.root} holds an unfinished prepare with other options or task count "
                         f"({recorded['options']}); resubmit with those, or choose another --out")
     others = [p.name for p in out.iterdir() if p.name != WORK_DIR] if out.is_dir() else []
-    if recorded is None and others:
+    if is_our_corpus(out):
+        if not cfg.overwrite:
+            raise DataError(f"{out} already holds a prepared corpus ({out / MANIFEST}) made with other options; "
+                            f"pass --overwrite to replace it")
+        remove_corpus(out)  # only the corpus's own files: what else the user keeps there stays
+    elif recorded is None and others:
         raise DataError(f"{out} is not empty and holds no corpus made by memgpt-prepare ({', '.join(others[:5])}); "
                         f"choose an empty or new --out directory")
     work.root.mkdir(parents=True, exist_ok=True)

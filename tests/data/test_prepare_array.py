@@ -99,3 +99,15 @@ def test_a_work_dir_of_other_options_is_refused(tmp_path):
         init(PrepareConfig(out=tmp_path / "o", inputs=ins, **opts(seed=1)), 2)
     with pytest.raises(DataError, match="not initialised for these options and --tasks 3"):
         run_stage(cfg, "scan", 0, 3)
+
+
+def test_an_array_overwrite_replaces_only_the_corpus(tmp_path):
+    ins = inputs(tmp_path)
+    out = tmp_path / "o"
+    run_array(PrepareConfig(out=out, inputs=ins, **opts()), 2)
+    (out / "NOTES.md").write_text("mine")
+    with pytest.raises(DataError, match="made with other options; pass --overwrite"):
+        init(PrepareConfig(out=out, inputs=ins, **opts(seed=1)), 2)
+    m = run_array(PrepareConfig(out=out, inputs=ins, overwrite=True, **opts(seed=1)), 2)
+    assert m["seed"] == 1 and (out / "NOTES.md").read_text() == "mine"
+    assert sorted(p.name for p in out.glob("*.tar")) == sorted(s["file"] for v in m["splits"].values() for s in v)
