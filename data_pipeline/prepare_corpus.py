@@ -3,32 +3,36 @@
 Output directory:
     tokenizer.json
     train-000000.tar ...   one sample per document: __key__ "doc%09d", ids.u16|ids.u32, source.txt
-    val-000000.tar ...
+    val-000000.tar ...     (from a Slurm array: train-tTTTT-000000.tar ..., one run per task)
     manifest.json          written last (atomically): a directory without it is not a corpus
+
+The corpus is streamed, never held: `data_pipeline.prepare_stages` runs scan -> plan -> encode ->
+merge, here one after the other in one process, on a cluster as the tasks of a Slurm array. The
+output equals the old in-memory prepare's for the same input and seed (same shards, document ids
+and tokens), so corpora made before stay valid.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import webdataset as wds
 
-from data_pipeline.bpe_tokenizer import (encode_all, file_sha256, load_tokenizer, special_ids, token_dtype,
-                                         train_bpe)
-from data_pipeline.corpus_sources import iter_documents
+from data_pipeline.bpe_tokenizer import file_sha256
+from data_pipeline.corpus_sources import Decoding, check_input
 from data_pipeline.errors import DataError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 SPLITS = {"train": "train", "validation": "val"}
+OUR_FILES = ("train-", "val-")  # name prefixes of the shards this tool writes
 
 
 @dataclass(frozen=True)
@@ -48,48 +52,23 @@ class PrepareConfig:
     max_docs: Optional[int] = None
     overwrite: bool = False
     seed: int = 0
+    # the BPE is trained on at most this much training text (MB), a deterministic sample by a hash
+    # of each document; a corpus whose training text fits is used whole (as before)
+    tokenizer_sample_mb: float = 1024.0
+    partitions: int = 16  # hash partitions of the exact dedup (one is in memory at a time)
+    jsonl_slice_mb: float = 256.0  # Slurm arrays: a JSONL file is cut into line-aligned slices of this size
+    scrub: bool = False  # replace secrets and personal data (data_pipeline.scrub) before anything else
+    encoding: str = "utf-8"  # of text and JSONL files
+    on_decode_error: str = "skip"  # skip the document | replace the bad bytes | fail; counted and named
 
 
 @dataclass
 class Document:
+    """One document of a task corpus (data_pipeline.prepare_tasks)."""
+
     doc_id: int
     source: str
     text: str
-
-
-def collect_documents(cfg: PrepareConfig) -> tuple[list[Document], int]:
-    """Non-empty documents with exact duplicates dropped (at most `max_docs` kept); returns
-    (documents, duplicates)."""
-    seen: set[bytes] = set()
-    docs, dupes = [], 0
-    for source, text in iter_documents(list(cfg.inputs), cfg.text_field, cfg.format):
-        if cfg.max_docs is not None and len(docs) >= cfg.max_docs:
-            break
-        if not text.strip():
-            continue
-        digest = hashlib.sha1(text.encode("utf-8")).digest()
-        if digest in seen:
-            dupes += 1
-            continue
-        seen.add(digest)
-        docs.append(Document(len(docs), source, text))
-    if not docs:
-        where = ", ".join(cfg.inputs) or "the default corpus"
-        raise DataError(f"no non-empty documents found in {where}; check the path, --format and --text-field")
-    return docs, dupes
-
-
-def split_documents(docs: list[Document], val_fraction: float, seed: int) -> dict[str, list[Document]]:
-    """Deterministic split by a hash of the text: a document lands in the same split every time."""
-    def u(d: Document) -> float:
-        h = hashlib.sha1(f"{seed}:{d.text}".encode("utf-8")).digest()
-        return int.from_bytes(h[:8], "big") / 2**64
-
-    val = [d for d in docs if u(d) < val_fraction]
-    if not val and len(docs) >= 2 and val_fraction > 0:
-        val = [min(docs, key=u)]
-    val_ids = {d.doc_id for d in val}
-    return {"train": [d for d in docs if d.doc_id not in val_ids], "validation": val}
 
 
 def shard_limits(n_docs: int, total_bytes: int, min_shards: int, shard_max_mb: float) -> tuple[int, int]:
@@ -102,16 +81,25 @@ def shard_limits(n_docs: int, total_bytes: int, min_shards: int, shard_max_mb: f
 
 def write_split(out: Path, prefix: str, docs: list[Document], encoded: list[bytes], suffix: str,
                 min_shards: int, shard_max_mb: float, masks: Optional[list[bytes]] = None) -> list[dict]:
-    """Write one split's shards; returns their manifest entries. `masks` (one uint8 byte per
-    token, 1 = supervised) restricts the loss to those tokens, for task corpora."""
-    maxcount, maxsize = shard_limits(len(docs), sum(len(e) for e in encoded) + 1024 * len(docs), min_shards,
-                                     shard_max_mb)
+    """Write one split of documents held in memory (task corpora); see `write_shards`."""
+    samples = ((d.doc_id, d.source, ids) for d, ids in zip(docs, encoded))
+    return write_shards(out, prefix, samples, len(docs), sum(len(e) for e in encoded), suffix, min_shards,
+                        shard_max_mb, masks)
+
+
+def write_shards(out: Path, prefix: str, samples: Iterable[tuple[int, str, bytes]], n_docs: int, ids_bytes: int,
+                 suffix: str, min_shards: int, shard_max_mb: float,
+                 masks: Optional[list[bytes]] = None) -> list[dict]:
+    """Write one split's (doc id, source, token bytes) samples, `n_docs` of them holding
+    `ids_bytes` of tokens, to `out/prefix-NNNNNN.tar`; returns their manifest entries. `masks` (one
+    uint8 byte per token, 1 = supervised) restricts the loss to those tokens, for task corpora."""
+    maxcount, maxsize = shard_limits(n_docs, ids_bytes + 1024 * n_docs, min_shards, shard_max_mb)
     itemsize = 2 if suffix == "u16" else 4
     stats: dict[str, dict] = {}
     writer = wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=maxcount, maxsize=maxsize, verbose=0)
     try:
-        for i, (doc, ids) in enumerate(zip(docs, encoded)):
-            sample = {"__key__": f"doc{doc.doc_id:09d}", f"ids.{suffix}": ids, "source.txt": doc.source}
+        for i, (doc_id, source, ids) in enumerate(samples):
+            sample = {"__key__": f"doc{doc_id:09d}", f"ids.{suffix}": ids, "source.txt": source}
             if masks is not None:
                 sample["mask.u8"] = masks[i]
             writer.write(sample)
@@ -123,37 +111,106 @@ def write_split(out: Path, prefix: str, docs: list[Document], encoded: list[byte
     return [{"file": name, **s, "sha256": file_sha256(out / name)} for name, s in sorted(stats.items())]
 
 
+def refuse_input_overlap(cfg: PrepareConfig) -> None:
+    """--out may not be, contain or lie inside an input: writing there (or --overwrite) would
+    destroy the input, or mix the corpus into it."""
+    out = cfg.out.resolve()
+    for p in cfg.inputs:
+        inp = Path(p).resolve()
+        if inp == out or out in inp.parents:
+            raise DataError(f"--out {cfg.out} is or contains the input {p}; choose an --out outside the inputs")
+        if inp in out.parents:
+            raise DataError(f"--out {cfg.out} lies inside the input {p}; choose an --out outside the inputs")
+
+
+def is_our_corpus(out: Path) -> bool:
+    """Whether `out` holds a manifest that this tool wrote (so --overwrite may replace it)."""
+    try:
+        m = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and "format_version" in m and "splits" in m and "tokenizer" in m
+
+
 def prepare_output_dir(cfg: PrepareConfig) -> None:
+    """Make `cfg.out` ready for a new corpus. Only ever removes the files of a corpus this tool
+    wrote (its manifest, tokenizer and shards), and only with --overwrite."""
     out = cfg.out
+    refuse_input_overlap(cfg)
     if out.exists() and any(out.iterdir()):
-        if not (out / MANIFEST).exists() and not cfg.overwrite:
-            raise DataError(f"{out} is not empty and holds no corpus; choose an empty --out or pass --overwrite")
+        if not is_our_corpus(out):
+            raise DataError(f"{out} is not empty and holds no corpus made by memgpt-prepare (no valid {MANIFEST}); "
+                            f"choose an empty or new --out directory")
         if not cfg.overwrite:
             raise DataError(f"{out} already holds a prepared corpus ({out / MANIFEST}); pass --overwrite to replace it")
-        shutil.rmtree(out)
+        remove_corpus(out)
     out.mkdir(parents=True, exist_ok=True)
 
 
+def remove_corpus(out: Path) -> None:
+    """Delete the manifest first (the directory stops being a corpus), then what this tool names
+    as its own: the tokenizer and the train-/val- shards. Anything else is left where it is."""
+    (out / MANIFEST).unlink()
+    for p in out.iterdir():
+        if p.is_file() and (p.name == "tokenizer.json" or (p.name.startswith(OUR_FILES) and p.suffix == ".tar")):
+            p.unlink()
+
+
+def load_scrubber(enabled: bool):
+    """`data_pipeline.scrub.scrub_text`, imported only when scrubbing (it may not be installed)."""
+    if not enabled:
+        return None
+    try:
+        from data_pipeline.scrub import scrub_text
+    except ImportError as exc:
+        raise DataError(f"--scrub needs data_pipeline/scrub.py (scrub_text), which cannot be imported ({exc}); "
+                        f"update the checkout or pass --no-scrub") from exc
+    return scrub_text
+
+
 def prepare(cfg: PrepareConfig) -> dict:
-    """Run the whole prepare step; returns the manifest (also written to OUT/manifest.json)."""
-    t0 = time.time()
-    docs, dupes = collect_documents(cfg)
-    splits = split_documents(docs, cfg.val_fraction, cfg.seed)
-    prepare_output_dir(cfg)
-    tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else train_bpe((d.text for d in splits["train"]),
-                                                                        cfg.vocab_size)
-    tok.save(str(cfg.out / "tokenizer.json"))
-    eos, pad = special_ids(tok)
-    vocab = tok.get_vocab_size()
-    suffix = "u16" if token_dtype(vocab).itemsize == 2 else "u32"
-    shards = {}
-    for split, prefix in SPLITS.items():
-        encoded = list(encode_all(tok, [d.text for d in splits[split]], cfg.workers))
-        min_shards = cfg.min_shards if split == "train" else min(4, cfg.min_shards)
-        shards[split] = write_split(cfg.out, prefix, splits[split], encoded, suffix, min_shards, cfg.shard_max_mb)
-    manifest = build_manifest(cfg, shards, dupes, vocab, eos, pad, suffix, time.time() - t0)
-    _atomic_write_json(cfg.out / MANIFEST, manifest)
-    return manifest
+    """Run the whole prepare step on this machine; returns the manifest (also in OUT/manifest.json).
+    The work files live in a hidden directory beside OUT and are removed at the end."""
+    from data_pipeline.prepare_stages import WorkDir, encode, merge, plan, scan
+
+    for p in cfg.inputs:
+        check_input(Path(p))
+    refuse_input_overlap(cfg)
+    Decoding(cfg.encoding, cfg.on_decode_error)  # a bad --encoding fails here, before any reading
+    scrub = load_scrubber(cfg.scrub)
+    cfg.out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    work = WorkDir(Path(tempfile.mkdtemp(prefix=f".{cfg.out.name}.prepare-", dir=cfg.out.absolute().parent)))
+    try:
+        scan(cfg, work, 0, 1, scrub)
+        plan(cfg, work, 1, scrub)
+        prepare_output_dir(cfg)
+        encode(cfg, work, 0, 1, cfg.out, scrub)
+        return merge(cfg, work, 1, cfg.out)
+    finally:
+        shutil.rmtree(work.root, ignore_errors=True)
+
+
+def summary_lines(m: dict, cfg: PrepareConfig) -> list[str]:
+    """What `memgpt-prepare` prints when done; lines starting "warning:" go to stderr."""
+    lines = [f"{split}: {t['documents']:,} documents, {t['tokens']:,} tokens, {t['shards']} shards"
+             for split, t in m["totals"].items()]
+    skipped = m.get("skipped", {})
+    skip_text = ", ".join(f"{n:,} {reason}" for reason, n in skipped.items() if reason != "decode_replaced")
+    lines.append(f"vocab {m['tokenizer']['vocab_size']}, {m['duplicates_dropped']} duplicates dropped, "
+                 f"skipped: {skip_text or 'none'}, {m['seconds']}s -> {cfg.out}/{MANIFEST}")
+    if "scrubbed" in m:
+        kinds = ", ".join(f"{n:,} {kind}" for kind, n in m["scrubbed"].items())
+        lines.append(f"scrubbed: {kinds or 'nothing found'}")
+    for reason, names in m.get("skipped_examples", {}).items():
+        if reason != "empty":
+            what = "kept with undecodable bytes replaced" if reason == "decode_replaced" else f"skipped as {reason}"
+            lines.append(f"warning: {skipped.get(reason, len(names)):,} document(s) {what}, e.g. {', '.join(names)}")
+    vocab = m["tokenizer"]["vocab_size"]
+    if m["tokenizer"]["trained"] and vocab < cfg.vocab_size:
+        lines.append(f"warning: the trained vocabulary has {vocab:,} tokens, fewer than --vocab-size "
+                     f"{cfg.vocab_size:,}: the training text has no more merges to learn; give more text or set "
+                     f"--vocab-size {vocab} (and model.vocab_size to match)")
+    return lines
 
 
 def build_manifest(cfg: PrepareConfig, shards: dict, dupes: int, vocab: int, eos: int, pad: int,

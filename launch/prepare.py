@@ -3,6 +3,8 @@
 With no INPUT, the embedded default corpus (the Python standard library's sources) is used.
 With --task recall|passkey, a synthetic long-range task corpus is generated instead:
     memgpt-prepare --task recall --out data/recall --segment-len 32 --gap 2 --pairs 8
+On Slurm, `python launch/slurm/submit.py prepare --tasks N -- INPUT ... --out DIR` runs it as a job
+array; each array task calls this with --stage STAGE --array-task I --array-tasks N.
 """
 from __future__ import annotations
 
@@ -23,10 +25,24 @@ def parse_args(argv):
     p.add_argument("--val-fraction", type=float, default=0.02)
     p.add_argument("--shard-max-mb", type=float, default=64.0)
     p.add_argument("--min-shards", type=int, default=64, help="at least this many train shards (small corpora)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
+    p.add_argument("--workers", type=int, default=int(os.environ.get("SLURM_CPUS_PER_TASK") or os.cpu_count() or 1),
+                   help="tokenizer processes (default: the CPUs Slurm gave the task, else every core)")
     p.add_argument("--max-docs", type=int, default=None, help="keep at most this many documents (after dedup)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a corpus this tool wrote in --out")
+    p.add_argument("--tokenizer-sample", type=float, default=1024.0, metavar="MB",
+                   help="train the BPE on at most this much training text, a deterministic sample")
+    p.add_argument("--scrub", action=argparse.BooleanOptionalAction, default=False,
+                   help="replace secrets and personal data with placeholders (data_pipeline/scrub.py)")
+    p.add_argument("--encoding", default="utf-8", help="of text and JSONL files")
+    p.add_argument("--on-decode-error", choices=["skip", "replace", "fail"], default="skip",
+                   help="a document that does not decode: skip it, replace the bad bytes, or stop (counted, named)")
+    p.add_argument("--partitions", type=int, default=16, help="hash partitions of the on-disk exact dedup")
+    p.add_argument("--jsonl-slice-mb", type=float, default=256.0, help="Slurm arrays: JSONL slice size")
+    s = p.add_argument_group("one task of a Slurm array (launch/slurm/prepare.sbatch)")
+    s.add_argument("--stage", choices=["scan", "plan", "encode", "merge"], default=None)
+    s.add_argument("--array-task", type=int, default=0, help="this task's index (SLURM_ARRAY_TASK_ID)")
+    s.add_argument("--array-tasks", type=int, default=1, help="tasks of the scan and encode arrays")
     t = p.add_argument_group("synthetic tasks (instead of INPUT)")
     t.add_argument("--task", choices=["recall", "passkey"], default=None)
     t.add_argument("--task-docs", type=int, default=20_000, help="train documents")
@@ -45,25 +61,42 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     from data_pipeline.errors import DataError
-    from data_pipeline.prepare_corpus import PrepareConfig, prepare
+    from data_pipeline.prepare_corpus import prepare
 
     a = parse_args(sys.argv[1:] if argv is None else argv)
     if a.task:
         return _task(a)
-    cfg = PrepareConfig(out=Path(a.out), inputs=tuple(a.inputs), text_field=a.text_field, format=a.format,
-                        tokenizer=a.tokenizer, vocab_size=a.vocab_size, val_fraction=a.val_fraction,
-                        shard_max_mb=a.shard_max_mb, min_shards=a.min_shards, workers=a.workers,
-                        max_docs=a.max_docs, overwrite=a.overwrite, seed=a.seed)
+    from data_pipeline.prepare_array import run_stage
+    from data_pipeline.prepare_corpus import summary_lines
+
+    cfg = config_from_args(a)
     try:
-        m = prepare(cfg)
+        m = run_stage(cfg, a.stage, a.array_task, a.array_tasks) if a.stage else prepare(cfg)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for split, t in m["totals"].items():
-        print(f"{split}: {t['documents']:,} documents, {t['tokens']:,} tokens, {t['shards']} shards")
-    print(f"vocab {m['tokenizer']['vocab_size']}, {m['duplicates_dropped']} duplicates dropped, "
-          f"{m['seconds']}s -> {a.out}/manifest.json")
+    if m is None or a.stage not in (None, "merge"):
+        print(f"{a.stage} task {a.array_task}/{a.array_tasks}: " + ("done" if m else "the corpus is complete already"))
+        return 0
+    lines = summary_lines(m, cfg)
+    print("\n".join(line for line in lines if not line.startswith("warning:")))
+    for line in lines:
+        if line.startswith("warning:"):
+            print(line, file=sys.stderr)
     return 0
+
+
+def config_from_args(a):
+    """The PrepareConfig of parsed `memgpt-prepare` arguments (also used by submit.py prepare)."""
+    from data_pipeline.prepare_corpus import PrepareConfig
+
+    return PrepareConfig(out=Path(a.out), inputs=tuple(a.inputs), text_field=a.text_field, format=a.format,
+                         tokenizer=a.tokenizer, vocab_size=a.vocab_size, val_fraction=a.val_fraction,
+                         shard_max_mb=a.shard_max_mb, min_shards=a.min_shards, workers=a.workers,
+                         max_docs=a.max_docs, overwrite=a.overwrite, seed=a.seed,
+                         tokenizer_sample_mb=a.tokenizer_sample, partitions=a.partitions,
+                         jsonl_slice_mb=a.jsonl_slice_mb, scrub=a.scrub, encoding=a.encoding,
+                         on_decode_error=a.on_decode_error)
 
 
 def _task(a) -> int:

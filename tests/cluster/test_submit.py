@@ -36,3 +36,46 @@ def test_a_layout_the_world_cannot_run_is_refused_before_queueing():
 def test_cpu_nodes_need_a_rank_count():
     proc = submit("--config", "configs/tiny.yaml", "--gpus-per-node", "0", "--dry-run")
     assert proc.returncode == 2 and "--procs-per-node" in proc.stderr
+
+
+def fake_sbatch(tmp_path, message: str) -> dict:
+    """An environment whose `sbatch` refuses every job the way Slurm does (message on stderr, exit 1)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\necho '{message}' >&2\nexit 1\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    return {**cli_env(), "PATH": f"{bin_dir}:{cli_env()['PATH']}"}
+
+
+def test_a_failed_sbatch_shows_its_message_and_exits_2(tmp_path):
+    env = fake_sbatch(tmp_path, "sbatch: error: Batch job submission failed: Invalid partition name specified")
+    proc = subprocess.run([sys.executable, "launch/slurm/submit.py", "--config", "configs/tiny.yaml", "--nodes", "1",
+                           "--gpus-per-node", "0", "--procs-per-node", "1", "--partition", "nope",
+                           "--run-dir", str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert "Invalid partition name specified" in proc.stderr and "--partition=nope" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_prepare_dry_run_prints_the_four_stages(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    proc = submit("prepare", "--tasks", "3", "--cpus-per-task", "8", "--dry-run", "--", str(src), "--out",
+                  str(tmp_path / "out"), "--vocab-size", "8000")
+    assert proc.returncode == 0, proc.stderr
+    cmds = [shlex.split(line) for line in proc.stdout.strip().splitlines()]
+    assert [c[c.index(str(ROOT / "launch/slurm/prepare.sbatch")) + 1] for c in cmds] == ["scan", "plan", "encode",
+                                                                                          "merge"]
+    for c in cmds:
+        assert c[0] == "sbatch" and "--cpus-per-task=8" in c and "--kill-on-invalid-dep=yes" in c
+        assert c[-6:] == ["--array-tasks", "3", str(src), "--out", str(tmp_path / "out"), "--vocab-size", "8000"][-6:]
+    assert "--array=0,1,2" in cmds[0] and "--array=0,1,2" in cmds[2] and not any(x.startswith("--array=") for x in cmds[1])
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+
+
+def test_prepare_refuses_an_out_inside_an_input_before_queueing(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    proc = submit("prepare", "--tasks", "2", "--", str(src), "--out", str(src / "corpus"))
+    assert proc.returncode == 2 and "lies inside the input" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,212 @@
+"""Throughput and memory of `memgpt-prepare` (issue 17 items 1 and 6).
+
+1. tokens/s per core of our prepare (the whole CLI: scan, dedup, split, tokenize, shards, with a
+   given tokenizer) against `datasets.Dataset.map` with the same `tokenizers` tokenizer (batched,
+   num_proc = cores) on the same documents, in the same run; target ratio >= 1.0;
+2. peak RSS of the prepare process tree on the stdlib corpus as a JSONL of 1 and of 8 distinct
+   variants of each file (trained tokenizer, default options); target 8x / 1x <= 1.2;
+3. with --slurm, the wall time of a 4-task Slurm array prepare against a 1-task one on the local
+   two-node cluster (launch/slurm/local_cluster.py; needs root);
+4. with --huge-doc-mb N, wall time and peak RSS of a JSONL holding one single-line document of
+   N MB (issue 13 item 11: a 26 MB line took 4.4 GiB and 91 s before it was tokenized in pieces).
+
+    python benchmarks/prepare_throughput.py                 # 1 and 2
+    python benchmarks/prepare_throughput.py --scales 1,8 --slurm --json prepare.json
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from data_pipeline.corpus_sources import iter_stdlib  # noqa: E402
+
+
+def write_variants(path: Path, variants: int, max_files: Optional[int] = None) -> tuple[int, int]:
+    """The stdlib corpus (its first `max_files` files) as JSONL, each file in `variants` distinct
+    variants (a first line naming the variant, so exact dedup keeps them all); returns (documents, bytes)."""
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for _, text in itertools.islice(iter_stdlib(), max_files):
+            for k in range(variants):
+                f.write(json.dumps({"text": f"# variant {k}\n{text}"}) + "\n")
+                n += 1
+    return n, path.stat().st_size
+
+
+def run_measured(cmd: list[str], poll_s: float = 0.05) -> tuple[float, int, int]:
+    """(wall seconds, peak RSS of the process tree summed, peak RSS of the biggest process)."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    t0 = time.time()
+    log = tempfile.TemporaryFile("w+")  # not a pipe: progress output would fill it and block the child
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    root = psutil.Process(proc.pid)
+    peak_tree = peak_one = 0
+    while proc.poll() is None:
+        try:
+            rss = [p.memory_info().rss for p in [root, *root.children(recursive=True)]]
+        except psutil.Error:
+            rss = []
+        peak_tree, peak_one = max(peak_tree, sum(rss)), max([peak_one, *rss])
+        time.sleep(poll_s)
+    if proc.returncode:
+        log.seek(0)
+        raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}:\n{log.read()[-3000:]}")
+    return time.time() - t0, peak_tree, peak_one
+
+
+def prepare_cmd(inputs: list[str], out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "launch.prepare", *inputs, "--out", str(out), *extra]
+
+
+def datasets_map_tokens_per_s(jsonl: Path, tokenizer: Path, cores: int) -> tuple[float, int]:
+    """tokens/s of datasets.Dataset.map (batched, num_proc=cores) with the same tokenizer."""
+    import datasets
+    from tokenizers import Tokenizer
+
+    tok_json = tokenizer.read_text()
+    ds = datasets.load_dataset("json", data_files=str(jsonl), split="train")
+    datasets.disable_caching()
+
+    def encode(batch):
+        tok = Tokenizer.from_str(tok_json)
+        return {"ids": [e.ids for e in tok.encode_batch(batch["text"])]}
+
+    t0 = time.time()
+    out = ds.map(encode, batched=True, batch_size=64, num_proc=cores, remove_columns=["text"])
+    seconds = time.time() - t0
+    tokens = sum(len(x) for x in out["ids"]) + len(out)  # + one EOS each, as ours counts
+    return tokens / seconds, tokens
+
+
+def measure_rss(tmp: Path, scales: list[int]) -> dict:
+    rows = {}
+    for k in scales:
+        jsonl = tmp / f"stdlib-x{k}.jsonl"
+        docs, size = write_variants(jsonl, k)
+        wall, tree, one = run_measured(prepare_cmd([str(jsonl)], tmp / f"rss-x{k}"))
+        m = json.loads((tmp / f"rss-x{k}" / "manifest.json").read_text())
+        rows[k] = {"documents": docs, "input_mb": round(size / 2**20, 1), "seconds": round(wall, 1),
+                   "peak_rss_tree_mb": round(tree / 2**20, 1), "peak_rss_one_process_mb": round(one / 2**20, 1),
+                   "tokens": sum(t["tokens"] for t in m["totals"].values())}
+        print(f"x{k}: {docs:,} docs, {size / 2**20:.0f} MB in, {wall:.0f}s, peak RSS {tree / 2**20:.0f} MB "
+              f"(process tree), {one / 2**20:.0f} MB (largest process)", flush=True)
+        jsonl.unlink()
+    return rows
+
+
+def measure_throughput(tmp: Path, cores: int, max_files: Optional[int]) -> dict:
+    jsonl = tmp / "stdlib-x1.jsonl"
+    write_variants(jsonl, 1, max_files)
+    base = tmp / "tok"
+    subprocess.run(prepare_cmd([str(jsonl)], base, "--max-docs", "200"), cwd=ROOT, check=True, capture_output=True)
+    wall, _, _ = run_measured(prepare_cmd([str(jsonl)], tmp / "ours", "--tokenizer", str(base / "tokenizer.json"),
+                                          "--workers", str(cores)))
+    m = json.loads((tmp / "ours" / "manifest.json").read_text())
+    tokens = sum(t["tokens"] for t in m["totals"].values())
+    ours, encode = tokens / wall, tokens / m["stage_seconds"]["encode"]
+    theirs, _ = datasets_map_tokens_per_s(jsonl, base / "tokenizer.json", cores)
+    print(f"tokens/s per core: ours {ours / cores:,.0f} (whole prepare, {wall:.1f}s; its encode stage alone "
+          f"{encode / cores:,.0f}), datasets.map {theirs / cores:,.0f} (map only) -> ratio {ours / theirs:.2f} "
+          f"(encode stage {encode / theirs:.2f}; target >= 1.0)", flush=True)
+    return {"cores": cores, "ours_tokens_per_s_per_core": ours / cores, "encode_stage_tokens_per_s_per_core":
+            encode / cores, "datasets_map_tokens_per_s_per_core": theirs / cores, "ratio": ours / theirs,
+            "ratio_encode_stage": encode / theirs}
+
+
+def measure_slurm(tmp: Path) -> dict:
+    """Wall time of a 4-task and a 1-task array prepare of the same inputs on the local cluster."""
+    from launch.slurm.local_cluster import LocalCluster, down, install, up
+
+    install()
+    cluster = LocalCluster(Path(tempfile.mkdtemp(prefix="slurm", dir="/tmp")))
+    jsonl = tmp / "stdlib-x1.jsonl"
+    write_variants(jsonl, 1)
+    env = {**os.environ, "SLURM_CONF": str(cluster.conf), "VENV": sys.prefix,
+           "TOKENIZERS_PARALLELISM": "false", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    walls = {}
+    try:
+        up(cluster)
+        for tasks in (1, 4):
+            t0 = time.time()
+            proc = subprocess.run([sys.executable, "launch/slurm/submit.py", "prepare", "--tasks", str(tasks),
+                                   "--cpus-per-task", "1", "--wait", "--", str(jsonl), "--out",
+                                   str(tmp / f"slurm-{tasks}"), "--jsonl-slice-mb", "4"],
+                                  cwd=ROOT, env=env, capture_output=True, text=True)
+            if proc.returncode:
+                raise SystemExit(proc.stdout + proc.stderr)
+            walls[tasks] = time.time() - t0
+            print(f"Slurm array prepare, {tasks} task(s): {walls[tasks]:.0f}s", flush=True)
+    finally:
+        down(cluster)
+    return {"wall_s": walls, "speedup_4_vs_1": walls[1] / walls[4]}
+
+
+def measure_huge_doc(tmp: Path, mb: float) -> dict:
+    import random
+
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(5000)] + ["def", "(", ")", "=", "{", "}", ";"]
+    text, size = [], 0
+    while size < mb * 2**20:
+        text.append(rng.choice(words))
+        size += len(text[-1]) + 1
+    jsonl, sample = tmp / "huge.jsonl", tmp / "huge-sample.jsonl"
+    jsonl.write_text(json.dumps({"text": " ".join(text)}) + "\n")
+    sample.write_text("".join(json.dumps({"text": " ".join(text[i:i + 500])}) + "\n" for i in range(0, 100_000, 500)))
+    base = tmp / "huge-tok"
+    subprocess.run(prepare_cmd([str(sample)], base, "--vocab-size", "2000"), cwd=ROOT, check=True,
+                   capture_output=True)
+    wall, tree, one = run_measured(prepare_cmd([str(jsonl)], tmp / "huge", "--tokenizer",
+                                               str(base / "tokenizer.json")))
+    print(f"one {mb:g} MB line: {wall:.0f}s, peak RSS {tree / 2**20:.0f} MB (process tree), "
+          f"{one / 2**20:.0f} MB (largest process)", flush=True)
+    return {"mb": mb, "seconds": wall, "peak_rss_tree_mb": tree / 2**20, "peak_rss_one_process_mb": one / 2**20}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scales", default="1,8", help="corpus sizes for the RSS figures, in stdlib copies")
+    p.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--throughput-files", type=int, default=None, help="only the first N stdlib files (default all)")
+    p.add_argument("--skip-rss", action="store_true")
+    p.add_argument("--slurm", action="store_true", help="also time a 4-task vs 1-task Slurm array (root)")
+    p.add_argument("--huge-doc-mb", type=float, default=0, help="also measure one single-line document this big")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="prepare-bench") as tmp:
+        if not args.skip_throughput:
+            results["throughput"] = measure_throughput(Path(tmp), args.cores, args.throughput_files)
+        if not args.skip_rss:
+            scales = [int(x) for x in args.scales.split(",")]
+            results["rss"] = measure_rss(Path(tmp), scales)
+            if len(scales) > 1:
+                lo, hi = results["rss"][scales[0]], results["rss"][scales[-1]]
+                ratio = hi["peak_rss_tree_mb"] / lo["peak_rss_tree_mb"]
+                print(f"{'PASS' if ratio <= 1.2 else 'FAIL'}  peak RSS x{scales[-1]} / x{scales[0]} = {ratio:.2f} "
+                      f"(target <= 1.2)")
+        if args.slurm:
+            results["slurm"] = measure_slurm(Path(tmp))
+        if args.huge_doc_mb:
+            results["huge_doc"] = measure_huge_doc(Path(tmp), args.huge_doc_mb)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
