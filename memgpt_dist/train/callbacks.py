@@ -11,7 +11,9 @@ callback in `DEFAULT_ORDER`:
 3. `StopCallback`: a stop signal or file on any rank, or the time budget, saves a committed
    checkpoint and stops every rank at the same step (`Preempted`);
 4. `EvalCallback`: validation every `train.eval_every` steps;
-5. `CheckpointCallback`: a checkpoint every `checkpoint.every` steps, and at the end.
+5. `CheckpointCallback`: a checkpoint every `checkpoint.every` steps, and at the end;
+6. `HeartbeatCallback` (`train.heartbeat`): beats the hang watchdog once the step and every
+   callback before it are done (`train.hang_timeout_s`).
 
 Collectives inside callbacks run at the same steps on every rank, because the flags that decide
 them were agreed. New observers (throughput, hang detection, async saves) subclass `Callback`
@@ -54,6 +56,10 @@ class Callback:
 
     def on_fit_end(self, trainer: "Trainer") -> None:
         """After the last step, in reverse order (the final save runs before the stop handlers go)."""
+
+    def on_fit_error(self, trainer: "Trainer", exc: Exception) -> None:
+        """The loop raised `exc` (it is re-raised after every callback saw it); no collectives here:
+        the other ranks may be gone."""
 
     def close(self, trainer: "Trainer") -> None:
         """Always, also when the loop raised."""
@@ -189,9 +195,12 @@ class CheckpointCallback(Callback):
 
 def default_callbacks(cfg: TrainConfig, metrics: MetricsLogger, make_val_batches) -> list[Callback]:
     """The documented order (see the module docstring)."""
+    from memgpt_dist.train.heartbeat import HeartbeatCallback  # it subclasses Callback: imported here
+
     return [MetricsCallback(cfg.log, cfg.train, metrics), NonFiniteCallback(cfg.train.max_nan_skips, metrics),
             StopCallback(cfg.train, metrics), EvalCallback(cfg.train, metrics, make_val_batches),
-            CheckpointCallback(cfg.checkpoint, cfg.train.max_steps)]
+            CheckpointCallback(cfg.checkpoint, cfg.train.max_steps), HeartbeatCallback(cfg.train.hang_timeout_s)]
 
 
-DEFAULT_ORDER = ("MetricsCallback", "NonFiniteCallback", "StopCallback", "EvalCallback", "CheckpointCallback")
+DEFAULT_ORDER = ("MetricsCallback", "NonFiniteCallback", "StopCallback", "EvalCallback", "CheckpointCallback",
+                 "HeartbeatCallback")

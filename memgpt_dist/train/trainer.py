@@ -84,6 +84,10 @@ class Trainer:
                     cb.on_step_end(self, end, end.flags[id(cb)])
             for cb in reversed(self.callbacks):
                 cb.on_fit_end(self)
+        except Exception as exc:
+            for cb in self.callbacks:
+                cb.on_fit_error(self, exc)
+            raise
         finally:
             for cb in self.callbacks:
                 cb.close(self)
