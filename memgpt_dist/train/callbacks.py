@@ -177,20 +177,30 @@ class EvalCallback(Callback):
 
 class CheckpointCallback(Callback):
     """A checkpoint every `checkpoint.every` steps, and one at the end (`checkpoint.save_at_end`,
-    or always when the run stopped before `train.max_steps`)."""
+    or always when the run stopped before `train.max_steps`).
+
+    With `checkpoint.async_save` the periodic saves write in the background; the flag "still
+    writing here" is agreed with the step's other flags, and at the first step boundary where no
+    rank is still writing, every rank commits together (no extra collective to ask)."""
 
     def __init__(self, checkpoint: CheckpointConfig, max_steps: int):
         self.checkpoint = checkpoint
         self.max_steps = max_steps
 
+    def local_flags(self, trainer: "Trainer", result: "StepResult") -> list[bool]:
+        return [trainer.checkpointer.writing()]
+
     def on_step_end(self, trainer: "Trainer", end: StepEnd, flags: list[bool]) -> None:
+        if trainer.checkpointer.has_pending() and not flags[0]:  # every rank has written its files
+            trainer.checkpointer.finish_pending()
         if self.checkpoint.every and trainer.state.step % self.checkpoint.every == 0:
-            trainer.save()
+            trainer.checkpointer.save(trainer.state.step, background=self.checkpoint.async_save)
 
     def on_fit_end(self, trainer: "Trainer") -> None:
         stopped_early = trainer.state.step < self.max_steps
         if self.checkpoint.save_at_end or stopped_early:
             trainer.save_once()  # still under the stop handlers: a signal now cannot cut the save short
+        trainer.checkpointer.finish_pending()  # an asynchronous save still writing is committed before fit returns
 
 
 def default_callbacks(cfg: TrainConfig, metrics: MetricsLogger, make_val_batches) -> list[Callback]:

@@ -144,9 +144,10 @@ class Trainer:
         self.checkpointer.save(self.state.step)
 
     def save_once(self) -> None:
-        """Save unless this step is already saved (or was just restored)."""
+        """Save unless this step is already saved (or was just restored); either way committed on return."""
         if self.checkpointer.last_saved_step != self.state.step:
             self.save()
+        self.checkpointer.finish_pending()  # a stop or the end waits for an asynchronous save still writing
 
     def resume(self, point: Optional[ResumePoint]) -> Optional[int]:
         """Restore every checkpointed part from a checked `ResumePoint` (`resume.find_resume_point`)."""
