@@ -16,6 +16,7 @@ import sys
 from typing import Callable
 
 from memgpt_dist.config import ConfigError
+from memgpt_dist.parallel.dist import is_collective_failure
 from memgpt_dist.train.checkpoint import CheckpointError
 from memgpt_dist.train.run_lock import RunDirLocked
 from memgpt_dist.train.stopping import EXIT_LOST_RANK, Preempted, RunStopped
@@ -34,17 +35,12 @@ def run_cli(fn: Callable[[], int], extra_user_errors: tuple[type[BaseException],
     except RunStopped as exc:
         print(f"{'stopped' if isinstance(exc, Preempted) else 'error'}: {exc}", file=sys.stderr)
         return exc.exit_code
-    except _lost_peer_errors() as exc:
+    except RuntimeError as exc:
+        if not is_collective_failure(exc):
+            raise
         print(f"error: rank {os.environ.get('RANK', '0')}: a collective failed, a peer rank died or hung "
               f"(parallel.collective_timeout_s bounds the wait): {exc}. Requeue with --resume auto", file=sys.stderr)
         return EXIT_LOST_RANK
-
-
-def _lost_peer_errors() -> tuple[type[BaseException], ...]:
-    """What torch.distributed raises when a peer's connection closed or a collective timed out."""
-    import torch.distributed as dist
-
-    return tuple(e for e in (getattr(dist, "DistBackendError", None), getattr(dist, "DistNetworkError", None)) if e)
 
 
 def exit_process(code: int) -> None:

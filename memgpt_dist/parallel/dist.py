@@ -227,3 +227,12 @@ def default_store():
         return dist.distributed_c10d._get_default_store()  # no public accessor in torch 2.x
     except (RuntimeError, ValueError, AttributeError):
         return None
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """Whether `exc` is torch.distributed reporting a lost peer: a connection closed or reset, or
+    a collective past the process-group timeout. Gloo raises these as plain RuntimeErrors
+    ("[.../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation"),
+    NCCL as DistBackendError."""
+    kinds = tuple(k for k in (getattr(dist, "DistBackendError", None), getattr(dist, "DistNetworkError", None)) if k)
+    return isinstance(exc, kinds) or (isinstance(exc, RuntimeError) and "gloo" in str(exc).lower())

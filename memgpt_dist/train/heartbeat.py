@@ -27,7 +27,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from memgpt_dist.parallel.dist import Topology, default_store
+from memgpt_dist.parallel.dist import Topology, default_store, is_collective_failure
 from memgpt_dist.train.callbacks import Callback
 from memgpt_dist.train.stopping import EXIT_LOST_RANK
 
@@ -149,7 +149,7 @@ class HeartbeatCallback(Callback):
     def on_fit_error(self, trainer: "Trainer", exc: Exception) -> None:
         """A collective failed (a peer's connection closed, or `parallel.collective_timeout_s`
         passed): say which rank is lost, as far as the heartbeats tell."""
-        if self.publisher is None or not _is_lost_peer_error(exc):
+        if self.publisher is None or not is_collective_failure(exc):
             return
         lost = _lost_ranks(self.publisher.store, trainer.topo.world_size)
         log.error("rank %d on host %s: a collective failed after step %d (%s); lost or hung: %s", trainer.topo.rank,
@@ -174,13 +174,6 @@ class HeartbeatCallback(Callback):
         for handler in logging.getLogger().handlers + log.handlers:
             handler.flush()
         self.exit(EXIT_LOST_RANK)
-
-
-def _is_lost_peer_error(exc: BaseException) -> bool:
-    import torch.distributed as dist
-
-    kinds = tuple(k for k in (getattr(dist, "DistBackendError", None), getattr(dist, "DistNetworkError", None)) if k)
-    return isinstance(exc, kinds) or "gloo" in str(exc).lower()
 
 
 def _lost_ranks(store, world_size: int) -> list[str]:

@@ -21,7 +21,7 @@ COLLECTIVE_TIMEOUT_S = 5
 HANG_TIMEOUT_S = 10
 # DeepSpeed's launcher, once a rank failed, SIGTERMs the others and SIGKILLs what is left after 30 s
 # (a SIGSTOPped rank cannot act on SIGTERM): the slowest path is a timeout plus that grace.
-ALL_GONE_WITHIN_S = COLLECTIVE_TIMEOUT_S + 30 + 15
+ALL_GONE_WITHIN_S = COLLECTIVE_TIMEOUT_S + 30 + 25
 ARGS = ("--train.max_steps=12", "--checkpoint.every=3", "--train.eval_every=0", "--checkpoint.keep_last=10",
         f"--parallel.collective_timeout_s={COLLECTIVE_TIMEOUT_S}", f"--train.hang_timeout_s={HANG_TIMEOUT_S}")
 
@@ -60,6 +60,19 @@ def test_the_lost_rank_is_named_from_the_heartbeats():
     lost = name_lost(records, 4, now)
     assert [x.split(" (")[0] for x in lost] == ["rank 1 on host b", "rank 2 on host c", "rank 3"]
     assert "silent for 60s" in lost[0] and "still at step 6" in lost[1] and "never wrote" in lost[2]
+
+
+def test_a_failed_collective_exits_76_and_other_errors_still_raise(capsys):
+    from memgpt_dist.cli import run_cli
+
+    def gloo_timeout():
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms "
+                           "for recv operation to complete")
+
+    assert run_cli(gloo_timeout) == EXIT_LOST_RANK
+    assert "a peer rank died or hung" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_cli(lambda: (_ for _ in ()).throw(RuntimeError("a bug")))
 
 
 # ---------------------------------------------------------------- two ranks, real launcher
