@@ -44,7 +44,7 @@ def _train(args, overrides) -> int:
     from memgpt_dist.parallel.dist import init_distributed, share_cores, shutdown
     from memgpt_dist.parallel.dry_run import dry_run_report
     from memgpt_dist.parallel.preflight import check_before_deepspeed, check_same_everywhere, wait_for_master
-    from memgpt_dist.train.run import run_training, setup_logging
+    from memgpt_dist.train.run import hold_run_dir, run_training
 
     if args.help_config:
         print(describe_config(), end="")
@@ -57,14 +57,14 @@ def _train(args, overrides) -> int:
     check_before_deepspeed(cfg, world)  # a config or run-directory mistake fails before DeepSpeed's start-up
     share_cores()
     wait_for_master(args.rendezvous_timeout)
-    topo = init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
+    topo = init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, timeout_s=cfg.parallel.collective_timeout_s)
     try:
-        setup_logging(topo, Path(cfg.run_dir))
-        check_same_everywhere(cfg, corpus_fingerprint(cfg.data))  # other code, config or data fails here
-        train, make_val = loaders_for(cfg, topo)
-        check_vocab(train.vocab_size, cfg.model.vocab_size)
-        run_training(cfg, topo, train, make_val, resume=args.resume,
-                     tokenizer_file=corpus_tokenizer(cfg.data, Path(cfg.run_dir)), stop_after=args.stop_after_steps)
+        with hold_run_dir(topo, Path(cfg.run_dir)):  # refused at once when another run holds it
+            check_same_everywhere(cfg, corpus_fingerprint(cfg.data))  # other code, config or data fails here
+            train, make_val = loaders_for(cfg, topo)
+            check_vocab(train.vocab_size, cfg.model.vocab_size)
+            run_training(cfg, topo, train, make_val, resume=args.resume,
+                         tokenizer_file=corpus_tokenizer(cfg.data, Path(cfg.run_dir)), stop_after=args.stop_after_steps)
     finally:
         shutdown()
     return 0

@@ -256,12 +256,19 @@ class ParallelConfig:
                                                               "(DeepSpeed's partition_method)")
     precision: Precision = doc_field("auto", "'auto': bf16 on GPUs that have it, else fp32")
     activation_checkpointing: bool = doc_field(False, "recompute each block's activations in the backward pass")
+    # The process-group timeout (torch.distributed / deepspeed init_distributed): how long a rank
+    # waits in a collective for a peer that died or hangs before it fails. Long enough for the
+    # slowest legitimate wait on a cluster (a rank saving or evaluating while the others wait).
+    collective_timeout_s: float = doc_field(1800.0, "seconds a collective waits for a lost or hung peer before "
+                                                    "the run fails (exit 76); tests use a few seconds")
 
     def validate(self) -> None:
         _check(self.micro_batch_size >= 1, "parallel.micro_batch_size must be >= 1")
         _check(self.grad_accum >= 1, "parallel.grad_accum must be >= 1")
         _check(self.tp >= 1 and self.pp >= 1, f"parallel.tp={self.tp}, parallel.pp={self.pp}: degrees must be >= 1")
         _check(self.global_batch_size >= 0, "parallel.global_batch_size must be >= 0 (0 derives it)")
+        _check(self.collective_timeout_s > 0, f"parallel.collective_timeout_s={self.collective_timeout_s} must be > 0 "
+                                              f"(seconds; 1800 suits clusters)")
         _check(self.pp == 1 or self.zero_stage < 2,
                f"pipeline parallelism (parallel.pp={self.pp}) runs only with ZeRO-0/1 in DeepSpeed "
                f"(PipelineEngine asserts zero_stage < 2), got parallel.zero_stage={self.zero_stage}; use "
@@ -306,6 +313,11 @@ class CheckpointConfig:
     every: int = doc_field(50, "steps between checkpoints (0: only at the end)")
     keep_last: int = doc_field(3, "checkpoints kept; older ones are deleted, the newest never")
     save_at_end: bool = doc_field(True, "save a checkpoint after the last step (a run stopped early always saves)")
+    # The step boundary only copies each rank's state to host memory (RAM for one more copy of the
+    # rank's share); a thread writes the files and the ranks commit at a later boundary once all
+    # are written. The next save, a stop and the end wait for a pending one; they save synchronously.
+    async_save: bool = doc_field(False, "write periodic checkpoints in the background while training continues "
+                                        "(same files and commit marker)")
 
     def validate(self) -> None:
         _check(self.every >= 0, "checkpoint.every must be >= 0")
@@ -348,6 +360,12 @@ class TrainingConfig:
     # stale one left by a preempted job cannot stop its requeued successor.
     stop_file: str = doc_field("", "a file whose appearance acts like SIGUSR1 (save, commit, exit 75); "
                                    "empty: none")
+    # A watchdog thread (train.heartbeat) on every rank: when no step (with its callbacks: logging,
+    # validation, a save) finished for this long, it dumps every thread's stack to stderr and ends
+    # the process with exit code 76 (stopping.EXIT_LOST_RANK), which job scripts requeue. It must
+    # exceed the longest step plus a save and a validation.
+    hang_timeout_s: float = doc_field(3600.0, "seconds without a finished step before a rank dumps its stacks and "
+                                              "exits 76 (0: no watchdog)")
 
     def validate(self) -> None:
         _check(self.max_steps >= 1, "train.max_steps must be >= 1")
@@ -355,6 +373,7 @@ class TrainingConfig:
         _check(self.eval_batches >= 1, "train.eval_batches must be >= 1")
         _check(self.max_minutes >= 0, "train.max_minutes must be >= 0 (0: no time budget)")
         _check(self.max_nan_skips >= 0, "train.max_nan_skips must be >= 0 (0: stop at the first non-finite step)")
+        _check(self.hang_timeout_s >= 0, f"train.hang_timeout_s={self.hang_timeout_s} must be >= 0 (0: no watchdog)")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+from datetime import timedelta
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -136,9 +137,14 @@ def _default_single_process_env() -> None:
     os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
 
 
-def init_distributed(tp: int = 1, pp: int = 1, backend: Optional[str] = None) -> Topology:
+def init_distributed(tp: int = 1, pp: int = 1, backend: Optional[str] = None,
+                     timeout_s: Optional[float] = None) -> Topology:
     """Initialise torch.distributed through DeepSpeed and describe this process in a grid of
     tp x pp model-parallel ranks per data-parallel replica (`parallel.tp`, `parallel.pp`).
+
+    `timeout_s` (`parallel.collective_timeout_s`; None: torch's default) bounds how long a
+    collective waits for a peer that died or hangs; the groups made here get it too (a group
+    made without one falls back to torch's 30-minute default, not the world's).
 
     Works under the `deepspeed` launcher, torchrun, srun wrappers that export RANK/WORLD_SIZE,
     and as a single plain process.
@@ -154,9 +160,10 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: Optional[str] = None) ->
     accel = get_accelerator()
     if backend is None:
         backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
+    timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         announce_comm_op_build(accel.device_name())
-        deepspeed.init_distributed(dist_backend=backend)
+        deepspeed.init_distributed(dist_backend=backend, **({} if timeout is None else {"timeout": timeout}))
     rank, world = dist.get_rank(), dist.get_world_size()
     dp = dp_degree(world, tp, pp)
     place = place_of(rank, dp, tp)
@@ -166,23 +173,26 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: Optional[str] = None) ->
         accel.set_device(local_rank)
     return Topology(rank=rank, world_size=world, local_rank=local_rank, dp_rank=place.dp, dp_size=dp, device=device,
                     tp_rank=place.tp, tp_size=tp, pp_rank=place.pp, pp_size=pp,
-                    dp_group=_data_parallel_group(place, dp, tp, pp), tp_group=_tensor_parallel_group(place, dp, tp, pp))
+                    dp_group=_data_parallel_group(place, dp, tp, pp, timeout),
+                    tp_group=_tensor_parallel_group(place, dp, tp, pp, timeout))
 
 
-def _data_parallel_group(place: RankPlace, dp: int, tp: int, pp: int):
+def _data_parallel_group(place: RankPlace, dp: int, tp: int, pp: int, timeout: Optional[timedelta] = None):
     """The group of ranks that share this rank's (pp, tp) coordinates; None when it is the world.
     `new_group` is collective: every rank creates every group, in the same order."""
     if tp * pp == 1:
         return None
-    groups = {(p, t): dist.new_group([(p * dp + d) * tp + t for d in range(dp)]) for p in range(pp) for t in range(tp)}
+    groups = {(p, t): dist.new_group([(p * dp + d) * tp + t for d in range(dp)], timeout=timeout)
+              for p in range(pp) for t in range(tp)}
     return groups[place.pp, place.tp]
 
 
-def _tensor_parallel_group(place: RankPlace, dp: int, tp: int, pp: int):
+def _tensor_parallel_group(place: RankPlace, dp: int, tp: int, pp: int, timeout: Optional[timedelta] = None):
     """The group of ranks that share this rank's (pp, dp) coordinates (consecutive ranks); None when tp == 1."""
     if tp == 1:
         return None
-    groups = {(p, d): dist.new_group([(p * dp + d) * tp + t for t in range(tp)]) for p in range(pp) for d in range(dp)}
+    groups = {(p, d): dist.new_group([(p * dp + d) * tp + t for t in range(tp)], timeout=timeout)
+              for p in range(pp) for d in range(dp)}
     return groups[place.pp, place.dp]
 
 
@@ -209,3 +219,25 @@ def remove_shm_buffer(env) -> None:
     path = shm_buffer_path(env)
     if path is not None and os.path.exists(path):
         os.unlink(path)
+
+
+def default_store():
+    """The rendezvous key-value store of the world (served by rank 0's process), or None.
+
+    Not a collective: the heartbeat's threads publish and read per-rank liveness through it,
+    which they may, while only the main thread runs collectives."""
+    if not dist.is_initialized():
+        return None
+    try:
+        return dist.distributed_c10d._get_default_store()  # no public accessor in torch 2.x
+    except (RuntimeError, ValueError, AttributeError):
+        return None
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """Whether `exc` is torch.distributed reporting a lost peer: a connection closed or reset, or
+    a collective past the process-group timeout. Gloo raises these as plain RuntimeErrors
+    ("[.../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation"),
+    NCCL as DistBackendError."""
+    kinds = tuple(k for k in (getattr(dist, "DistBackendError", None), getattr(dist, "DistNetworkError", None)) if k)
+    return isinstance(exc, kinds) or (isinstance(exc, RuntimeError) and "gloo" in str(exc).lower())

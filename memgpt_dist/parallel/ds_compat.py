@@ -55,6 +55,10 @@ PATCHES = (
           "replicated (ds_pipe_replicated), the last stage's final norm included", "tests/dist/test_pipeline.py"),
     Patch("pipeline_grid", "PipelineModule exposes its process grid only as the private `_grid`",
           "tests/dist/test_tp_pp.py"),
+    Patch("captured_checkpoint_writes", "engine.save_checkpoint writes synchronously; its DecoupledCheckpointEngine "
+          "(checkpoint.writer.decoupled) needs the aio FastFileWriter, a spawned process per rank and commits inside "
+          "engine.step, apart from our marker. Swapping engine.checkpoint_engine for one whose save() copies to host "
+          "memory lets a thread write the files", "tests/train/test_async_checkpoint.py"),
     Patch("universal surgery (train/universal.py)", "ds_to_universal reads TP merge rules from the first stage's "
           "file only, writes bare tensors for ZeRO-3, and names pipeline parameters by layer index",
           "tests/dist/test_resume_relayout_tp_pp.py"),
@@ -244,3 +248,43 @@ def count_in_grad_norm(module: nn.Module) -> None:
 def pipeline_grid(net):
     """The process grid of a PipelineModule (stage, data and tensor-slicing groups)."""
     return net._grid
+
+
+def host_copy(obj):
+    """A copy of a state dict whose tensors are host tensors of their own (clones), so training can
+    go on changing the originals while a thread writes the copy. Non-tensor leaves (DeepSpeed's
+    loss scaler, config objects) are deep-copied."""
+    import copy
+
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, host_copy(v)) for k, v in obj.items())  # OrderedDict stays ordered
+    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+        return type(obj)(host_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+@contextlib.contextmanager
+def captured_checkpoint_writes(engine) -> Iterator[list[tuple[str, object]]]:
+    """Within the block, `engine.save_checkpoint` writes nothing: every file it would `torch.save`
+    through its checkpoint engine is captured as (path, host copy of the state dict) in the list
+    yielded. Directories are still made, and DeepSpeed's direct file copies (zero_to_fp32.py) still
+    happen. The caller writes the captured files (`train.checkpoint.AsyncWrite`)."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    captured: list[tuple[str, object]] = []
+
+    class Capturing(TorchCheckpointEngine):
+        def save(self, state_dict, path: str):
+            captured.append((str(path), host_copy(state_dict)))
+
+        def preserves_storage_sharing(self):  # host_copy makes compact copies: DeepSpeed need not clone first
+            return False
+
+    previous = engine.checkpoint_engine
+    engine.checkpoint_engine = Capturing()
+    try:
+        yield captured
+    finally:
+        engine.checkpoint_engine = previous

@@ -15,10 +15,12 @@ callback in `DEFAULT_ORDER`:
 3. `StopCallback`: a stop signal or file on any rank, or the time budget, saves a committed
    checkpoint and stops every rank at the same step (`Preempted`);
 4. `EvalCallback`: validation every `train.eval_every` steps;
-5. `CheckpointCallback`: a checkpoint every `checkpoint.every` steps, and at the end.
+5. `CheckpointCallback`: a checkpoint every `checkpoint.every` steps, and at the end;
+6. `HeartbeatCallback` (`train.heartbeat`): beats the hang watchdog once the step and every
+   callback before it are done (`train.hang_timeout_s`).
 
 Collectives inside callbacks run at the same steps on every rank, because the flags that decide
-them were agreed. New observers (hang detection, async saves) subclass `Callback`
+them were agreed. New observers subclass `Callback`
 and are inserted in this list. A callback may read the trainer; it may not run a training step.
 """
 from __future__ import annotations
@@ -65,6 +67,10 @@ class Callback:
 
     def on_fit_end(self, trainer: "Trainer") -> None:
         """After the last step, in reverse order (the final save runs before the stop handlers go)."""
+
+    def on_fit_error(self, trainer: "Trainer", exc: Exception) -> None:
+        """The loop raised `exc` (it is re-raised after every callback saw it); no collectives here:
+        the other ranks may be gone."""
 
     def close(self, trainer: "Trainer") -> None:
         """Always, also when the loop raised."""
@@ -223,29 +229,41 @@ class EvalCallback(Callback):
 
 class CheckpointCallback(Callback):
     """A checkpoint every `checkpoint.every` steps, and one at the end (`checkpoint.save_at_end`,
-    or always when the run stopped before `train.max_steps`)."""
+    or always when the run stopped before `train.max_steps`).
+
+    With `checkpoint.async_save` the periodic saves write in the background; the flag "still
+    writing here" is agreed with the step's other flags, and at the first step boundary where no
+    rank is still writing, every rank commits together (no extra collective to ask)."""
 
     def __init__(self, checkpoint: CheckpointConfig, max_steps: int):
         self.checkpoint = checkpoint
         self.max_steps = max_steps
 
+    def local_flags(self, trainer: "Trainer", result: "StepResult") -> list[bool]:
+        return [trainer.checkpointer.writing()]
+
     def on_step_end(self, trainer: "Trainer", end: StepEnd, flags: list[bool]) -> None:
+        if trainer.checkpointer.has_pending() and not flags[0]:  # every rank has written its files
+            trainer.checkpointer.finish_pending()
         if self.checkpoint.every and trainer.state.step % self.checkpoint.every == 0:
-            trainer.save()
+            trainer.checkpointer.save(trainer.state.step, background=self.checkpoint.async_save)
 
     def on_fit_end(self, trainer: "Trainer") -> None:
         stopped_early = trainer.state.step < self.max_steps
         if self.checkpoint.save_at_end or stopped_early:
             trainer.save_once()  # still under the stop handlers: a signal now cannot cut the save short
+        trainer.checkpointer.finish_pending()  # an asynchronous save still writing is committed before fit returns
 
 
 def default_callbacks(cfg: TrainConfig, metrics: MetricsLogger, make_val_batches) -> list[Callback]:
     """The documented order (see the module docstring)."""
+    from memgpt_dist.train.heartbeat import HeartbeatCallback  # it subclasses Callback: imported here
+
     return [ThroughputCallback(cfg, metrics), MetricsCallback(cfg.log, cfg.train, metrics),
             NonFiniteCallback(cfg.train.max_nan_skips, metrics),
             StopCallback(cfg.train, metrics), EvalCallback(cfg.train, metrics, make_val_batches),
-            CheckpointCallback(cfg.checkpoint, cfg.train.max_steps)]
+            CheckpointCallback(cfg.checkpoint, cfg.train.max_steps), HeartbeatCallback(cfg.train.hang_timeout_s)]
 
 
 DEFAULT_ORDER = ("ThroughputCallback", "MetricsCallback", "NonFiniteCallback", "StopCallback", "EvalCallback",
-                 "CheckpointCallback")
+                 "CheckpointCallback", "HeartbeatCallback")

@@ -40,16 +40,17 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from memgpt_dist.parallel.dist import Topology
-from memgpt_dist.parallel.ds_compat import (repair_universal_optimizer_state, torch_load_weights_only,
-                                            weights_only_loading)
+from memgpt_dist.parallel.ds_compat import (captured_checkpoint_writes, host_copy, repair_universal_optimizer_state,
+                                            torch_load_weights_only, weights_only_loading)
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,42 @@ def committed_step_dirs(root: Path) -> dict[int, Path]:
             if (m := TAG_RE.match(c.name)) and c.is_dir() and is_committed(c)}
 
 
+class AsyncWrite(threading.Thread):
+    """Writes captured host copies to their files in the background (tmp, fsync, rename), hashing
+    each as it goes so the commit need not read them again. Never runs a collective: the commit
+    (`CheckpointDir.finish_pending`) is the main thread's, at a later step boundary."""
+
+    def __init__(self, path: Path, files: list[tuple[Path, Any]]):
+        super().__init__(name=f"async-save-{path.name}", daemon=True)
+        self.path = path
+        self.files = files
+        self.hashed: dict[str, dict[str, Any]] = {}
+        self.error: Optional[BaseException] = None
+
+    def run(self) -> None:
+        try:
+            for target, obj in self.files:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                _atomic_torch_save(obj, target)
+                self.hashed[str(target.relative_to(self.path))] = {"sha256": sha256_file(target),
+                                                                    "bytes": target.stat().st_size}
+        except BaseException as exc:  # reported by every rank together at the commit
+            self.error = exc
+        finally:
+            self.files = []  # the host copies are no longer needed
+
+
+@dataclass
+class PendingSave:
+    """An asynchronous save whose files are being written; committed by `finish_pending`."""
+
+    step: int
+    path: Path
+    meta: dict[str, Any]
+    writer: AsyncWrite
+    started: float = field(default_factory=time.perf_counter)
+
+
 class CheckpointDir:
     """Writes and reads a DeepSpeed engine plus per-rank state under `root`, crash-safely."""
 
@@ -164,6 +201,7 @@ class CheckpointDir:
         self.root = Path(root)
         self.topo = topo
         self.keep_last = max(int(keep_last), 1)  # the newest committed checkpoint is never deleted
+        self.pending: Optional[PendingSave] = None  # an asynchronous save not yet committed
 
     # ------------------------------------------------------------------ discovery
     def committed_steps(self) -> list[int]:
@@ -222,6 +260,52 @@ class CheckpointDir:
             log.info("saved checkpoint %s in %.2fs", path, time.perf_counter() - t0)
         return path
 
+    def write_async(self, engine, step: int, client_state: dict[str, Any], rank_state: dict[str, Any],
+                    meta: Optional[dict[str, Any]] = None) -> Path:
+        """Start checkpoint `step` (every rank): copy this rank's state to host memory now, write it
+        in a background thread while training goes on; `finish_pending` commits it later.
+
+        The stall is the copy only (and DeepSpeed's own bookkeeping, barriers included). Until the
+        commit nothing counts: a kill while writing leaves the previous committed checkpoint the
+        newest, and the uncommitted directory is set aside by the next save or resume."""
+        path = self.root / tag_for(step)
+        self._preflight(path)
+        try:
+            with captured_checkpoint_writes(engine) as captured:
+                engine.save_checkpoint(str(self.root), tag=path.name, client_state=client_state, save_latest=False)
+        except (OSError, RuntimeError) as exc:
+            raise CheckpointError(f"could not write checkpoint {path}: {exc}. {self._untouched_note()}") from exc
+        files = [(Path(p), obj) for p, obj in captured]
+        files.append((path / "rank_state" / f"rank_{self.topo.rank:05d}.pt", host_copy(rank_state)))
+        self.pending = PendingSave(step, path, meta or {}, AsyncWrite(path, files))
+        self.pending.writer.start()
+        return path
+
+    def writing(self) -> bool:
+        """This rank is still writing an asynchronous save."""
+        return self.pending is not None and self.pending.writer.is_alive()
+
+    def finish_pending(self) -> Optional[Path]:
+        """Wait for this rank's writer, then commit the pending save from every rank (collective;
+        every rank has one pending, since saves happen at agreed steps). None: nothing pending."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return None
+        pending.writer.join()
+        error = pending.writer.error
+        problems = [p for p in self.topo.all_gather_object(None if error is None else str(error)) if p]
+        if problems:
+            raise CheckpointError(f"could not write checkpoint {pending.path}: {'; '.join(sorted(set(problems)))}. "
+                                  f"{self._untouched_note()}")
+        self.topo.barrier()
+        self._commit(pending.path, pending.step, pending.meta, known=pending.writer.hashed)
+        self.topo.barrier()
+        if self.topo.is_main:
+            self._prune()
+            log.info("committed asynchronous checkpoint %s, %.2fs after it started", pending.path,
+                     time.perf_counter() - pending.started)
+        return pending.path
+
     def _untouched_note(self) -> str:
         steps = self.committed_steps()
         previous = f"the previous checkpoint {self.root / tag_for(steps[-1])}" if steps else "no earlier checkpoint"
@@ -269,15 +353,21 @@ class CheckpointDir:
             return 0
         return int(FREE_SPACE_FACTOR * sum(f["bytes"] for f in files.values()))
 
-    def _commit(self, path: Path, step: int, meta: dict[str, Any]) -> None:
-        """Hash the files (shared out over ranks), then rank 0 writes the marker: the commit point."""
+    def _commit(self, path: Path, step: int, meta: dict[str, Any],
+                known: Optional[dict[str, dict[str, Any]]] = None) -> None:
+        """Hash the files (shared out over ranks), then rank 0 writes the marker: the commit point.
+        `known`: files this rank already wrote, fsynced and hashed (an asynchronous save's)."""
+        merged: dict[str, Any] = {}
+        if known is not None:
+            for part in self.topo.all_gather_object(known):
+                merged.update(part)
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != MARKER)
-        mine = [p for i, p in enumerate(files) if i % self.topo.world_size == self.topo.rank]
+        todo = [p for p in files if str(p.relative_to(path)) not in merged]
+        mine = [p for i, p in enumerate(todo) if i % self.topo.world_size == self.topo.rank]
         hashed = {}
         for p in mine:
             _fsync_file(p)  # the data is on disk before the marker says it is
             hashed[str(p.relative_to(path))] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        merged: dict[str, Any] = {}
         for part in self.topo.all_gather_object(hashed):
             merged.update(part)
         if self.topo.is_main:

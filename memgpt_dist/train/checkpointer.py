@@ -64,6 +64,8 @@ class Checkpointer:
     tokenizer_file: Optional[Path] = None  # the corpus's tokenizer, checked against a checkpoint's
     last_saved_step: Optional[int] = None  # saved or restored: never written twice
     longest_save_s: Optional[float] = None
+    last_stall_s: Optional[float] = None  # how long the last save held the loop up (benchmarks)
+    last_commit_stall_s: Optional[float] = None  # how long committing the last asynchronous save did
     _global: dict[str, Stateful] = field(default_factory=dict)
     _rank: dict[str, RankStateful] = field(default_factory=dict)
 
@@ -76,8 +78,12 @@ class Checkpointer:
         return self._rank[name] if name in self._rank else self._global[name]
 
     # ------------------------------------------------------------------ save
-    def save(self, step: int) -> Path:
-        """Write and commit checkpoint `step` from every rank (collective)."""
+    def save(self, step: int, background: bool = False) -> Path:
+        """Write and commit checkpoint `step` from every rank (collective). `background`
+        (`checkpoint.async_save`): copy the state to host memory and return; the files are written
+        by a thread and committed by `finish_pending` at a later step boundary. A save first
+        waits for (and commits) the previous one still pending."""
+        self.finish_pending()
         t0 = time.perf_counter()
         client_state = {name: part.state_dict() for name, part in self._global.items()}
         rank_state = {"rank": self.topo.rank, **self.place()}
@@ -85,9 +91,30 @@ class Checkpointer:
             sd = part.state_dict()
             if sd is not None:  # e.g. no carried memory: the key is absent, as older versions wrote
                 rank_state[name] = sd
-        path = self.files.write(self.engine, step, client_state, rank_state, self.meta)
+        if background:
+            path = self.files.write_async(self.engine, step, client_state, rank_state, self.meta)
+            self.last_stall_s = time.perf_counter() - t0
+        else:
+            path = self.files.write(self.engine, step, client_state, rank_state, self.meta)
+            # what a stop must leave time for (stopping.TimeBudget): stops save synchronously
+            self.longest_save_s = max(self.longest_save_s or 0.0, time.perf_counter() - t0)
+            self.last_stall_s = time.perf_counter() - t0
         self.last_saved_step = step
-        self.longest_save_s = max(self.longest_save_s or 0.0, time.perf_counter() - t0)
+        return path
+
+    def writing(self) -> bool:
+        """This rank is still writing an asynchronous save (a local answer: agree on it first)."""
+        return self.files.writing()
+
+    def has_pending(self) -> bool:
+        return self.files.pending is not None
+
+    def finish_pending(self) -> Optional[Path]:
+        """Wait for a pending asynchronous save and commit it (collective); None if there is none."""
+        t0 = time.perf_counter()
+        path = self.files.finish_pending()
+        if path is not None:
+            self.last_commit_stall_s = time.perf_counter() - t0
         return path
 
     # ------------------------------------------------------------------ load

@@ -7,12 +7,13 @@ everything else is here so that it can be tested without a launcher. The path of
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 from memgpt_dist.config import TrainConfig
 from memgpt_dist.model import GPT
@@ -29,6 +30,7 @@ from memgpt_dist.train.checkpoint import CheckpointDir
 from memgpt_dist.train.checkpointer import Checkpointer, ResumePoint
 from memgpt_dist.train.metrics import MetricsLogger
 from memgpt_dist.train.resume import find_resume_point, run_meta
+from memgpt_dist.train.run_lock import RunDirLocked, RunLock
 from memgpt_dist.train.state import LoaderPart, MemoryPart, RngPart, TrainState, seed_everything
 from memgpt_dist.train.steps import DenseStep, PipelineStep
 from memgpt_dist.train.trainer import Trainer
@@ -65,6 +67,29 @@ def setup_logging(topo: Topology, run_dir: Optional[Path] = None) -> None:
         handlers.append(logging.FileHandler(run_dir / "train.log"))
     logging.basicConfig(level=level, format=f"[%(asctime)s rank{topo.rank}] %(message)s", handlers=handlers,
                         force=True)
+
+
+@contextlib.contextmanager
+def hold_run_dir(topo: Topology, run_dir: Path) -> Iterator[None]:
+    """Hold the run directory's exclusive lock (rank 0) for the block, then set up logging into it.
+
+    The lock comes before anything is written there, `train.log` included. Every rank learns
+    rank 0's answer (one broadcast), so a refused run ends on all ranks at once, not in a
+    collective the others never enter."""
+    lock, problem = RunLock(run_dir), None
+    if topo.is_main:
+        try:
+            lock.acquire()
+        except RunDirLocked as exc:
+            problem = str(exc)
+    problem = topo.broadcast_object(problem)
+    if problem is not None:
+        raise RunDirLocked(problem)
+    try:
+        setup_logging(topo, run_dir)
+        yield
+    finally:
+        lock.release()
 
 
 def build_model(cfg: TrainConfig, tp_rank: int = 0) -> GPT:

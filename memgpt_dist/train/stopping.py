@@ -13,6 +13,12 @@
   more than `train.max_nan_skips` in a row stop the run with `EXIT_DIVERGED` and no save, so the
   last committed checkpoint is the last good state.
 
+* A lost or hung rank: a rank that finished no step for `train.hang_timeout_s` (its watchdog,
+  `train.heartbeat`), or a collective that failed or timed out (`parallel.collective_timeout_s`:
+  a peer died or stopped), ends the process with `EXIT_LOST_RANK`, naming the lost rank and host
+  where it can tell. Nothing is saved then (the peers cannot take part); resume from the last
+  committed checkpoint, which the job script does by requeueing like on `EXIT_PREEMPTED`.
+
 The exceptions below carry their exit code up to `memgpt_dist.cli.run_cli`; nothing below
 `launch/` calls `sys.exit`.
 """
@@ -33,6 +39,10 @@ log = logging.getLogger("memgpt_dist")
 # sysexits.h EX_TEMPFAIL: "temporary failure, the user is invited to retry". A committed
 # checkpoint was written; requeue the same command with --resume auto.
 EXIT_PREEMPTED = 75
+# A rank was lost (killed, a node gone) or hung: the heartbeat found no finished step for
+# train.hang_timeout_s, or a collective failed or timed out. Nothing new was saved; requeue with
+# --resume auto (the last committed checkpoint is intact).
+EXIT_LOST_RANK = 76
 # The loss or gradient was non-finite for more than train.max_nan_skips consecutive steps.
 EXIT_DIVERGED = 3
 

@@ -86,6 +86,10 @@ class Trainer:
                     cb.on_step_end(self, end, end.flags[id(cb)])
             for cb in reversed(self.callbacks):
                 cb.on_fit_end(self)
+        except Exception as exc:
+            for cb in self.callbacks:
+                cb.on_fit_error(self, exc)
+            raise
         finally:
             for cb in self.callbacks:
                 cb.close(self)
@@ -144,9 +148,10 @@ class Trainer:
         self.checkpointer.save(self.state.step)
 
     def save_once(self) -> None:
-        """Save unless this step is already saved (or was just restored)."""
+        """Save unless this step is already saved (or was just restored); either way committed on return."""
         if self.checkpointer.last_saved_step != self.state.step:
             self.save()
+        self.checkpointer.finish_pending()  # a stop or the end waits for an asynchronous save still writing
 
     def resume(self, point: Optional[ResumePoint]) -> Optional[int]:
         """Restore every checkpointed part from a checked `ResumePoint` (`resume.find_resume_point`)."""

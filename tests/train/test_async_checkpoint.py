@@ -1,0 +1,76 @@
+"""Asynchronous checkpoints (`checkpoint.async_save`): the files of an async save equal a sync
+save's tensor for tensor, a resume from one continues with the losses of an uninterrupted run,
+nothing counts before the commit (a crash while writing leaves the previous checkpoint the newest),
+the next save and the end of `fit` wait for a pending save."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from inprocess import make_trainer
+from memgpt_dist.parallel.dist import init_distributed
+from memgpt_dist.train.checkpoint import AsyncWrite, CheckpointDir, tag_for
+from test_exact_resume import assert_same
+from test_preemption import losses_of
+
+ASYNC = ("checkpoint.async_save=true", "checkpoint.every=3")
+SYNC = ("checkpoint.every=3",)
+
+
+@pytest.fixture(scope="module")
+def topo():
+    return init_distributed()
+
+
+def test_async_files_equal_sync_files_and_resume_is_exact(topo, tmp_path):
+    full = losses_of(make_trainer(topo, tmp_path / "sync", extra=SYNC))
+    a = make_trainer(topo, tmp_path / "async", extra=ASYNC)
+    assert losses_of(a) == full  # saving in the background changes nothing the run computes
+    assert a.checkpointer.last_commit_stall_s is not None  # the periodic saves were committed as async ones
+    assert a.checkpointer.committed_steps() == [6, 9]  # keep_last=2; every one committed by the end of fit
+    for step in (6, 9):
+        assert a.checkpointer.verify(step) is None
+        s_dir, a_dir = (tmp_path / r / "checkpoints" / tag_for(step) for r in ("sync", "async"))
+        files = sorted(p.relative_to(s_dir) for p in s_dir.rglob("*.pt"))
+        assert files and files == sorted(p.relative_to(a_dir) for p in a_dir.rglob("*.pt"))
+        compared = sum(assert_same(torch.load(s_dir / f, weights_only=False), torch.load(a_dir / f, weights_only=False),
+                                   str(f), (str(tmp_path / "sync"), str(tmp_path / "async"))) for f in files)
+        assert compared > 20
+    resumed = make_trainer(topo, tmp_path / "async", seed=2, extra=ASYNC)
+    resumed.restore(6)
+    assert losses_of(resumed) == full[6:]
+
+
+def test_nothing_counts_before_the_commit(topo, tmp_path, monkeypatch):
+    gate = threading.Event()
+    run = AsyncWrite.run
+    monkeypatch.setattr(AsyncWrite, "run", lambda self: (gate.wait(60), run(self)))  # the writer is held up
+    t = make_trainer(topo, tmp_path, extra=("checkpoint.async_save=true",))
+    t.fit(stop_after=2)  # a synchronous end save at step 2
+    t.checkpointer.save(3, background=True)
+    assert t.checkpointer.writing()
+    files = CheckpointDir(tmp_path / "checkpoints", topo, keep_last=2)
+    assert files.committed_steps() == [2] and files.latest_valid_step() == 2  # a crash now resumes from 2
+    gate.set()
+    t.checkpointer.save(4, background=True)  # the next save waits for and commits the previous one
+    assert files.committed_steps() == [2, 3] and files.verify(3) is None
+    t.checkpointer.finish_pending()
+    assert files.committed_steps() == [3, 4] and files.verify(4) is None
+
+
+def test_a_failed_background_write_is_reported_at_the_commit_and_commits_nothing(topo, tmp_path, monkeypatch):
+    from memgpt_dist.train.checkpoint import CheckpointError
+
+    t = make_trainer(topo, tmp_path, extra=("checkpoint.async_save=true",))
+    t.fit(stop_after=1)
+
+    def full_disk(obj, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("memgpt_dist.train.checkpoint._atomic_torch_save", full_disk)
+    t.checkpointer.save(2, background=True)
+    with pytest.raises(CheckpointError, match=r"step_00000002: .*No space left on device.*previous checkpoint"):
+        t.checkpointer.finish_pending()
+    assert t.checkpointer.committed_steps() == [1]
