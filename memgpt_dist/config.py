@@ -294,6 +294,8 @@ class CheckpointConfig:
     every: int = doc_field(50, "steps between checkpoints (0: only at the end)")
     keep_last: int = doc_field(3, "checkpoints kept; older ones are deleted, the newest never")
     save_at_end: bool = doc_field(True, "save a checkpoint after the last step (a run stopped early always saves)")
+    export_hf_at_end: bool = doc_field(False, "after the last checkpoint, write its Hugging Face export (memgpt-export) "
+                                              "to <run_dir>/hf")
 
     def validate(self) -> None:
         _check(self.every >= 0, "checkpoint.every must be >= 0")
