@@ -137,7 +137,7 @@ def test_left_padded_batch_generates_each_row_as_alone(runs):
     from transformers import AutoTokenizer
 
     model = _load(runs / "zero3_hf")
-    tok = AutoTokenizer.from_pretrained(runs / "zero3_hf")
+    tok = AutoTokenizer.from_pretrained(runs / "zero3_hf", trust_remote_code=True)
     texts = ["w1 w2 ( w3 ) : return w4 " * 6, "def w5 ( w6 ) :"]
     batch = tok(texts, return_tensors="pt", padding=True)
     assert tok.padding_side == "left" and (batch.attention_mask[1] == 0).any()
@@ -152,7 +152,7 @@ def test_sampled_generate_runs_batched(runs):
     from transformers import AutoTokenizer
 
     model = _load(runs / "zero3_hf")
-    tok = AutoTokenizer.from_pretrained(runs / "zero3_hf")
+    tok = AutoTokenizer.from_pretrained(runs / "zero3_hf", trust_remote_code=True)
     batch = tok(["w1 w2 w3 " * 10, "class w7 :"], return_tensors="pt", padding=True)
     torch.manual_seed(0)
     out = model.generate(**batch, max_new_tokens=40, do_sample=True, temperature=0.8, top_k=50, top_p=0.95)
@@ -171,7 +171,7 @@ ISOLATED = textwrap.dedent("""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
     model.generation_config.eos_token_id = None
-    tok = AutoTokenizer.from_pretrained(sys.argv[1])
+    tok = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
     ids = tok("def w1 ( w2 ) : return w3 " * 4, return_tensors="pt")
     print("IDS", model.generate(**ids, max_new_tokens=16, do_sample=False)[0].tolist())
 """)
@@ -191,10 +191,10 @@ def test_export_loads_where_the_project_is_not_importable(runs, tmp_path):
     proc = subprocess.run([sys.executable, "-I", str(script), str(runs / "zero3_hf")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("IDS ")]
+    (line,) = [ln[ln.index("IDS ["):] for ln in proc.stdout.splitlines() if "IDS [" in ln]
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(runs / "zero3_hf")
+    tok = AutoTokenizer.from_pretrained(runs / "zero3_hf", trust_remote_code=True)
     ids = tok("def w1 ( w2 ) : return w3 " * 4, return_tensors="pt")
     here = _load(runs / "zero3_hf").generate(**ids, max_new_tokens=16, do_sample=False)[0].tolist()
     assert json.loads(line[4:]) == here
@@ -241,7 +241,8 @@ metric_list:
 
 
 def test_lm_eval_scores_a_local_task(runs, tmp_path):
-    docs = [{"context": f"def w{i} ( w{i + 1} ) :", "choices": [" return", " class"], "label": 0} for i in range(8)]
+    docs = [{"context": f"def w{i} ( w{i + 1} ) :", "choices": [" return", " class"][::1 - 2 * (i % 2)],
+             "label": i % 2} for i in range(8)]
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in docs))
     (tmp_path / "tasks").mkdir()
@@ -252,4 +253,6 @@ def test_lm_eval_scores_a_local_task(runs, tmp_path):
                            "memgpt_local", "--include_path", str(tmp_path / "tasks"), "--device", "cpu",
                            "--batch_size", "4"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "memgpt_local" in proc.stdout and "acc" in proc.stdout, proc.stdout[-2000:]
+    (row,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("|memgpt_local")]
+    print(row)
+    assert "acc" in row and 0.0 <= float(row.split("|")[7]) <= 1.0
