@@ -38,10 +38,10 @@ def _generate(args) -> int:
     if not tok_file.is_file():
         raise FileNotFoundError(f"{tok_file} not found; pass --tokenizer DATA_DIR/tokenizer.json")
     tokenizer = Tokenizer.from_file(str(tok_file))
-    model, cfg = load_model(ckpt)
+    model, _ = load_model(ckpt)
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     prompt_ids = tokenizer.encode(args.prompt).ids
-    new_ids = generate(model, prompt_ids, cfg.model.segment_len, sampling, eos_id=tokenizer.token_to_id("<|endoftext|>"))
+    new_ids = generate(model, prompt_ids, sampling, eos_id=tokenizer.token_to_id("<|endoftext|>"))
     print(f"# checkpoint {ckpt}", file=sys.stderr)
     print(args.prompt + tokenizer.decode(new_ids))
     return 0

@@ -318,6 +318,8 @@ class CheckpointConfig:
     # are written. The next save, a stop and the end wait for a pending one; they save synchronously.
     async_save: bool = doc_field(False, "write periodic checkpoints in the background while training continues "
                                         "(same files and commit marker)")
+    export_hf_at_end: bool = doc_field(False, "after the last checkpoint, write its Hugging Face export (memgpt-export) "
+                                              "to <run_dir>/hf")
 
     def validate(self) -> None:
         _check(self.every >= 0, "checkpoint.every must be >= 0")

@@ -5,7 +5,8 @@ Weights are consolidated from the DeepSpeed checkpoint with DeepSpeed's own
 (ZeRO-0); a tensor-parallel checkpoint's shards are merged by `consolidated_tp_state_dict`, and a
 pipeline checkpoint's per-layer files (one set per TP rank with TP inside the stages) by
 `pipeline_state_dict`. The prompt is read segment by segment: each full segment is written into
-the memory state, and tokens of the current, partial segment attend locally and read that state.
+the memory state, and tokens of the current, partial segment attend locally (through a key/value
+cache of that segment) and read that state.
 """
 from __future__ import annotations
 
@@ -138,45 +139,44 @@ def _pipeline_tp_shard(ckpt_dir: Path, tp_rank: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def _sample_next(logits: torch.Tensor, s: SamplingConfig, gen: torch.Generator) -> int:
-    """Sample one id from (V,) logits with temperature, top-k and nucleus filtering."""
+def _sample_next(logits: torch.Tensor, s: SamplingConfig, gen: torch.Generator) -> torch.Tensor:
+    """Sample one id per row from (B, V) logits with temperature, top-k and nucleus filtering: (B,)."""
     if s.temperature <= 0:
-        return int(logits.argmax())
+        return logits.argmax(dim=-1)
     logits = logits.float() / s.temperature
     if s.top_k > 0:
-        kth = torch.topk(logits, min(s.top_k, logits.numel())).values[-1]
+        kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if s.top_p < 1.0:
-        sorted_p, idx = torch.sort(probs, descending=True)
-        drop = sorted_p.cumsum(0) - sorted_p > s.top_p  # keep the smallest set reaching top_p
-        sorted_p[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter(0, idx, sorted_p)
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+        sorted_p, idx = torch.sort(probs, descending=True, dim=-1)
+        drop = sorted_p.cumsum(-1) - sorted_p > s.top_p  # keep the smallest set reaching top_p
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
+    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1)
 
 
 @torch.no_grad()
-def generate(model: GPT, prompt_ids: list[int], segment_len: int, s: SamplingConfig,
-             eos_id: Optional[int] = None) -> list[int]:
-    """Continue `prompt_ids` by up to `s.max_new_tokens` tokens; returns the new ids.
+def generate_tokens(model: GPT, prompts: torch.Tensor, s: SamplingConfig,
+                    eos_id: Optional[int] = None) -> torch.Tensor:
+    """Continue prompts (B, T) of one length by up to `s.max_new_tokens` tokens each: (B, new).
 
+    The prompt is read as in training (`GPT.prefill`), then each new token costs one `GPT.step`
+    against the open segment's key/value cache, O(segment) instead of re-reading the segment.
     As in training, the last token of a full segment predicts the first token of the next one,
-    so a segment is committed to memory right after its last position has been sampled from.
-    """
-    N = segment_len
+    so a segment is committed to memory right after its last position has been read. Stops early
+    once every row has sampled `eos_id`."""
     gen = torch.Generator().manual_seed(s.seed)
+    if s.max_new_tokens <= 0:
+        return prompts.new_zeros(prompts.shape[0], 0)
+    logits, cache = model.prefill(prompts)
+    new = [_sample_next(logits[:, -1], s, gen)]
+    while len(new) < s.max_new_tokens and not (eos_id is not None and bool(torch.stack(new).eq(eos_id).any(0).all())):
+        new.append(_sample_next(model.step(new[-1].unsqueeze(1), cache)[:, -1], s, gen))
+    return torch.stack(new, dim=1)
+
+
+def generate(model: GPT, prompt_ids: list[int], s: SamplingConfig, eos_id: Optional[int] = None) -> list[int]:
+    """Continue one prompt by up to `s.max_new_tokens` tokens, stopping after `eos_id`; the new ids."""
     ids = list(prompt_ids) or [eos_id if eos_id is not None else 0]
-    done = ((len(ids) - 1) // N) * N  # tokens already written into memory (whole segments)
-    state = model(torch.tensor([ids[:done]])).state if done else None
-    new: list[int] = []
-    while len(new) < s.max_new_tokens:
-        current = ids[done:]  # 1..N tokens of the open segment
-        out = model(torch.tensor([current]), state=state)
-        nxt = _sample_next(out.logits[0, -1], s, gen)
-        if len(current) == N:
-            state, done = out.state, done + N
-        new.append(nxt)
-        ids.append(nxt)
-        if eos_id is not None and nxt == eos_id:
-            break
-    return new
+    new = generate_tokens(model, torch.tensor([ids]), s, eos_id)[0].tolist()
+    return new[:new.index(eos_id) + 1] if eos_id in new else new

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from memgpt_dist.config import MemoryConfig, ModelConfig
-from memgpt_dist.model.memory import LayerState, MemoryState, delta_scan, memory_scan
+from memgpt_dist.model.decode import DecodeCache, LayerCache, empty_cache
+from memgpt_dist.model.memory import LayerState, MemoryState, delta_scan, memory_read, memory_scan
 
 SCANS = {"head": memory_scan, "delta": delta_scan}  # memory.kind -> scan over segments
 
@@ -43,17 +44,18 @@ class ModelOutput(NamedTuple):
 
 
 class Rope(NamedTuple):
-    """cos and sin of the rotary angles, each (T, 1, head_dim // 2), shared by all layers."""
+    """cos and sin of the rotary angles, each (T, 1, head_dim // 2), shared by all layers
+    ((B, m, 1, head_dim // 2) in incremental decoding, where rows stand at different positions)."""
 
     cos: Tensor
     sin: Tensor
 
 
 def build_rope(positions: Tensor, head_dim: int, theta: float) -> Rope:
-    """Rotary tables for `positions` (T,), in fp32 whatever the activation dtype."""
+    """Rotary tables for `positions` (T,) or (B, m), in fp32 whatever the activation dtype."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float().unsqueeze(-1) * inv_freq  # (T, hd / 2)
-    return Rope(cos=angles.cos().unsqueeze(1), sin=angles.sin().unsqueeze(1))  # (T, 1, hd / 2) each
+    angles = positions.float().unsqueeze(-1) * inv_freq  # (..., hd / 2)
+    return Rope(cos=angles.cos().unsqueeze(-2), sin=angles.sin().unsqueeze(-2))  # (..., 1, hd / 2) each
 
 
 def apply_rope(x: Tensor, rope: Rope) -> Tensor:
@@ -110,6 +112,12 @@ class SegmentConv(nn.Module):
         y = F.conv1d(F.pad(x, (self.taps - 1, 0)), self.weight.to(x.dtype), groups=C)  # (B*S, C, n)
         return y.transpose(1, 2).reshape(B, S * n, C)[:, :T]  # (B, T, C)
 
+    def window(self, window: Tensor) -> Tensor:
+        """The last m outputs from the (B, taps - 1 + m, C) inputs that end at the newest token
+        (zeros where the window reaches before the segment start)."""
+        y = F.conv1d(window.transpose(1, 2), self.weight.to(window.dtype), groups=window.shape[-1])  # (B, C, m)
+        return y.transpose(1, 2)  # (B, m, C)
+
 
 class Attention(nn.Module):
     """Segment-local multi-head attention; with memory, each head mixes in its memory read."""
@@ -150,10 +158,65 @@ class Attention(nn.Module):
         read = None
         if self.mem is not None:
             read, state = self._read_write_memory(x, state, reset, read_memory)
-            g = torch.sigmoid(self.mem_beta).view(1, 1, -1, 1)  # (1, 1, H, 1)
-            y = g * read.to(y.dtype) + (1 - g) * y
+            y = self._mix(y, read)
         y = y.reshape(B, T, -1)  # (B, T, H * hd)
         return self.resid_dropout(self.o_proj(y)), state, read
+
+    # -------------------------------------------------------------- incremental decoding
+    def step(self, x: Tensor, rope: Optional[Rope], slots: Tensor, lc: LayerCache) -> Tensor:
+        """m new tokens of each row's open segment at `slots` (B, m): they attend to the segment's
+        cached keys and read the memory before it. x: (B, m, C) -> (B, m, C)."""
+        B, m, _ = x.shape
+        q = self.q_proj(x).view(B, m, -1, self.head_dim)  # (B, m, H, hd)
+        k = self.k_proj(x).view(B, m, -1, self.head_dim)  # (B, m, H, hd)
+        v = self.v_proj(x).view(B, m, -1, self.head_dim)  # (B, m, H, hd)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        index = slots.view(B, m, 1, 1).expand_as(k)
+        lc.k.scatter_(1, index, k)
+        lc.v.scatter_(1, index, v)
+        visible = torch.arange(lc.k.shape[1], device=x.device).view(1, 1, -1) <= slots.unsqueeze(-1)  # (B, m, N)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), lc.k.transpose(1, 2), lc.v.transpose(1, 2),
+                                           attn_mask=visible.unsqueeze(1)).transpose(1, 2)  # (B, m, H, hd)
+        if self.mem is not None:
+            y = self._mix(y, self._step_memory(x, slots, lc))
+        return self.o_proj(y.reshape(B, m, -1))
+
+    def _mix(self, y: Tensor, read: Tensor) -> Tensor:
+        g = torch.sigmoid(self.mem_beta).view(1, 1, -1, 1)  # (1, 1, H, 1)
+        return g * read.to(y.dtype) + (1 - g) * y
+
+    def _step_memory(self, x: Tensor, slots: Tensor, lc: LayerCache) -> Tensor:
+        """Keep the new tokens' memory inputs for the segment's write; their read (B, m, H, hd)."""
+        B, m, C = x.shape
+        q, k, v = self.mem_q_proj(x), self.mem_k_proj(x), self.mem_v_proj(x)  # (B, m, C) each
+        if self.mem.conv >= 2:
+            q, k, v = self._conv_step(torch.cat([q, k, v], dim=-1), slots, lc)
+        lc.mem_k.scatter_(1, slots.unsqueeze(-1).expand(B, m, C), k)
+        lc.mem_v.scatter_(1, slots.unsqueeze(-1).expand(B, m, C), v)
+        write_logit = self.mem_write_gate(x)  # (B, m, H)
+        lc.write_logit.scatter_(1, slots.unsqueeze(-1).expand_as(write_logit), write_logit)
+        return memory_read(q.view(B, m, -1, self.head_dim), lc.state, self.mem.kind, self.mem.nu, self.mem.eps)
+
+    def _conv_step(self, mem_in: Tensor, slots: Tensor, lc: LayerCache) -> tuple[Tensor, Tensor, Tensor]:
+        B, m, C3 = mem_in.shape
+        lc.mem_in.scatter_(1, slots.unsqueeze(-1).expand(B, m, C3), mem_in)
+        taps = self.mem.conv
+        padded = F.pad(lc.mem_in, (0, 0, taps - 1, 0))  # (B, taps - 1 + N, 3C): zero history at the segment start
+        starts = slots[:, :1] + torch.arange(taps - 1 + m, device=slots.device)  # (B, taps - 1 + m)
+        window = padded.gather(1, starts.unsqueeze(-1).expand(B, taps - 1 + m, C3))  # (B, taps - 1 + m, 3C)
+        wq, wk, wv = window.chunk(3, dim=-1)
+        return self.mem_q_conv.window(wq), self.mem_k_conv.window(wk), self.mem_v_conv.window(wv)
+
+    def close_segment(self, rows: Tensor, lc: LayerCache) -> None:
+        """Write the full open segment of `rows` into their memory with the training scan."""
+        k, v = (t[rows].view(len(rows), self.segment_len, -1, self.head_dim) for t in (lc.mem_k, lc.mem_v))
+        state = LayerState(lc.state.A[rows], lc.state.z[rows])
+        # q only shapes the scan's reads, which are not needed here
+        _, new = SCANS[self.mem.kind](k, k, v, lc.write_logit[rows], state, None, self.segment_len, self.mem.nu,
+                                      self.mem.eps)
+        lc.state.A[rows] = new.A
+        lc.state.z[rows] = new.z
 
     def _read_write_memory(self, x: Tensor, state: Optional[LayerState], reset: Optional[Tensor],
                            read_memory: bool) -> tuple[Tensor, LayerState]:
@@ -200,6 +263,11 @@ class Block(nn.Module):
         x = x + a
         x = x + self.mlp(self.ln2(x))
         return x, state, self._stats(read)
+
+    def step(self, x: Tensor, rope: Optional[Rope], slots: Tensor, lc: LayerCache) -> Tensor:
+        """`forward` for m new tokens of the open segment (incremental decoding)."""
+        x = x + self.attn.step(self.ln1(x), rope, slots, lc)
+        return x + self.mlp(self.ln2(x))
 
     @torch.no_grad()
     def _stats(self, read: Optional[Tensor]) -> dict[str, Tensor]:
@@ -290,6 +358,43 @@ class GPT(nn.Module):
             stats.update({f"{key}/layer{i}": value for key, value in block_stats.items()})
         logits = lm_head(self.ln_f, self.wte, x)  # (B, T, vocab)
         return ModelOutput(logits, tuple(new_states) if self.mem_cfg.enabled else None, stats)
+
+    # -------------------------------------------------------------- incremental decoding
+    def prefill(self, input_ids: Tensor) -> tuple[Tensor, DecodeCache]:
+        """Read prompts (B, T) of one length as training does: the whole segments before the one
+        holding the last token by `forward`, the rest (1..N tokens) into the open segment.
+        Returns the logits (B, T, vocab) and the cache to `step` from."""
+        B, T = input_ids.shape
+        N = self.cfg.segment_len
+        done = ((T - 1) // N) * N  # tokens written to memory: whole segments before the last token's
+        out = self(input_ids[:, :done]) if done else None
+        cache = empty_cache(self.cfg.n_layer, B, self.cfg.n_head, self.cfg.n_embd, N, self.mem_cfg.nu,
+                            out.state if out is not None else None, self.wte.weight.device, self.wte.weight.dtype)
+        rest = self.step(input_ids[:, done:], cache)
+        return (rest if out is None else torch.cat([out.logits, rest], dim=1)), cache
+
+    def step(self, input_ids: Tensor, cache: DecodeCache) -> Tensor:
+        """m tokens (B, m) into each row's open segment, which none may overrun; a segment whose
+        last token this reads is written to memory. Returns the logits (B, m, vocab)."""
+        B, m = input_ids.shape
+        N = self.cfg.segment_len
+        if int(cache.fill.max()) + m > N:
+            raise ValueError(f"{m} tokens overrun an open segment holding {int(cache.fill.max())} of {N}; step fewer")
+        slots = cache.fill.unsqueeze(1) + torch.arange(m, device=input_ids.device)  # (B, m): positions in segments
+        x = self.wte(input_ids)  # (B, m, C)
+        if self.wpe is not None:
+            x = x + self.wpe(slots)
+        rope = build_rope(slots, self.cfg.head_dim, self.cfg.rope_theta) if self.cfg.position == "rope" else None
+        for block, lc in zip(self.blocks.values(), cache.layers):
+            x = block.step(x, rope, slots, lc)
+        cache.fill = cache.fill + m
+        rows = (cache.fill == N).nonzero().flatten()
+        if len(rows):
+            if self.mem_cfg.enabled:
+                for block, lc in zip(self.blocks.values(), cache.layers):
+                    block.attn.close_segment(rows, lc)
+            cache.fill[rows] = 0
+        return lm_head(self.ln_f, self.wte, x)
 
     def _check_inputs(self, input_ids: Tensor, state: Optional[MemoryState], reset: Optional[Tensor]) -> None:
         B, T = input_ids.shape

@@ -280,3 +280,17 @@ def delta_scan(q: Tensor, k: Tensor, v: Tensor, write_logit: Tensor, state: Opti
             z = z + (b_s * phi_k).sum(dim=2)  # (B, H, dk)
         read = torch.cat(reads, dim=2)[:, :, :T].transpose(1, 2)  # (B, T, H, hd)
     return read, LayerState(A, z)
+
+
+def memory_read(q: Tensor, state: LayerState, kind: str, nu: int, eps: float) -> Tensor:
+    """What tokens of an open segment read (incremental decoding): the read of `memory_scan`
+    (kind 'head') or `delta_scan` (kind 'delta') against the memory before the segment.
+    q: (B, m, H, hd) -> (B, m, H, hd) fp32."""
+    hd = q.shape[-1]
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        x = q.float().transpose(1, 2)  # (B, H, m, hd)
+        if kind == "delta":
+            return (delta_features(x, nu) @ state.A).transpose(1, 2)
+        A = torch.cat([state.A, state.z.unsqueeze(-1)], dim=-1)  # (B, H, dk, hd + 1): z as a column, as the scan
+        num, den = (dpfp(x, nu) @ A).split([hd, 1], dim=-1)  # (B, H, m, hd), (B, H, m, 1)
+        return (num / (den + eps)).transpose(1, 2)

@@ -168,9 +168,27 @@ def run_training(cfg: TrainConfig, topo: Topology, train_batches: StatefulBatche
              topo.tp_size, topo.pp_size, cfg.parallel.micro_batch_size * cfg.parallel.grad_accum * topo.dp_size,
              cfg.data.n_segments, cfg.model.segment_len)
     try:
-        return trainer.fit(stop_after)
+        state = trainer.fit(stop_after)
     finally:
         metrics.close()
+    maybe_export_hf(cfg, topo, paths.root)
+    return state
+
+
+def maybe_export_hf(cfg: TrainConfig, topo: Topology, run_dir: Path) -> None:
+    """`checkpoint.export_hf_at_end`: rank 0 exports the newest checkpoint to <run_dir>/hf once the
+    run has ended normally (its checkpoints are committed; the other ranks need not wait). A
+    failure is logged, not raised: the run itself succeeded and `memgpt-export` can retry."""
+    if not (cfg.checkpoint.export_hf_at_end and topo.is_main):
+        return
+    from memgpt_dist.hf.export import ExportError, export_run
+
+    try:
+        ckpt = export_run(run_dir, run_dir / "hf")
+    except (ExportError, OSError) as exc:
+        log.error("checkpoint.export_hf_at_end: the export failed (%s); retry with memgpt-export", exc)
+        return
+    log.info("exported %s to %s (checkpoint.export_hf_at_end)", ckpt, run_dir / "hf")
 
 
 def _report_resume(trainer: Trainer, point: ResumePoint) -> None:
