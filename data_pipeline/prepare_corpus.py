@@ -252,3 +252,14 @@ def read_manifest(data_dir: str | Path) -> dict:
         return json.loads(path.read_text())
     except ValueError as exc:
         raise DataError(f"{path} is not valid JSON ({exc}); re-run memgpt-prepare --out {data_dir} --overwrite") from exc
+
+
+def config_from_args(a) -> PrepareConfig:
+    """The PrepareConfig of parsed `memgpt-prepare` arguments (launch/prepare.py, submit.py prepare)."""
+    return PrepareConfig(out=Path(a.out), inputs=tuple(a.inputs), text_field=a.text_field, format=a.format,
+                         tokenizer=a.tokenizer, vocab_size=a.vocab_size, val_fraction=a.val_fraction,
+                         shard_max_mb=a.shard_max_mb, min_shards=a.min_shards, workers=a.workers,
+                         max_docs=a.max_docs, overwrite=a.overwrite, seed=a.seed,
+                         tokenizer_sample_mb=a.tokenizer_sample, partitions=a.partitions,
+                         jsonl_slice_mb=a.jsonl_slice_mb, scrub=a.scrub, encoding=a.encoding,
+                         on_decode_error=a.on_decode_error)

@@ -76,3 +76,15 @@ def prepare_task(out: Path, spec: TaskSpec, n_train: int, n_val: int, seed: int 
                         "filler": str(filler_corpus) if filler_corpus else "random"}
     _atomic_write_json(out / MANIFEST, manifest)
     return manifest
+
+
+def prepare_task_from_args(a) -> str:
+    """`memgpt-prepare --task ...`: generate the task corpus from parsed arguments; its summary line."""
+    from data_pipeline.tasks import TaskSpec
+
+    spec = TaskSpec(kind=a.task, segment_len=a.segment_len, gap=a.gap, pairs=a.pairs, digits=a.digits)
+    m = prepare_task(Path(a.out), spec, a.task_docs, a.task_val_docs, seed=a.seed, tokenizer=a.tokenizer,
+                     filler_corpus=a.filler_corpus, min_shards=a.min_shards, overwrite=a.overwrite)
+    return (f"{a.task}: {m['totals']['train']['documents']:,} train / {m['totals']['validation']['documents']:,} "
+            f"validation documents of {spec.n_segments} segments x {spec.segment_len} tokens, chance per answer "
+            f"token {spec.chance:.4f} -> {a.out}/manifest.json")

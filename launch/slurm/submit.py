@@ -166,7 +166,7 @@ def prepare_sbatch_commands(a, cfg, missing: dict[str, list[int]]) -> list[tuple
 
 def _submit_prepare(a) -> int:
     from data_pipeline.prepare_array import STAGES, init, missing_tasks
-    from launch.prepare import config_from_args
+    from data_pipeline.prepare_corpus import config_from_args
     from launch.prepare import parse_args as parse_prepare
 
     cfg = config_from_args(parse_prepare(a.prepare_args))

@@ -14,7 +14,6 @@ left-padded batch are segmented from their own first token, so padding changes n
 """
 from __future__ import annotations
 
-import math
 from dataclasses import fields
 from typing import NamedTuple, Optional
 
