@@ -181,6 +181,20 @@ def scan(cfg, work: WorkDir, task: int, n_tasks: int, scrub: Optional[Scrubber] 
 
 
 # ------------------------------------------------------------------ plan
+def _nothing_kept_message(cfg, scans: list[dict]) -> str:
+    """Why no document is left: the skips by reason, with what to change for undecodable ones."""
+    where = ", ".join(cfg.inputs) or "the default corpus"
+    skips = SkipLog()
+    for s in scans:
+        skips.merge(SkipLog.from_dict(s["skipped"]))
+    if not skips.counts:
+        return f"no non-empty documents found in {where}; check the path, --format and --text-field"
+    why = ", ".join(f"{n} {reason} ({', '.join(skips.examples.get(reason, [])[:3])})"
+                    for reason, n in sorted(skips.counts.items()))
+    return (f"no non-empty documents found in {where}: every one was skipped: {why}; for files in another "
+            f"encoding pass --encoding (e.g. latin-1) or --on-decode-error replace")
+
+
 def plan(cfg, work: WorkDir, n_tasks: int, scrub: Optional[Scrubber] = None) -> dict:
     """Stage 2, once: duplicates, --max-docs, the split, the tokenizer sample and the tokenizer."""
     done = read_json(work.plan_marker())
@@ -192,8 +206,7 @@ def plan(cfg, work: WorkDir, n_tasks: int, scrub: Optional[Scrubber] = None) -> 
     tasks, fallback = choose_documents(cfg, work, n_tasks)
     n_dupes = sum(t["duplicates"] for t in tasks)
     if sum(t["kept"] for t in tasks) == 0:
-        where = ", ".join(cfg.inputs) or "the default corpus"
-        raise DataError(f"no non-empty documents found in {where}; check the path, --format and --text-field")
+        raise DataError(_nothing_kept_message(cfg, scans))
     budget = int(cfg.tokenizer_sample_mb * 2**20)
     train_bytes = sum(t["train_bytes"] for t in tasks)
     rate = 1.0 if train_bytes <= budget else budget / train_bytes

@@ -96,8 +96,9 @@ def test_only_undecodable_files_says_why(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.txt").write_bytes(LATIN1)
-    with pytest.raises(DataError, match="no non-empty documents"):
+    with pytest.raises(DataError, match="no non-empty documents") as err:
         prepare_dir(src, tmp_path / "out")
+    assert "decode" in str(err.value) and "a.txt" in str(err.value) and "--encoding" in str(err.value)
 
 
 def test_an_unknown_encoding_is_refused_before_reading(tmp_path):
