@@ -103,7 +103,7 @@ def measure_rss(tmp: Path, scales: list[int]) -> dict:
                    "tokens": sum(t["tokens"] for t in m["totals"].values())}
         print(f"x{k}: {docs:,} docs, {size / 2**20:.0f} MB in, {wall:.0f}s, peak RSS {tree / 2**20:.0f} MB "
               f"(process tree), {one / 2**20:.0f} MB (largest process)", flush=True)
-        jsonl.unlink()
+        jsonl.unlink()  # the benchmark's own input, in its own temporary directory
     return rows
 
 

@@ -12,6 +12,7 @@ or corpus made with other options is never mixed with this one's.
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import shutil
 from dataclasses import asdict
@@ -22,6 +23,7 @@ from data_pipeline.prepare_corpus import (MANIFEST, PrepareConfig, is_our_corpus
                                           remove_corpus)
 from data_pipeline.prepare_stages import WorkDir, atomic_write_json, encode, merge, plan, read_json, scan
 
+log = logging.getLogger(__name__)
 WORK_DIR = ".prepare-work"
 STAGES = ("scan", "plan", "encode", "merge")
 ARRAY_STAGES = ("scan", "encode")  # one task per slice; plan and merge run once
@@ -89,7 +91,7 @@ def missing_tasks(cfg: PrepareConfig, stage: str, n_tasks: int) -> list[int]:
 def run_stage(cfg: PrepareConfig, stage: str, task: int, n_tasks: int) -> Optional[dict]:
     """Run one task of one stage (what an array task of prepare.sbatch calls)."""
     if is_complete(cfg, n_tasks):
-        shutil.rmtree(work_dir(cfg).root, ignore_errors=True)  # a merge killed after its manifest left it
+        remove_work_dir(work_dir(cfg))  # a merge killed after its manifest left it
         return None
     work = work_dir(cfg)
     recorded = read_json(work.root / "config.json")
@@ -106,5 +108,16 @@ def run_stage(cfg: PrepareConfig, stage: str, task: int, n_tasks: int) -> Option
     if stage == "encode":
         return encode(cfg, work, task, n_tasks, cfg.out, scrub)
     manifest = merge(cfg, work, n_tasks, cfg.out, extra={"prepare_fingerprint": fingerprint(cfg, n_tasks)})
-    shutil.rmtree(work.root)
+    remove_work_dir(work)
     return manifest
+
+
+def remove_work_dir(work: WorkDir) -> None:
+    """Delete the array's work directory, only if it is ours: `init` writes its config.json (with
+    the options' fingerprint) first, so a directory of that name without it is left alone."""
+    recorded = read_json(work.root / "config.json") if work.root.is_dir() else None
+    if recorded is None or "fingerprint" not in recorded:
+        if work.root.exists():
+            log.warning("left %s in place: it holds no work record of memgpt-prepare", work.root)
+        return
+    shutil.rmtree(work.root)

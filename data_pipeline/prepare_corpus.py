@@ -148,12 +148,16 @@ def prepare_output_dir(cfg: PrepareConfig) -> None:
 
 
 def remove_corpus(out: Path) -> None:
-    """Delete the manifest first (the directory stops being a corpus), then what this tool names
-    as its own: the tokenizer and the train-/val- shards. Anything else is left where it is."""
+    """Delete the files our manifest lists (its tokenizer and shards), the manifest first so the
+    directory stops being a corpus. Anything the manifest does not name, a user's own
+    `train-mine.tar` included, stays where it is."""
+    m = json.loads((out / MANIFEST).read_text())
+    names = {m["tokenizer"]["file"]} | {s["file"] for split in m["splits"].values() for s in split}
     (out / MANIFEST).unlink()
-    for p in out.iterdir():
-        if p.is_file() and (p.name == "tokenizer.json" or (p.name.startswith(OUR_FILES) and p.suffix == ".tar")):
-            p.unlink()
+    for name in sorted(names):
+        path = out / name
+        if path.parent == out and path.is_file():  # plain names in OUT only, never a path elsewhere
+            path.unlink()
 
 
 def load_scrubber(enabled: bool):

@@ -148,11 +148,7 @@ class Attention(nn.Module):
                 read_memory: bool) -> tuple[Tensor, Optional[LayerState], Optional[Tensor]]:
         """x: (B, T, C) -> (output (B, T, C), layer state after the last segment, memory read (B, T, H, hd))."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, H, hd)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, H, hd)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim)  # (B, T, H, hd)
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = self._qkv(x, rope)  # (B, T, H, hd) each
         p = self.dropout if self.training else 0.0
         y = segment_local_attention(q, k, v, self.segment_len, p)  # (B, T, H, hd)
         read = None
@@ -162,16 +158,22 @@ class Attention(nn.Module):
         y = y.reshape(B, T, -1)  # (B, T, H * hd)
         return self.resid_dropout(self.o_proj(y)), state, read
 
+    def _qkv(self, x: Tensor, rope: Optional[Rope]) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys (rotated) and values of the rank's heads: (B, T, C) -> (B, T, H, hd) each."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, H, hd)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, H, hd)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim)  # (B, T, H, hd)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        return q, k, v
+
     # -------------------------------------------------------------- incremental decoding
     def step(self, x: Tensor, rope: Optional[Rope], slots: Tensor, lc: LayerCache) -> Tensor:
         """m new tokens of each row's open segment at `slots` (B, m): they attend to the segment's
         cached keys and read the memory before it. x: (B, m, C) -> (B, m, C)."""
         B, m, _ = x.shape
-        q = self.q_proj(x).view(B, m, -1, self.head_dim)  # (B, m, H, hd)
-        k = self.k_proj(x).view(B, m, -1, self.head_dim)  # (B, m, H, hd)
-        v = self.v_proj(x).view(B, m, -1, self.head_dim)  # (B, m, H, hd)
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = self._qkv(x, rope)  # (B, m, H, hd) each
         index = slots.view(B, m, 1, 1).expand_as(k)
         lc.k.scatter_(1, index, k)
         lc.v.scatter_(1, index, v)

@@ -111,3 +111,18 @@ def test_an_array_overwrite_replaces_only_the_corpus(tmp_path):
     m = run_array(PrepareConfig(out=out, inputs=ins, overwrite=True, **opts(seed=1)), 2)
     assert m["seed"] == 1 and (out / "NOTES.md").read_text() == "mine"
     assert sorted(p.name for p in out.glob("*.tar")) == sorted(s["file"] for v in m["splits"].values() for s in v)
+
+
+def test_the_work_dir_is_removed_only_when_it_holds_our_record(tmp_path, caplog):
+    from data_pipeline.prepare_array import remove_work_dir
+    from data_pipeline.prepare_stages import WorkDir
+
+    theirs = WorkDir(tmp_path / "out" / ".prepare-work")
+    theirs.root.mkdir(parents=True)
+    (theirs.root / "keep.txt").write_text("not ours")
+    with caplog.at_level("WARNING"):
+        remove_work_dir(theirs)
+    assert (theirs.root / "keep.txt").read_text() == "not ours" and "left" in caplog.text
+    (theirs.root / "config.json").write_text(json.dumps({"fingerprint": "x", "tasks": 1}))  # as init writes it
+    remove_work_dir(theirs)
+    assert not theirs.root.exists()

@@ -46,10 +46,12 @@ def test_overwrite_replaces_only_the_corpus_files(tmp_path):
     out = tmp_path / "out"
     prepare_dir(src, out, min_shards=4)
     (out / "NOTES.md").write_text("mine")
+    (out / "train-mine.tar").write_bytes(b"a user's own archive, named like a shard")
     (out / "train-000003.tar").unlink()  # a different shard layout this time must not leave stale shards
     m = prepare_dir(src, out, min_shards=2, overwrite=True)
     assert (out / "NOTES.md").read_text() == "mine"
-    shards = sorted(p.name for p in out.glob("*.tar"))
+    assert (out / "train-mine.tar").read_bytes() == b"a user's own archive, named like a shard"
+    shards = sorted(p.name for p in out.glob("*.tar") if p.name != "train-mine.tar")
     assert shards == sorted(s["file"] for split in m["splits"].values() for s in split)
 
 
