@@ -21,7 +21,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if __name__ == "__main__":  # a CPU benchmark; gpu_throughput.py imports its helpers on a GPU
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 

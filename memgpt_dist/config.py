@@ -368,6 +368,10 @@ class TrainingConfig:
     # exceed the longest step plus a save and a validation.
     hang_timeout_s: float = doc_field(3600.0, "seconds without a finished step before a rank dumps its stacks and "
                                               "exits 76 (0: no watchdog)")
+    # torch.compile of each block (inductor), applied in parallel/plan.py after tensor parallelism
+    # and activation checkpointing, before DeepSpeed wraps the model (torchtitan's order). The first
+    # step pays the compilation (tens of seconds on CPU, once per sample length and train/eval mode).
+    compile: bool = doc_field(False, "torch.compile each transformer block (ZeRO-0..3 without tp or pp)")
 
     def validate(self) -> None:
         _check(self.max_steps >= 1, "train.max_steps must be >= 1")
@@ -416,6 +420,18 @@ class TrainConfig:
         _check(self.optim.warmup_steps < self.train.max_steps or self.train.max_steps == 1,
                f"optim.warmup_steps={self.optim.warmup_steps} must be below train.max_steps={self.train.max_steps}")
         self.parallel.validate_for_model(self.model)
+        self._validate_compile()
+
+    def _validate_compile(self) -> None:
+        """train.compile runs where it is tested: without tensor or pipeline parallelism (AutoTP
+        swaps the Linear layers inside deepspeed.initialize, after compile; pipeline stages are
+        untested with compiled blocks)."""
+        if not self.train.compile:
+            return
+        _check(self.parallel.pp == 1 and self.parallel.tp == 1,
+               f"train.compile=true is not supported with parallel.tp={self.parallel.tp}, "
+               f"parallel.pp={self.parallel.pp} yet (only tp=1, pp=1: ZeRO-0..3 data parallel); set "
+               f"train.compile=false or parallel.tp=1 parallel.pp=1")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

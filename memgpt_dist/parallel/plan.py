@@ -1,11 +1,12 @@
 """Model transforms applied from outside the model, in a fixed order (torchtitan style).
 
 The model file stays free of parallel and memory-saving code; `apply_plan` is the one place
-that changes a built model before DeepSpeed wraps it. Order: activation checkpointing first
-(it wraps whole blocks), then tensor-parallel partitioning, then compile. Tensor parallelism is
-split in two by DeepSpeed's AutoTP flow: here the per-head parameters that are not Linear weights
-keep only the rank's heads; `deepspeed.initialize` (memgpt_dist/parallel/engine.py) then shards
-the Linear layers by the rules in memgpt_dist/parallel/tensor_parallel.py, before ZeRO partitions.
+that changes a built model before DeepSpeed wraps it. Order (torchtitan's): tensor-parallel
+partitioning, activation checkpointing (it wraps whole blocks), compile (of each block, with its
+checkpointing inside), then the engine. Tensor parallelism is split in two by DeepSpeed's AutoTP
+flow: here the per-head parameters that are not Linear weights keep only the rank's heads;
+`deepspeed.initialize` (memgpt_dist/parallel/engine.py) then shards the Linear layers by the rules
+in memgpt_dist/parallel/tensor_parallel.py, before ZeRO partitions.
 """
 from __future__ import annotations
 
@@ -30,9 +31,23 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     return model
 
 
-def apply_plan(model: nn.Module, parallel: ParallelConfig, tp_rank: int = 0) -> nn.Module:
-    """Apply the configured transforms to a freshly built model on TP rank `tp_rank`."""
+def apply_compile(model: nn.Module, backend: str = "inductor") -> nn.Module:
+    """`torch.compile` each block in place (`Module.compile`), as torchtitan does: blocks are
+    the repeated unit, so one graph serves them all, and the embedding, the LM head and the loss
+    stay eager. Parameter names (and checkpoints) do not change, unlike `torch.compile(model)`
+    (which prefixes `_orig_mod.`). Tracing happens at the first call, so it sees whatever
+    DeepSpeed's engine does to the block's submodules before then (ZeRO-3's parameter hooks)."""
+    for block in model.blocks.values():
+        block.compile(backend=backend)
+    return model
+
+
+def apply_plan(model: nn.Module, parallel: ParallelConfig, tp_rank: int = 0, compile: bool = False) -> nn.Module:
+    """Apply the configured transforms to a freshly built model on TP rank `tp_rank`, in
+    torchtitan's order: TP, activation checkpointing, compile (`train.compile`)."""
+    shard_head_parameters(model, tp_rank, parallel.tp)
     if parallel.activation_checkpointing:
         apply_activation_checkpointing(model)
-    shard_head_parameters(model, tp_rank, parallel.tp)
+    if compile:
+        apply_compile(model)
     return model

@@ -99,7 +99,7 @@ def build_model(cfg: TrainConfig, tp_rank: int = 0) -> GPT:
     seed_everything(cfg.train.seed)
     model = GPT(cfg.model, cfg.memory)
     model.init_weights()
-    return apply_plan(model, cfg.parallel, tp_rank)
+    return apply_plan(model, cfg.parallel, tp_rank, compile=cfg.train.compile)
 
 
 def build_step(cfg: TrainConfig, topo: Topology, load_universal: bool = False):
