@@ -10,6 +10,7 @@ memory on >= 0.8x; (c) ZeRO-3 within 15% of (b) memory on.
 
     python benchmarks/train_throughput.py                 # tiny and ~20M
     python benchmarks/train_throughput.py --sizes 20m --steps 20
+    python benchmarks/train_throughput.py --sizes 20m --compile --warmup 3   # + compiled blocks (b)
 """
 from __future__ import annotations
 
@@ -98,13 +99,16 @@ def hf_step(cfg: TrainConfig):
     return plain_step_fn(hf, lambda mod, b: mod(input_ids=b["input_ids"], labels=b["input_ids"]).loss)
 
 
-def ours_plain_step(cfg: TrainConfig):
+def ours_plain_step(cfg: TrainConfig, compile_blocks: bool = False):
     from memgpt_dist.model import GPT
+    from memgpt_dist.parallel.plan import apply_compile
     from memgpt_dist.train.batch import token_loss_sum
 
     model = GPT(cfg.model, cfg.memory)
     model.init_weights()
     model.train()
+    if compile_blocks:  # train.compile's transform; the warm-up steps pay the compilation
+        apply_compile(model)
 
     def loss(mod, b):
         out = mod(b["input_ids"], reset=b["reset"])
@@ -141,7 +145,7 @@ def engine_step(cfg: TrainConfig, batches, topo):
     return lambda b: trainer.train_step()  # the trainer draws the same batches, in order
 
 
-def run_size(size: str, steps: int, warmup: int, rounds: int, topo) -> dict[str, float]:
+def run_size(size: str, steps: int, warmup: int, rounds: int, topo, compile_blocks: bool = False) -> dict[str, float]:
     cfg_off, cfg_on = make_cfg(size, False), make_cfg(size, True)
     batches = make_batches(cfg_on, steps + warmup)
     fns = {
@@ -151,6 +155,9 @@ def run_size(size: str, steps: int, warmup: int, rounds: int, topo) -> dict[str,
         "c_engine_zero0_mem_on": engine_step(make_cfg(size, True, 0, steps + warmup), batches, topo),
         "c_engine_zero3_mem_on": engine_step(make_cfg(size, True, 3, steps + warmup), batches, topo),
     }
+    if compile_blocks:
+        fns["b_ours_mem_off_compile"] = ours_plain_step(cfg_off, compile_blocks=True)
+        fns["b_ours_mem_on_compile"] = ours_plain_step(cfg_on, compile_blocks=True)
     return measure(fns, batches, warmup, rounds)
 
 
@@ -162,6 +169,12 @@ def report(size: str, r: dict[str, float]) -> None:
     print(f"  (c) ZeRO-3 / (b) memory on: {r['c_engine_zero3_mem_on'] / r['b_ours_mem_on']:.2f}  "
           f"(target >= 0.85)")
     print(f"  (c) ZeRO-0 / (b) memory on: {r['c_engine_zero0_mem_on'] / r['b_ours_mem_on']:.2f}")
+    print(f"  (c) ZeRO-3 / (c) ZeRO-0:    {r['c_engine_zero3_mem_on'] / r['c_engine_zero0_mem_on']:.2f}  "
+          f"(target >= 0.9)")
+    for mem in ("off", "on"):
+        if f"b_ours_mem_{mem}_compile" in r:
+            print(f"  (b) memory {mem}, compile on / off: "
+                  f"{r[f'b_ours_mem_{mem}_compile'] / r[f'b_ours_mem_{mem}']:.2f}")
 
 
 def main(argv=None) -> int:
@@ -171,6 +184,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="also (b) with every block compiled (train.compile); "
+                                                            "its first steps compile, so raise --warmup")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -179,7 +194,7 @@ def main(argv=None) -> int:
     topo = init_distributed()
     results = {}
     for size in args.sizes.split(","):
-        results[size] = run_size(size, args.steps, args.warmup, args.rounds, topo)
+        results[size] = run_size(size, args.steps, args.warmup, args.rounds, topo, args.compile)
         report(size, results[size])
     if args.json:
         with open(args.json, "w") as f:

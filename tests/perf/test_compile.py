@@ -29,16 +29,19 @@ def topo():
     return init_distributed()
 
 
-def losses(topo, root, compile_: bool, stage: int) -> list[float]:
-    t = make_trainer(topo, root, stage=stage, extra=("memory.enabled=false", f"train.compile={str(compile_).lower()}"))
+def losses(topo, root, compile_: bool, stage: int, checkpointing: bool) -> list[float]:
+    t = make_trainer(topo, root, stage=stage, extra=("memory.enabled=false", f"train.compile={str(compile_).lower()}",
+                                                     f"parallel.activation_checkpointing={str(checkpointing).lower()}"))
     return [t.train_step().loss for _ in range(STEPS)]
 
 
-@pytest.mark.parametrize("stage", [0, 3])
-def test_compiled_blocks_train_to_the_eager_losses(topo, tmp_path, stage):
-    eager = losses(topo, tmp_path / "eager", False, stage)
-    compiled = losses(topo, tmp_path / "compiled", True, stage)
-    print(f"ZeRO-{stage} eager {eager}\ncompiled {compiled}")
+# ZeRO-3 with activation checkpointing: the plan's whole order (checkpointing inside the compiled
+# block) and ZeRO-3's parameter hooks inside the traced blocks
+@pytest.mark.parametrize("stage,checkpointing", [(0, False), (3, True)])
+def test_compiled_blocks_train_to_the_eager_losses(topo, tmp_path, stage, checkpointing):
+    eager = losses(topo, tmp_path / "eager", False, stage, checkpointing)
+    compiled = losses(topo, tmp_path / "compiled", True, stage, checkpointing)
+    print(f"ZeRO-{stage} checkpointing {checkpointing}: eager {eager}\ncompiled {compiled}")
     assert eager[0] != eager[-1]  # the weights moved between the compared steps
     assert max(abs(a - b) for a, b in zip(eager, compiled)) < TOLERANCE
 
@@ -54,7 +57,7 @@ def test_the_memory_path_traces_to_the_same_gradients():
     """The memory's segment scan under dynamo + AOT autograd (the `aot_eager` backend: the graphs
     inductor would compile, without its C++ build, which takes minutes for the memory model on a
     2-core machine)."""
-    cfg = load_config(None, ["model.vocab_size=128", "model.n_embd=32", "model.n_head=2", "model.segment_len=8",
+    cfg = load_config(None, ["model.vocab_size=128", "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.segment_len=8",
                              "data.n_segments=3", "memory.enabled=true"])
     ids = torch.randint(0, 128, (2, 25), generator=torch.Generator().manual_seed(0))
     reset = torch.zeros(2, 3, dtype=torch.bool)
