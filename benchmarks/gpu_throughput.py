@@ -200,11 +200,25 @@ def run_variant(size: str, v: Variant, args, topo, peak: float | None) -> dict[s
     return out
 
 
+def guarded(size: str, v: Variant, args, topo, peak: float | None) -> dict[str, float]:
+    """`run_variant`, or on an error (a kernel that will not build on this machine, out of memory)
+    its message, so that one broken variant does not cost the rest of a GPU run's figures."""
+    try:
+        return run_variant(size, v, args, topo, peak)
+    except Exception as exc:  # reported in the table and as FAIL by the targets that need it
+        print(f"   {size} {v.name}: {type(exc).__name__}: {str(exc)[:300]}", file=sys.stderr)
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+
+
 # ------------------------------------------------------------------------------- report
 
 
 def targets(size: str, r: dict[str, dict[str, float]]) -> list[tuple[str, float, float]]:
     """(what, measured, target) for the variants measured at this size."""
+    r = {k: v for k, v in r.items() if "error" not in v}
     tps = {k: v["tokens_per_s"] for k, v in r.items()}
     best_off = max(tps.get("ours_mem_off_zero0", 0.0), tps.get("ours_mem_off_zero0_compile", 0.0))
     out = []
@@ -227,6 +241,9 @@ def report(size: str, r: dict[str, dict[str, float]], tiny: bool) -> None:
     print(f"\n== {size}: {'variant':28s} {'tokens/s':>12s} {'vs (a)':>7s} {'TFLOP/s':>8s} {'MFU':>6s} "
           f"{'peak mem':>9s} {'wall':>6s}")
     for k, v in r.items():
+        if "error" in v:
+            print(f"   {'':5s}{k:28s} ERROR {v['error']}")
+            continue
         ratio = f"{v['tokens_per_s'] / base:6.2f}x" if base else "      -"
         mfu = f"{100 * v['mfu']:5.1f}%" if v["mfu"] == v["mfu"] else "     -"
         print(f"   {'':5s}{k:28s} {v['tokens_per_s']:12,.0f} {ratio} {v['tflops']:8.2f} {mfu} "
@@ -235,6 +252,9 @@ def report(size: str, r: dict[str, dict[str, float]], tiny: bool) -> None:
         print("   (--tiny: toy widths on the code path; the figures mean nothing)")
     for what, got, want in targets(size, r):
         print(f"   {'PASS' if got >= want else 'FAIL'}  {what}: {got:.3f} (target >= {want})")
+    for k, v in r.items():
+        if "error" in v:
+            print(f"   FAIL  {k} did not run, so neither did the targets that compare it")
 
 
 def main(argv=None) -> int:
@@ -262,7 +282,7 @@ def main(argv=None) -> int:
     chosen = [v for v in VARIANTS if v.name in args.variants.split(",")]
     results = {}
     for size in args.sizes.split(","):
-        results[size] = {v.name: run_variant(size, v, args, topo, peak) for v in chosen}
+        results[size] = {v.name: guarded(size, v, args, topo, peak) for v in chosen}
         report(size, results[size], args.tiny)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
