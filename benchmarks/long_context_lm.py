@@ -335,13 +335,14 @@ def format_targets(rows) -> str:
 
 
 def _run(cmd: list[str], log: Path) -> None:
+    """Run `cmd` with its output written to `log` as it comes (a long arm can be watched)."""
     # One thread per training process on a shared 2-core machine (see benchmarks/long_range.py).
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "PYTHONUNBUFFERED": "1",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    log.write_text(proc.stdout + proc.stderr)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}); see {log}\n{proc.stderr[-2000:]}")
+    with open(log, "w") as f:
+        code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code:
+        raise SystemExit(f"{' '.join(cmd)} failed ({code}); see {log}\n{log.read_text()[-2000:]}")
 
 
 def train_arm(args, name: str, overrides: list[str], out: Path) -> tuple[Path, float]:

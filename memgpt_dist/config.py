@@ -38,6 +38,7 @@ import yaml
 
 Position = Literal["rope", "learned"]
 MemoryKind = Literal["head", "delta"]
+Attention = Literal["segment", "window", "full"]
 ZeroStage = Literal[0, 1, 2, 3]
 PipelinePartition = Literal["parameters", "uniform"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -76,6 +77,11 @@ class ModelConfig:
     n_embd: int = doc_field(128, "width of the residual stream; a multiple of model.n_head")
     segment_len: int = doc_field(64, "N: tokens per segment; positions restart in every segment")
     position: Position = doc_field("rope", "positions in attention: rotary ('rope') or a learned embedding ('learned')")
+    # 'window' is Transformer-XL's / ARMT's prev_seg_kv: no token is blind at a segment start;
+    # 'full' is the plain GPT a user would otherwise train, for side-by-side runs.
+    attention: Attention = doc_field("segment", "'segment': causal within a segment; 'window': also over the "
+                                                "previous segment's keys/values (carried like the memory); "
+                                                "'full': causal over the whole sample, continuous positions")
     rope_theta: float = doc_field(10000.0, "base of the rotary frequencies (model.position='rope')")
     mlp_ratio: int = doc_field(4, "MLP hidden width as a multiple of model.n_embd")
     dropout: float = doc_field(0.0, "dropout on embeddings, attention and residual branches, in [0, 1)")
@@ -94,6 +100,8 @@ class ModelConfig:
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "segment_len", "mlp_ratio"):
             _check(getattr(self, name) > 0, f"model.{name} must be > 0")
         _check(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
+        _check(self.attention != "full" or self.position == "rope",
+               "model.attention='full' needs model.position='rope' (learned positions cover one segment only)")
 
 
 @dataclass(frozen=True)
@@ -111,6 +119,12 @@ class MemoryConfig:
     # value), the short convolution that DeltaNet-style recall depends on.
     conv: int = doc_field(4, "taps of a causal depthwise convolution (within a segment) on the memory q, k, v; "
                              "0 or 1: none")
+
+    # Gated DeltaNet's alpha_t; sigmoid(7) = 0.9991 per token, about 0.94 over a 64-token segment.
+    decay: bool = doc_field(False, "a per-head, data-dependent forgetting gate alpha_t in (0, 1) on the memory state "
+                                   "(Gated DeltaNet), so old associations fade")
+    decay_bias_init: float = doc_field(7.0, "initial bias of the forgetting gate's logit: alpha_t starts near "
+                                            "sigmoid(decay_bias_init)")
 
     def validate(self) -> None:
         _check(self.nu >= 1 or (self.kind == "delta" and self.nu == 0),
@@ -411,8 +425,9 @@ class TrainConfig:
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
                 section.validate()
-        _check(not self.train.carry_memory or self.memory.enabled,
-               "train.carry_memory=true needs memory.enabled=true (there is no state to carry)")
+        _check(not self.train.carry_memory or self.memory.enabled or self.model.attention == "window",
+               "train.carry_memory=true needs memory.enabled=true or model.attention='window' (there is no state "
+               "to carry)")
         _check(self.optim.warmup_steps < self.train.max_steps or self.train.max_steps == 1,
                f"optim.warmup_steps={self.optim.warmup_steps} must be below train.max_steps={self.train.max_steps}")
         self.parallel.validate_for_model(self.model)

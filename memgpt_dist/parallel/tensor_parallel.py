@@ -7,7 +7,7 @@ AutoTP training layers inside `deepspeed.initialize`, before ZeRO partitions the
 
 * column-parallel (output features split; the input gradient is all-reduced in backward):
   attn.q_proj, k_proj, v_proj, the memory's attn.mem_q_proj, mem_k_proj, mem_v_proj and
-  attn.mem_write_gate (d -> n_head, one row per head), mlp.up_proj;
+  attn.mem_write_gate and attn.mem_decay_gate (d -> n_head, one row per head), mlp.up_proj;
 * row-parallel (input features split; the output is all-reduced in forward): attn.o_proj,
   mlp.down_proj.
 
@@ -18,7 +18,8 @@ parameters that are not Linear weights are sliced to the same heads by `shard_he
 before `deepspeed.initialize`: attn.mem_beta (n_head,) and the depthwise convolution weights
 (C, 1, taps) of attn.mem_q_conv, mem_k_conv, mem_v_conv over the memory projections' channels.
 The model then computes, reads and writes the memory state A, z (B, H/tp, dk, hd) of its own
-heads only: the memory adds no communication. LayerNorms, the (tied) embedding and row-parallel
+heads only: the memory adds no communication; so does `model.attention: window`, whose carried
+keys and values (B, H/tp, N, hd) are the rank's heads'. LayerNorms, the (tied) embedding and row-parallel
 biases stay replicated; their gradients are equal on every TP rank because the residual stream
 is replicated and the column-parallel layers all-reduce their input gradient.
 """
@@ -38,7 +39,7 @@ from torch import nn
 from memgpt_dist.parallel import ds_compat
 
 COLUMN_PARALLEL = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.mem_q_proj", "attn.mem_k_proj",
-                   "attn.mem_v_proj", "attn.mem_write_gate", "mlp.up_proj")
+                   "attn.mem_v_proj", "attn.mem_write_gate", "attn.mem_decay_gate", "mlp.up_proj")
 ROW_PARALLEL = ("attn.o_proj", "mlp.down_proj")
 # Per-head parameters that are not Linear weights, split along dim 0 into the ranks' heads.
 HEAD_SLICED = ("attn.mem_beta", "attn.mem_q_conv.weight", "attn.mem_k_conv.weight", "attn.mem_v_conv.weight")
