@@ -235,3 +235,18 @@ def test_full_attention_reference():
     scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
     want = torch.einsum("bhts,bshd->bthd", F.softmax(scores, dim=-1), v)
     assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_grouped_kv_window_cache_relayout_by_kv_heads():
+    """With 2 key/value heads for 4 query heads, TP rank t of 2 holds query heads [2t, 2t+2) and
+    kv head t: a one-rank reader gets both kv heads back in order."""
+    whole = _window_state(layers=1, streams=2)
+    k = whole[0].k[:, :2]  # (2 streams, 2 kv heads, N, hd)
+    ranks = [{"coord": {"dp": 0, "tp": t, "pp": 0}, "stream_ids": [0, 1], "heads": [2 * t, 2 * t + 2],
+              "memory_state": {"layer0.A": whole[0].A[:, 2 * t:2 * t + 2], "layer0.k": k[:, t:t + 1]}}
+             for t in range(2)]
+    moved = redistribute_memory(ranks, [1, 0], (0, H))
+    assert torch.equal(moved.memory["layer0.k"], k[[1, 0]])
+    assert torch.equal(moved.memory["layer0.A"], whole[0].A[[1, 0]])
+    half = redistribute_memory(ranks, [0], (2, 4))  # a tp2 reader's second rank
+    assert torch.equal(half.memory["layer0.k"], k[[0], 1:2])
