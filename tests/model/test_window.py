@@ -250,3 +250,21 @@ def test_grouped_kv_window_cache_relayout_by_kv_heads():
     assert torch.equal(moved.memory["layer0.A"], whole[0].A[[1, 0]])
     half = redistribute_memory(ranks, [0], (2, 4))  # a tp2 reader's second rank
     assert torch.equal(half.memory["layer0.k"], k[[0], 1:2])
+
+
+@pytest.mark.parametrize("attention,decay", [("window", False), ("full", False), ("segment", True)])
+def test_incremental_decoding_refuses_what_it_does_not_cover(attention, decay):
+    model = build_tiny(memory=True, attention=attention, memory_kwargs={"decay": decay})
+    with pytest.raises(ValueError, match="incremental decoding supports model.attention='segment'"):
+        model.prefill(_tokens(2 * N))
+
+
+def test_config_says_what_to_change():
+    from memgpt_dist.config import ConfigError, load_config
+
+    with pytest.raises((ValueError, ConfigError), match="model.attention='full' needs model.position='rope'"):
+        load_config("configs/tiny.yaml", ["model.attention=full", "model.position=learned"])
+    with pytest.raises((ValueError, ConfigError), match="model.attention"):
+        load_config("configs/tiny.yaml", ["model.attention=sliding"])
+    cfg = load_config("configs/tiny.yaml", ["model.attention=window", "memory.enabled=false", "train.carry_memory=true"])
+    assert cfg.train.carry_memory  # the window cache alone is a state to carry
