@@ -12,6 +12,7 @@ Each YAML section is backed by one class; the class docstring says what the sect
     log:          LogConfig          console and TensorBoard logging
     train:        TrainingConfig     the training loop: length, validation, stop rules
     perf:         PerfConfig         throughput and MFU accounting
+    init:         InitConfig         where the initial weights come from (a Hugging Face checkpoint)
 
 Every field carries a one-line doc (`doc_field`, read back by `field_doc`), which
 `describe_config` prints with the key's type and default for `--help-config`; a test keeps
@@ -37,7 +38,10 @@ from typing import Any, Iterator, Literal, Optional
 import yaml
 
 Position = Literal["rope", "learned"]
+Norm = Literal["layernorm", "rmsnorm"]
+Mlp = Literal["gelu", "gelu_tanh", "swiglu"]
 MemoryKind = Literal["head", "delta"]
+Attention = Literal["segment", "window", "full"]
 ZeroStage = Literal[0, 1, 2, 3]
 PipelinePartition = Literal["parameters", "uniform"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -76,24 +80,66 @@ class ModelConfig:
     n_embd: int = doc_field(128, "width of the residual stream; a multiple of model.n_head")
     segment_len: int = doc_field(64, "N: tokens per segment; positions restart in every segment")
     position: Position = doc_field("rope", "positions in attention: rotary ('rope') or a learned embedding ('learned')")
+    # 'window' is Transformer-XL's / ARMT's prev_seg_kv: no token is blind at a segment start;
+    # 'full' is the plain GPT a user would otherwise train, for side-by-side runs.
+    attention: Attention = doc_field("segment", "'segment': causal within a segment; 'window': also over the "
+                                                "previous segment's keys/values (carried like the memory); "
+                                                "'full': causal over the whole sample, continuous positions")
     rope_theta: float = doc_field(10000.0, "base of the rotary frequencies (model.position='rope')")
-    mlp_ratio: int = doc_field(4, "MLP hidden width as a multiple of model.n_embd")
+    mlp_ratio: int = doc_field(4, "MLP hidden width as a multiple of model.n_embd (swiglu: 2/3 of it, rounded up "
+                                  "to model.mlp_multiple_of, as Llama)")
     dropout: float = doc_field(0.0, "dropout on embeddings, attention and residual branches, in [0, 1)")
-    bias: bool = doc_field(True, "biases in the linear layers and layer norms (the memory projections have none)")
+    bias: bool = doc_field(True, "biases in every attention and MLP linear layer and in the layer norms (rmsnorm and "
+                                 "the memory projections have none)")
     init_std: float = doc_field(0.02, "std of the normal weight init (output projections: / sqrt(2 * n_layer))")
+    # Modern blocks (Llama family): rmsnorm + swiglu + grouped-query attention + an untied head.
+    norm: Norm = doc_field("layernorm", "the blocks' and the final norm: 'layernorm' or 'rmsnorm' (no bias)")
+    norm_eps: float = doc_field(1e-5, "epsilon of the norms (Llama checkpoints use 1e-5 or 1e-6)")
+    mlp: Mlp = doc_field("gelu", "feed-forward: 'gelu' (erf), 'gelu_tanh' (GPT-2's gelu_new) or 'swiglu' "
+                                 "(down(silu(gate(x)) * up(x)))")
+    mlp_hidden: int = doc_field(0, "MLP hidden width, overriding the model.mlp_ratio rule (an imported model's exact "
+                                   "size); 0: from the rule")
+    mlp_multiple_of: int = doc_field(256, "swiglu: the derived hidden width is rounded up to a multiple of this")
+    # The memory stays per query head: only the attention keys and values are shared by a group.
+    n_kv_head: int = doc_field(0, "key/value heads of attention (grouped-query attention; divides model.n_head); "
+                                  "0: model.n_head. The memory stays per query head")
+    tie_embeddings: bool = doc_field(True, "the LM head is the token embedding (true) or a separate matrix")
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads of attention: model.n_kv_head, or n_head when it is 0."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        """The MLP's hidden width: model.mlp_hidden, else mlp_ratio * n_embd (gelu) or Llama's
+        rule for swiglu: 2/3 of that, rounded up to a multiple of mlp_multiple_of."""
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        if self.mlp != "swiglu":
+            return self.mlp_ratio * self.n_embd
+        hidden = int(2 * self.mlp_ratio * self.n_embd / 3)
+        return self.mlp_multiple_of * -(-hidden // self.mlp_multiple_of)
 
     def validate(self) -> None:
         _check(self.n_embd % self.n_head == 0,
                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
         _check(self.position != "rope" or self.head_dim % 2 == 0,
                f"model.position='rope' needs an even head_dim, got {self.head_dim}")
-        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "segment_len", "mlp_ratio"):
+        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "segment_len", "mlp_ratio", "mlp_multiple_of"):
             _check(getattr(self, name) > 0, f"model.{name} must be > 0")
+        _check(self.mlp_hidden >= 0, "model.mlp_hidden must be >= 0 (0: from model.mlp_ratio)")
+        _check(self.norm_eps > 0, "model.norm_eps must be > 0")
+        _check(self.n_kv_head >= 0 and self.n_head % self.kv_heads == 0,
+               f"model.n_kv_head={self.n_kv_head} must divide model.n_head={self.n_head} (each key/value head serves "
+               f"a group of query heads); 0: one per query head")
         _check(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
+        _check(self.attention != "full" or self.position == "rope",
+               "model.attention='full' needs model.position='rope' (learned positions cover one segment only)")
 
 
 @dataclass(frozen=True)
@@ -111,6 +157,12 @@ class MemoryConfig:
     # value), the short convolution that DeltaNet-style recall depends on.
     conv: int = doc_field(4, "taps of a causal depthwise convolution (within a segment) on the memory q, k, v; "
                              "0 or 1: none")
+
+    # Gated DeltaNet's alpha_t; sigmoid(7) = 0.9991 per token, about 0.94 over a 64-token segment.
+    decay: bool = doc_field(False, "a per-head, data-dependent forgetting gate alpha_t in (0, 1) on the memory state "
+                                   "(Gated DeltaNet), so old associations fade")
+    decay_bias_init: float = doc_field(7.0, "initial bias of the forgetting gate's logit: alpha_t starts near "
+                                            "sigmoid(decay_bias_init)")
 
     def validate(self) -> None:
         _check(self.nu >= 1 or (self.kind == "delta" and self.nu == 0),
@@ -281,6 +333,13 @@ class ParallelConfig:
             raise ConfigError(f"parallel.tp={self.tp} does not divide model.n_head={model.n_head}: tensor parallelism "
                               f"gives each rank whole attention heads (and their memory); use "
                               f"{_nearest_divisors(model.n_head, self.tp)}")
+        _check(model.kv_heads % self.tp == 0,
+               f"parallel.tp={self.tp} does not divide model.n_kv_head={model.kv_heads}: tensor parallelism gives "
+               f"each rank whole key/value heads with their group of query heads; use a parallel.tp that divides "
+               f"{model.kv_heads}")
+        _check(model.mlp_hidden_size % self.tp == 0,
+               f"parallel.tp={self.tp} does not divide the MLP hidden width {model.mlp_hidden_size} "
+               f"(model.mlp_hidden / model.mlp_ratio); choose a width divisible by parallel.tp")
         _check(self.pp <= model.n_layer,
                f"parallel.pp={self.pp} exceeds model.n_layer={model.n_layer}: every pipeline stage needs at "
                f"least one block; use parallel.pp={model.n_layer} or fewer")
@@ -396,6 +455,23 @@ class PerfConfig:
 
 
 @dataclass(frozen=True)
+class InitConfig:
+    """Where the initial weights come from (`init:`): the seeded init, or a Hugging Face checkpoint.
+
+    With `from_hf`, the model.* keys the checkpoint fixes (widths, heads, norm, MLP, positions, tied
+    head) are taken from its config.json at load (`memgpt_dist.hf.convert.model_fields`); giving one
+    of them another value is an error naming the key. Prepare the corpus with its tokenizer
+    (`memgpt-prepare --tokenizer DIR`). The weights are loaded at a fresh start, never on resume.
+    """
+
+    from_hf: str = doc_field("", "a local GPT2LMHeadModel or LlamaForCausalLM directory (save_pretrained) to start "
+                                 "from, with the memory added so step 0 equals it; empty: random init")
+
+    def validate(self) -> None:
+        pass  # the directory and its config.json are read, and checked, when the config is loaded
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Root of the run configuration: `run_dir` and one section per concern."""
 
@@ -409,14 +485,16 @@ class TrainConfig:
     log: LogConfig = section_field(LogConfig)
     train: TrainingConfig = section_field(TrainingConfig)
     perf: PerfConfig = section_field(PerfConfig)
+    init: InitConfig = section_field(InitConfig)
 
     def validate(self) -> None:
         for f in fields(self):
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
                 section.validate()
-        _check(not self.train.carry_memory or self.memory.enabled,
-               "train.carry_memory=true needs memory.enabled=true (there is no state to carry)")
+        _check(not self.train.carry_memory or self.memory.enabled or self.model.attention == "window",
+               "train.carry_memory=true needs memory.enabled=true or model.attention='window' (there is no state "
+               "to carry)")
         _check(self.optim.warmup_steps < self.train.max_steps or self.train.max_steps == 1,
                f"optim.warmup_steps={self.optim.warmup_steps} must be below train.max_steps={self.train.max_steps}")
         self.parallel.validate_for_model(self.model)
@@ -492,9 +570,42 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         raw = _read_yaml(Path(path))
     for item in overrides or []:
         _apply_override(raw, item)
+    _take_model_from_hf(raw)
     cfg = from_dict(TrainConfig, raw, prefix="")
     cfg.validate()
     return cfg
+
+
+def _take_model_from_hf(raw: dict[str, Any]) -> None:
+    """With init.from_hf, fill raw's model section from the checkpoint's config.json; a model key
+    given with another value is an error naming it (the checkpoint's weights fix it)."""
+    init = raw.get("init")
+    path = init.get("from_hf") if isinstance(init, dict) else None
+    if not path:
+        return
+    from memgpt_dist.hf.convert import HFImportError, check_segment_len, model_fields  # json only, no torch
+
+    try:
+        derived = model_fields(path)
+    except (HFImportError, KeyError, ValueError) as exc:
+        raise ConfigError(str(exc) if not isinstance(exc, KeyError) else
+                          f"init.from_hf={path}: config.json lacks {exc}") from exc
+    model = raw.setdefault("model", {})
+    if not isinstance(model, dict):
+        return  # from_dict names the problem
+    for key, value in derived.items():
+        if key in model and model[key] != value and not _same_number(model[key], value):
+            raise ConfigError(f"model.{key}={model[key]!r} differs from the checkpoint in init.from_hf={path} "
+                              f"({value!r}); remove model.{key} or set it to {value!r}")
+        model[key] = value
+    try:
+        check_segment_len(path, model.get("segment_len", ModelConfig.segment_len))
+    except HFImportError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _same_number(a: Any, b: Any) -> bool:
+    return isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and float(a) == float(b)
 
 
 def config_from_json(text: str) -> TrainConfig:

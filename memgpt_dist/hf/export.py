@@ -69,6 +69,8 @@ def hf_config(cfg: TrainConfig, eos_id: int, pad_id: int):
                           segment_len=m.segment_len, position=m.position, rope_theta=m.rope_theta,
                           mlp_ratio=m.mlp_ratio, bias=m.bias, mem_enabled=mem.enabled, mem_kind=mem.kind,
                           mem_nu=mem.nu, mem_eps=mem.eps, mem_conv=mem.conv, eos_token_id=eos_id, pad_token_id=pad_id,
+                          n_kv_head=m.kv_heads, norm=m.norm, norm_eps=m.norm_eps, mlp=m.mlp,
+                          mlp_hidden=m.mlp_hidden_size, tie_word_embeddings=m.tie_embeddings,
                           architectures=["MemGPTForCausalLM"])
     config.auto_map = dict(AUTO_MAP)
     return config

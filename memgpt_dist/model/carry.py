@@ -2,9 +2,12 @@
 
 One representation for every layout: the state of each layer this rank computes, keyed by global
 layer index (a whole model holds every layer, a pipeline stage its own), each a `LayerState` of
-the rank's streams and heads, detached (truncated BPTT), fp32. It saves as
-`{"layer<i>.A", "layer<i>.z"}`, the names `memory.state_to_dict` gives a whole model's state, so a
-checkpoint of any layout reads back into any other. Imports torch only.
+the rank's streams and heads, detached (truncated BPTT): the memory (A, z, fp32) and, with
+`model.attention: window`, the last segment's keys and values (k, v in their dtype, kv_valid
+bool). It saves as `{"layer<i>.A", "layer<i>.z", "layer<i>.k", ...}` (the fields that exist), the
+names `memory.state_to_dict` gives a whole model's state, every tensor with heads in dim 1, so a
+checkpoint of any layout reads back into any other (`train/redistribute.py` slices rows and
+heads of every key alike). Imports torch only.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from memgpt_dist.model.memory import LayerState, MemoryState
+from memgpt_dist.model.memory import STATE_FIELDS, LayerState, MemoryState, detach_state
 
 Snapshot = dict[int, LayerState]
 
@@ -57,25 +60,39 @@ class MemoryCarry:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> Optional[dict[str, Tensor]]:
-        """`{"layer<i>.A", "layer<i>.z"}` on the CPU, fp32; None when nothing is carried."""
+        """`{"layer<i>.<field>"}` on the CPU (A, z fp32; k, v, kv_valid as computed); None when
+        nothing is carried."""
         if not (self.enabled and self.layers):
             return None
         out: dict[str, Tensor] = {}
         for i, s in sorted(self.layers.items()):
-            out[f"layer{i}.A"], out[f"layer{i}.z"] = s.A.float().cpu(), s.z.float().cpu()
+            for name, t in zip(STATE_FIELDS, s):
+                if t is not None:
+                    out[f"layer{i}.{name}"] = (t.float() if name in ("A", "z") else t).cpu()
         return out
 
     def load_state_dict(self, tensors: Optional[dict[str, Tensor]], device: torch.device) -> None:
         """Take this rank's layers from a saved state (a stage's or a whole model's); None, or a
-        state without them: zero memory."""
+        state without them: zero memory and no previous segment."""
         if not self.enabled:
             return
-        layers = self.owned if self.owned is not None else sorted(
-            int(k[len("layer"):-len(".A")]) for k in (tensors or {}) if k.endswith(".A"))
-        self.layers = {i: LayerState(tensors[f"layer{i}.A"].to(device, torch.float32),
-                                     tensors[f"layer{i}.z"].to(device, torch.float32))
-                       for i in layers if tensors and f"layer{i}.A" in tensors}
+        tensors = tensors or {}
+        saved = sorted({int(key.split(".")[0][len("layer"):]) for key in tensors})
+        layers = self.owned if self.owned is not None else saved
+        self.layers = {i: _loaded(tensors, i, device) for i in layers if i in saved}
+
+
+def _loaded(tensors: dict[str, Tensor], i: int, device: torch.device) -> LayerState:
+    """Layer i's fields; a redistributed kv_valid (stacked as float) back to bool."""
+    fields = []
+    for name in STATE_FIELDS:
+        t = tensors.get(f"layer{i}.{name}")
+        if t is not None:
+            t = t.to(device, torch.float32) if name in ("A", "z") else t.to(device)
+            t = t.bool() if name == "kv_valid" else t
+        fields.append(t)
+    return LayerState(*fields)
 
 
 def _detached(s: LayerState) -> LayerState:
-    return LayerState(s.A.detach(), s.z.detach())
+    return detach_state((s,))[0]

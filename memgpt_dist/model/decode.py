@@ -22,7 +22,7 @@ class LayerCache:
     def __init__(self, state: LayerState, k: Tensor, v: Tensor, mem_in: Tensor, mem_k: Tensor, mem_v: Tensor,
                  write_logit: Tensor):
         self.state = state  # the memory before the open segment
-        self.k, self.v = k, v  # (B, N, H, hd) attention keys (rotated) and values
+        self.k, self.v = k, v  # (B, N, Hkv, hd) attention keys (rotated) and values, per key/value head
         self.mem_in = mem_in  # (B, N, 3C) memory q|k|v projections before the convolution
         self.mem_k, self.mem_v = mem_k, mem_v  # (B, N, C) after the convolution: what the segment writes
         self.write_logit = write_logit  # (B, N, H)
@@ -54,7 +54,7 @@ class DecodeCache:
         return DecodeCache(layers, torch.cat([c.fill for c in caches]))
 
 
-def empty_cache(n_layer: int, batch: int, n_head: int, n_embd: int, segment_len: int, nu: int,
+def empty_cache(n_layer: int, batch: int, n_head: int, n_kv_head: int, n_embd: int, segment_len: int, nu: int,
                 states: Optional[tuple[LayerState, ...]], device: torch.device, dtype: torch.dtype) -> DecodeCache:
     """A cache with empty open segments, starting from `states` (None: zero memory)."""
     hd = n_embd // n_head
@@ -65,7 +65,7 @@ def empty_cache(n_layer: int, batch: int, n_head: int, n_embd: int, segment_len:
     layers = []
     for i in range(n_layer):
         state = states[i] if states is not None else zero_layer_state(batch, n_head, hd, nu, device)
-        layers.append(LayerCache(state, zeros(segment_len, n_head, hd), zeros(segment_len, n_head, hd),
+        layers.append(LayerCache(state, zeros(segment_len, n_kv_head, hd), zeros(segment_len, n_kv_head, hd),
                                  zeros(segment_len, 3 * n_embd), zeros(segment_len, n_embd),
                                  zeros(segment_len, n_embd), zeros(segment_len, n_head)))
     return DecodeCache(layers, torch.zeros(batch, dtype=torch.long, device=device))

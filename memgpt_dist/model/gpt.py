@@ -29,6 +29,8 @@ from torch import Tensor
 from memgpt_dist.config import MemoryConfig, ModelConfig
 from memgpt_dist.model.decode import DecodeCache, LayerCache, empty_cache
 from memgpt_dist.model.memory import LayerState, MemoryState, delta_scan, memory_read, memory_scan
+from memgpt_dist.model.window import (WindowCache, check_decodable, full_attention, window_attention,
+                                      with_window)
 
 SCANS = {"head": memory_scan, "delta": delta_scan}  # memory.kind -> scan over segments
 
@@ -66,11 +68,20 @@ def apply_rope(x: Tensor, rope: Rope) -> Tensor:
 
 
 def _block_causal(q: Tensor, k: Tensor, v: Tensor, n: int, dropout_p: float) -> Tensor:
-    """Causal attention inside consecutive blocks of exactly n tokens. (B, L, H, hd) -> same."""
+    """Causal attention inside consecutive blocks of exactly n tokens. q: (B, L, H, hd), k, v:
+    (B, L, Hkv, hd) with Hkv dividing H (grouped-query attention) -> (B, L, H, hd)."""
     B, L, H, hd = q.shape
-    q, k, v = (t.reshape(B * (L // n), n, H, hd).transpose(1, 2) for t in (q, k, v))  # (B*S, H, n, hd)
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B*S, H, n, hd)
+    q, k, v = (t.reshape(B * (L // n), n, -1, hd).transpose(1, 2) for t in (q, k, v))  # (B*S, H or Hkv, n, hd)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
+                                         **gqa_kwargs(q, k))  # (B*S, H, n, hd)
     return out.transpose(1, 2).reshape(B, L, H, hd)  # (B, L, H, hd)
+
+
+def gqa_kwargs(q: Tensor, k: Tensor) -> dict:
+    """SDPA's grouped-query flag when q (.., H, n, hd) has more heads than k (.., Hkv, n, hd): key/value
+    head j serves query heads [j H/Hkv, (j+1) H/Hkv), Llama's repeat_kv order (and a TP rank holding
+    kv heads [a, b) holds exactly their queries). Empty for plain multi-head attention."""
+    return {"enable_gqa": True} if q.shape[-3] != k.shape[-3] else {}
 
 
 def segment_local_attention(q: Tensor, k: Tensor, v: Tensor, segment_len: int, dropout_p: float) -> Tensor:
@@ -124,13 +135,15 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: ModelConfig, mem: MemoryConfig):
         super().__init__()
-        d = cfg.n_embd
+        d, d_kv = cfg.n_embd, cfg.kv_heads * cfg.head_dim
         self.head_dim = cfg.head_dim
         self.segment_len = cfg.segment_len
         self.dropout = cfg.dropout
+        self.attention = cfg.attention  # 'segment' | 'window' | 'full' (window.py)
+        self.rope_theta = cfg.rope_theta if cfg.position == "rope" else None
         self.q_proj = nn.Linear(d, d, bias=cfg.bias)
-        self.k_proj = nn.Linear(d, d, bias=cfg.bias)
-        self.v_proj = nn.Linear(d, d, bias=cfg.bias)
+        self.k_proj = nn.Linear(d, d_kv, bias=cfg.bias)  # grouped-query attention: Hkv heads
+        self.v_proj = nn.Linear(d, d_kv, bias=cfg.bias)
         self.o_proj = nn.Linear(d, d, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.mem = mem if mem.enabled else None
@@ -140,6 +153,8 @@ class Attention(nn.Module):
             self.mem_v_proj = nn.Linear(d, d, bias=False)
             self.mem_write_gate = nn.Linear(d, cfg.n_head)  # b_t per token and head
             self.mem_beta = nn.Parameter(torch.empty(cfg.n_head))  # g_h = sigmoid(mem_beta_h)
+            if mem.decay:
+                self.mem_decay_gate = nn.Linear(d, cfg.n_head)  # alpha_t per token and head (forgetting)
             if mem.conv >= 2:
                 self.mem_q_conv, self.mem_k_conv, self.mem_v_conv = (
                     SegmentConv(d, mem.conv, cfg.segment_len) for _ in range(3))
@@ -150,20 +165,34 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self._qkv(x, rope)  # (B, T, H, hd) each
         p = self.dropout if self.training else 0.0
-        y = segment_local_attention(q, k, v, self.segment_len, p)  # (B, T, H, hd)
+        y, window = self._attend(q, k, v, state, reset, p)  # (B, T, H, hd), the window for the next forward
         read = None
         if self.mem is not None:
             read, state = self._read_write_memory(x, state, reset, read_memory)
             y = self._mix(y, read)
+        if self.attention == "window":
+            state = with_window(state if self.mem is not None else None, window)
         y = y.reshape(B, T, -1)  # (B, T, H * hd)
         return self.resid_dropout(self.o_proj(y)), state, read
 
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, state: Optional[LayerState], reset: Optional[Tensor],
+                p: float) -> tuple[Tensor, Optional[WindowCache]]:
+        """`model.attention` over the rank's heads: (B, T, H, hd), and the window cache the next
+        forward starts from ('window' only; None otherwise)."""
+        if self.attention == "full":
+            return full_attention(q, k, v, p), None
+        if self.attention == "window":
+            cache = None if state is None or state.k is None else WindowCache(state.k, state.v, state.kv_valid)
+            return window_attention(q, k, v, self.segment_len, cache, reset, self.rope_theta, p)
+        return segment_local_attention(q, k, v, self.segment_len, p), None
+
     def _qkv(self, x: Tensor, rope: Optional[Rope]) -> tuple[Tensor, Tensor, Tensor]:
-        """Queries, keys (rotated) and values of the rank's heads: (B, T, C) -> (B, T, H, hd) each."""
+        """Queries, keys (rotated) and values of the rank's heads: (B, T, C) -> (B, T, H, hd) and
+        (B, T, Hkv, hd) twice (Hkv = H without grouped-query attention)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, H, hd)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, H, hd)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim)  # (B, T, H, hd)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, hd)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, hd)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         return q, k, v
@@ -173,13 +202,14 @@ class Attention(nn.Module):
         """m new tokens of each row's open segment at `slots` (B, m): they attend to the segment's
         cached keys and read the memory before it. x: (B, m, C) -> (B, m, C)."""
         B, m, _ = x.shape
-        q, k, v = self._qkv(x, rope)  # (B, m, H, hd) each
+        q, k, v = self._qkv(x, rope)  # (B, m, H, hd), (B, m, Hkv, hd) twice
         index = slots.view(B, m, 1, 1).expand_as(k)
         lc.k.scatter_(1, index, k)
         lc.v.scatter_(1, index, v)
         visible = torch.arange(lc.k.shape[1], device=x.device).view(1, 1, -1) <= slots.unsqueeze(-1)  # (B, m, N)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), lc.k.transpose(1, 2), lc.v.transpose(1, 2),
-                                           attn_mask=visible.unsqueeze(1)).transpose(1, 2)  # (B, m, H, hd)
+        q, ck, cv = q.transpose(1, 2), lc.k.transpose(1, 2), lc.v.transpose(1, 2)  # (B, H or Hkv, m or N, hd)
+        y = F.scaled_dot_product_attention(q, ck, cv, attn_mask=visible.unsqueeze(1),
+                                           **gqa_kwargs(q, ck)).transpose(1, 2)  # (B, m, H, hd)
         if self.mem is not None:
             y = self._mix(y, self._step_memory(x, slots, lc))
         return self.o_proj(y.reshape(B, m, -1))
@@ -228,7 +258,9 @@ class Attention(nn.Module):
             q, k, v = self.mem_q_conv(q), self.mem_k_conv(k), self.mem_v_conv(v)
         q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))  # (B, T, H, hd) each
         scan = SCANS[self.mem.kind]
-        read, state = scan(q, k, v, self.mem_write_gate(x), state, reset, self.segment_len, self.mem.nu, self.mem.eps)
+        decay = self.mem_decay_gate(x) if self.mem.decay else None  # (B, T, H) forgetting-gate logits
+        read, state = scan(q, k, v, self.mem_write_gate(x), state, reset, self.segment_len, self.mem.nu, self.mem.eps,
+                           decay)
         if not read_memory:
             # ablation: every segment sees what the first segment of a document sees (a zero read)
             read = torch.zeros_like(read)
@@ -236,27 +268,51 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise GELU feed-forward."""
+    """Position-wise feed-forward: down(gelu(up(x))) (`model.mlp` gelu / gelu_tanh) or SwiGLU
+    down(silu(gate(x)) * up(x)) (Llama); hidden width `ModelConfig.mlp_hidden_size`."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        hidden = cfg.mlp_ratio * cfg.n_embd
+        hidden = cfg.mlp_hidden_size
+        self.kind = cfg.mlp
+        if self.kind == "swiglu":
+            self.gate_proj = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
         self.up_proj = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
         self.down_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.down_proj(F.gelu(self.up_proj(x))))
+        if self.kind == "swiglu":
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        else:
+            h = F.gelu(self.up_proj(x), approximate="tanh" if self.kind == "gelu_tanh" else "none")
+        return self.dropout(self.down_proj(h))
+
+
+def build_norm(cfg: ModelConfig) -> nn.Module:
+    """`model.norm`: LayerNorm (with a bias when model.bias) or RMSNorm (a gain only)."""
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class LMHead(nn.Module):
+    """The untied LM head (`model.tie_embeddings: false`): a (vocab, C) matrix. Not an nn.Linear,
+    so tensor parallelism leaves it replicated like the embedding (the logits are not split)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.n_embd))
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+    """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
     def __init__(self, cfg: ModelConfig, mem: MemoryConfig):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln1 = build_norm(cfg)
         self.attn = Attention(cfg, mem)
-        self.ln2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln2 = build_norm(cfg)
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, rope: Optional[Rope], state: Optional[LayerState], reset: Optional[Tensor],
@@ -299,12 +355,16 @@ def rope_tables(cfg: ModelConfig, T: int, device: torch.device) -> Optional[Rope
     """The rotary tables every layer uses for T tokens (None with learned positions)."""
     if cfg.position != "rope":
         return None
-    return build_rope(segment_positions(T, cfg.segment_len, device), cfg.head_dim, cfg.rope_theta)
+    # full attention reads the sample as one sequence: continuous positions
+    full = cfg.attention == "full"
+    positions = torch.arange(T, device=device) if full else segment_positions(T, cfg.segment_len, device)
+    return build_rope(positions, cfg.head_dim, cfg.rope_theta)
 
 
-def lm_head(ln_f: nn.LayerNorm, wte: nn.Embedding, x: Tensor) -> Tensor:
-    """Final norm and the LM head tied to the token embedding: (B, T, C) -> (B, T, vocab)."""
-    return F.linear(ln_f(x), wte.weight)
+def lm_head(ln_f: nn.Module, head: nn.Module, x: Tensor) -> Tensor:
+    """Final norm and the LM head: `head` is the token embedding (tied) or the `LMHead`, either
+    holding a (vocab, C) weight. (B, T, C) -> (B, T, vocab)."""
+    return F.linear(ln_f(x), head.weight)
 
 
 class GPT(nn.Module):
@@ -318,7 +378,13 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(cfg.segment_len, cfg.n_embd) if cfg.position == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleDict({str(i): Block(cfg, mem) for i in range(cfg.n_layer)})
-        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_f = build_norm(cfg)
+        self.lm_head = None if cfg.tie_embeddings else LMHead(cfg)
+
+    @property
+    def head(self) -> nn.Module:
+        """What the logits are computed with: the token embedding (tied) or the `LMHead`."""
+        return self.wte if self.lm_head is None else self.lm_head
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -326,12 +392,12 @@ class GPT(nn.Module):
         stream's variance does not grow with depth; memory gates from `MemoryConfig`."""
         std = self.cfg.init_std
         for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+            if isinstance(module, (nn.Linear, nn.Embedding, LMHead)):
                 is_output = name.endswith(("attn.o_proj", "mlp.down_proj"))
                 nn.init.normal_(module.weight, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layer) if is_output else std)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
-            if isinstance(module, nn.LayerNorm):
+            if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 module.reset_parameters()
         # a second pass: named_modules() visits an Attention before its mem_write_gate child
         for block in self.blocks.values():
@@ -339,6 +405,8 @@ class GPT(nn.Module):
             if attn.mem is not None:
                 nn.init.constant_(attn.mem_write_gate.bias, attn.mem.write_gate_bias_init)
                 nn.init.constant_(attn.mem_beta, attn.mem.gate_init)
+                if attn.mem.decay:  # alpha_t starts near 1: forgetting is learned, not imposed
+                    nn.init.constant_(attn.mem_decay_gate.bias, attn.mem.decay_bias_init)
                 for name in ("mem_q_conv", "mem_k_conv", "mem_v_conv"):
                     if hasattr(attn, name):
                         getattr(attn, name).reset_parameters()
@@ -358,8 +426,8 @@ class GPT(nn.Module):
             x, layer_state, block_stats = block(x, rope, layer_states[int(i)], reset, read_memory)
             new_states.append(layer_state)
             stats.update({f"{key}/layer{i}": value for key, value in block_stats.items()})
-        logits = lm_head(self.ln_f, self.wte, x)  # (B, T, vocab)
-        return ModelOutput(logits, tuple(new_states) if self.mem_cfg.enabled else None, stats)
+        logits = lm_head(self.ln_f, self.head, x)  # (B, T, vocab)
+        return ModelOutput(logits, tuple(new_states) if self.carries_state else None, stats)
 
     # -------------------------------------------------------------- incremental decoding
     def prefill(self, input_ids: Tensor) -> tuple[Tensor, DecodeCache]:
@@ -368,9 +436,11 @@ class GPT(nn.Module):
         Returns the logits (B, T, vocab) and the cache to `step` from."""
         B, T = input_ids.shape
         N = self.cfg.segment_len
+        check_decodable(self.cfg.attention, self.mem_cfg.decay)
         done = ((T - 1) // N) * N  # tokens written to memory: whole segments before the last token's
         out = self(input_ids[:, :done]) if done else None
-        cache = empty_cache(self.cfg.n_layer, B, self.cfg.n_head, self.cfg.n_embd, N, self.mem_cfg.nu,
+        cfg = self.cfg
+        cache = empty_cache(cfg.n_layer, B, cfg.n_head, cfg.kv_heads, cfg.n_embd, N, self.mem_cfg.nu,
                             out.state if out is not None else None, self.wte.weight.device, self.wte.weight.dtype)
         rest = self.step(input_ids[:, done:], cache)
         return (rest if out is None else torch.cat([out.logits, rest], dim=1)), cache
@@ -396,7 +466,12 @@ class GPT(nn.Module):
                 for block, lc in zip(self.blocks.values(), cache.layers):
                     block.attn.close_segment(rows, lc)
             cache.fill[rows] = 0
-        return lm_head(self.ln_f, self.wte, x)
+        return lm_head(self.ln_f, self.head, x)
+
+    @property
+    def carries_state(self) -> bool:
+        """Whether a forward returns a state for the next one: the memory and/or the window cache."""
+        return self.mem_cfg.enabled or self.cfg.attention == "window"
 
     def _check_inputs(self, input_ids: Tensor, state: Optional[MemoryState], reset: Optional[Tensor]) -> None:
         B, T = input_ids.shape
@@ -404,13 +479,14 @@ class GPT(nn.Module):
         if reset is not None and tuple(reset.shape) != (B, n_segments):
             raise ValueError(f"reset has shape {tuple(reset.shape)}; expected (batch, segments) = ({B}, {n_segments}) "
                              f"for {T} tokens with model.segment_len={self.cfg.segment_len}")
-        if state is not None and not self.mem_cfg.enabled:
+        if state is not None and not self.carries_state:
             raise ValueError("a memory state was passed but memory.enabled is false; pass state=None")
         if state is not None and len(state) != len(self.blocks):
             raise ValueError(f"state has {len(state)} layers; the model has model.n_layer={len(self.blocks)}")
 
     def num_params(self, exclude_embedding: bool = False) -> int:
-        """Parameter count (the tied LM head is counted once, as the token embedding)."""
+        """Parameter count (a tied LM head is counted once, as the token embedding; an untied one
+        is not an embedding)."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embedding:
             n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)

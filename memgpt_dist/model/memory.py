@@ -15,6 +15,14 @@ stores only what the memory did not already return for that key (delta rule).
 unit-length keys and an unnormalised read, computed a segment at a time with one triangular
 solve; the rule above corrects only against earlier segments, this one also within a segment.
 
+`memory.decay: true` adds Gated DeltaNet's forgetting gate: per token and head a data-dependent
+alpha_t in (0, 1) (initialised near 1) multiplies the state before the token's write,
+A_t = alpha_t A_{t-1} + (token t's write), so old associations fade instead of piling up. In the
+segment form above this is A_s = G_s A_{s-1} + sum_t (G_s / G_t) b_t phi(k_t)^T (v_t - r_t) with
+G_t the product of the segment's alphas up to t (and z alike); reads still see A_{s-1}. The
+ratios G_s / G_t <= 1 are taken as exp of differences of cumulative log-alphas, never as a
+division, so long segments cannot overflow. `decay_logit` (B, T, H) is the gate's pre-sigmoid.
+
 Numerics: the state and all of its arithmetic are fp32 with autocast disabled, whatever the
 activation dtype; sums over hundreds of segments in bf16 would drift. The state is a tuple of
 per-layer `LayerState(A, z)` namedtuples: plain tensors in tuples, which DeepSpeed's module hooks
@@ -32,10 +40,19 @@ from torch import Tensor
 
 
 class LayerState(NamedTuple):
-    """Memory of one layer for a batch. A: (B, H, dk, hd) associations, z: (B, H, dk) normaliser."""
+    """What one layer carries from a forward to the next, for a batch. A: (B, H, dk, hd)
+    associations, z: (B, H, dk) normaliser (None without memory); with `model.attention: window`
+    also the last segment's attention keys and values k, v (B, H, N, hd) and which of their slots
+    hold a token, kv_valid (B, H, N) bool (`window.WindowCache`; None otherwise)."""
 
-    A: Tensor
-    z: Tensor
+    A: Optional[Tensor]
+    z: Optional[Tensor]
+    k: Optional[Tensor] = None
+    v: Optional[Tensor] = None
+    kv_valid: Optional[Tensor] = None
+
+
+STATE_FIELDS = ("A", "z", "k", "v", "kv_valid")  # saved as "layer<i>.<field>" where not None
 
 
 MemoryState = tuple[LayerState, ...]  # one LayerState per layer, in layer order
@@ -71,33 +88,44 @@ def zero_state(n_layer: int, batch: int, n_head: int, head_dim: int, nu: int,
     return tuple(zero_layer_state(batch, n_head, head_dim, nu, device) for _ in range(n_layer))
 
 
+def _map_fields(s: LayerState, fn) -> LayerState:
+    return LayerState(*(None if t is None else fn(name, t) for name, t in zip(STATE_FIELDS, s)))
+
+
 def detach_state(state: Optional[MemoryState]) -> Optional[MemoryState]:
     """Cut the graph at a state (truncated BPTT between optimizer steps)."""
     if state is None:
         return None
-    return tuple(LayerState(s.A.detach(), s.z.detach()) for s in state)
+    return tuple(_map_fields(s, lambda _, t: t.detach()) for s in state)
 
 
 def move_state(state: Optional[MemoryState], device: torch.device | str) -> Optional[MemoryState]:
-    """Move a state to `device`, keeping it fp32 whatever it was cast to on the way."""
+    """Move a state to `device`, keeping the memory fp32 whatever it was cast to on the way (the
+    window's keys and values keep their dtype, its mask stays bool)."""
     if state is None:
         return None
-    return tuple(LayerState(s.A.to(device=device, dtype=torch.float32),
-                            s.z.to(device=device, dtype=torch.float32)) for s in state)
+
+    def move(name: str, t: Tensor) -> Tensor:
+        return t.to(device=device, dtype=torch.float32) if name in ("A", "z") else t.to(device)
+
+    return tuple(_map_fields(s, move) for s in state)
 
 
 def state_to_dict(state: MemoryState) -> dict[str, Tensor]:
-    """Flat `{"layer{i}.A": ..., "layer{i}.z": ...}` that `torch.load(weights_only=True)` accepts."""
+    """Flat `{"layer{i}.A": ..., "layer{i}.z": ...}` (and `.k`, `.v`, `.kv_valid` with a window)
+    that `torch.load(weights_only=True)` accepts."""
     out: dict[str, Tensor] = {}
     for i, s in enumerate(state):
-        out[f"layer{i}.A"], out[f"layer{i}.z"] = s.A, s.z
+        for name, t in zip(STATE_FIELDS, s):
+            if t is not None:
+                out[f"layer{i}.{name}"] = t
     return out
 
 
 def state_from_dict(tensors: dict[str, Tensor]) -> MemoryState:
     """Inverse of `state_to_dict`."""
-    n_layer = len(tensors) // 2
-    return tuple(LayerState(tensors[f"layer{i}.A"], tensors[f"layer{i}.z"]) for i in range(n_layer))
+    layers = sorted({int(key.split(".")[0][len("layer"):]) for key in tensors})
+    return tuple(LayerState(*(tensors.get(f"layer{i}.{name}") for name in STATE_FIELDS)) for i in layers)
 
 
 def reset_where(state: LayerState, reset: Tensor) -> LayerState:
@@ -126,9 +154,11 @@ def delta_write(phi_k: Tensor, v: Tensor, b: Tensor, retrieved: Tensor, state: L
 
 
 def reference_scan(q: Tensor, k: Tensor, v: Tensor, write_logit: Tensor, state: Optional[LayerState],
-                   reset: Optional[Tensor], segment_len: int, nu: int, eps: float) -> tuple[Tensor, LayerState]:
-    """The equations above written out one by one; `memory_scan` is its fused form and is tested
-    against it. Same arguments and results as `memory_scan`."""
+                   reset: Optional[Tensor], segment_len: int, nu: int, eps: float,
+                   decay_logit: Optional[Tensor] = None) -> tuple[Tensor, LayerState]:
+    """The equations above written out one by one (with decay: token by token, the recurrence
+    A_t = alpha_t A_{t-1} + b_t phi(k_t)^T (v_t - r_t)); `memory_scan` is its fused form and is
+    tested against it. Same arguments and results as `memory_scan`."""
     B, T, H, hd = q.shape
     with torch.autocast(device_type=q.device.type, enabled=False):
         phi_q = dpfp(q.float().transpose(1, 2), nu)  # (B, H, T, dk)
@@ -144,19 +174,29 @@ def reference_scan(q: Tensor, k: Tensor, v: Tensor, write_logit: Tensor, state: 
                 state = reset_where(state, reset[:, s])
             reads.append(normalised_read(phi_q_s, state, eps))  # (B, H, n, hd)
             retrieved = normalised_read(phi_k_s, state, eps)  # (B, H, n, hd)
-            state = delta_write(phi_k_s, v_s, b_s, retrieved, state)
+            if decay_logit is None:
+                state = delta_write(phi_k_s, v_s, b_s, retrieved, state)
+                continue
+            alpha = torch.sigmoid(decay_logit[:, s * segment_len:(s + 1) * segment_len].float())  # (B, n, H)
+            for t in range(phi_k_s.shape[2]):
+                a_t = alpha[:, t].view(B, H, 1, 1)  # (B, H, 1, 1)
+                decayed = LayerState(a_t * state.A, a_t[..., 0] * state.z)
+                state = delta_write(phi_k_s[:, :, t:t + 1], v_s[:, :, t:t + 1], b_s[:, :, t:t + 1],
+                                    retrieved[:, :, t:t + 1], decayed)
         read = torch.cat(reads, dim=2).transpose(1, 2)  # (B, T, H, hd)
-    return read, state
+    return read, LayerState(state.A, state.z)
 
 
 def memory_scan(q: Tensor, k: Tensor, v: Tensor, write_logit: Tensor, state: Optional[LayerState],
-                reset: Optional[Tensor], segment_len: int, nu: int, eps: float) -> tuple[Tensor, LayerState]:
+                reset: Optional[Tensor], segment_len: int, nu: int, eps: float,
+                decay_logit: Optional[Tensor] = None) -> tuple[Tensor, LayerState]:
     """Read and write the memory of one layer over every segment of a sequence.
 
     q, k, v: (B, T, H, hd) memory projections; write_logit: (B, T, H) pre-sigmoid write gates;
     state: the layer's memory before the first segment (None: empty); reset: (B, S) bool, True
-    where segment s starts a new document. Returns the reads (B, T, H, hd) in fp32 and the state
-    after the last segment. Gradients flow through the state across all segments.
+    where segment s starts a new document; decay_logit: (B, T, H) pre-sigmoid forgetting gates
+    (None: no decay). Returns the reads (B, T, H, hd) in fp32 and the state after the last
+    segment. Gradients flow through the state across all segments.
 
     Fused form of `reference_scan`, which is the readable one. Three things make it cheaper:
     z rides along as an extra column of A, so one matmul gives numerator and denominator and one
@@ -174,11 +214,15 @@ def memory_scan(q: Tensor, k: Tensor, v: Tensor, write_logit: Tensor, state: Opt
         b = _segments(torch.sigmoid(write_logit.float()).unsqueeze(-1), n, S)  # (S, B, H, n, 1)
         v_aug = F.pad(_segments(v, n, S), (0, 1), value=1.0)  # (S, B, H, n, hd + 1): ones write z
         A = None if state is None else torch.cat([state.A, state.z.unsqueeze(-1)], dim=-1)  # (B, H, dk, hd + 1)
+        decays = _segment_decays(decay_logit, n, S)
         reads = []
         # unbind/split, never indexing: the backward of an index is a zero fill of the whole tensor.
         # The gate scales the (n, hd + 1) values, not the (n, dk) keys: sum_t b_t phi_t^T d_t is both.
         for s, (phi_s, b_s, v_aug_s) in enumerate(zip(phi.unbind(0), b.unbind(0), v_aug.unbind(0))):
             phi_q, phi_k = phi_s.split(n, dim=2)  # (B, H, n, dk) each
+            if decays is not None:  # later tokens' decay on each write, the whole segment's on A
+                cum = decays[s]  # (B, H, n, 1)
+                b_s = b_s * torch.exp(cum[:, :, -1:] - cum)  # (B, H, n, 1)
             if A is not None and reset is not None:
                 A = torch.where(reset[:, s].view(-1, 1, 1, 1), 0.0, A)  # exact zeros: no value or gradient leaks
             if A is None:  # empty memory: reads and retrievals are exactly 0 / (0 + eps) = 0
@@ -189,9 +233,19 @@ def memory_scan(q: Tensor, k: Tensor, v: Tensor, write_logit: Tensor, state: Opt
             read_s, retrieved = (num / (den + eps)).split(n, dim=2)  # (B, H, n, hd) each
             reads.append(read_s)
             delta = b_s * (v_aug_s - F.pad(retrieved, (0, 1)))  # (B, H, n, hd + 1)
+            if decays is not None:
+                A = torch.exp(decays[s][:, :, -1:]) * A  # (B, H, 1, 1) x (B, H, dk, hd + 1)
             A = A + phi_k.transpose(-1, -2) @ delta  # (B, H, dk, hd + 1)
         read = torch.cat(reads, dim=2)[:, :, :T].transpose(1, 2)  # (B, T, H, hd)
     return read, LayerState(A[..., :hd].contiguous(), A[..., hd].contiguous())
+
+
+def _segment_decays(decay_logit: Optional[Tensor], n: int, S: int) -> Optional[Tensor]:
+    """Cumulative log-alphas inside each segment, (S, B, H, n, 1) (None: no decay); padding
+    tokens have alpha = 1 (log 0), so a ragged last segment decays only over its real tokens."""
+    if decay_logit is None:
+        return None
+    return _segments(F.logsigmoid(decay_logit.float()).unsqueeze(-1), n, S).cumsum(dim=3)
 
 
 def _segments(x: Tensor, n: int, S: int) -> Tensor:
@@ -211,9 +265,11 @@ def delta_features(x: Tensor, nu: int) -> Tensor:
 
 
 def delta_reference_scan(q: Tensor, k: Tensor, v: Tensor, write_logit: Tensor, state: Optional[LayerState],
-                         reset: Optional[Tensor], segment_len: int, nu: int, eps: float) -> tuple[Tensor, LayerState]:
+                         reset: Optional[Tensor], segment_len: int, nu: int, eps: float,
+                         decay_logit: Optional[Tensor] = None) -> tuple[Tensor, LayerState]:
     """`delta_scan` written token by token (DeltaNet's recurrence), for tests:
-    A_t = A_{t-1} + b_t phi(k_t)^T (v_t - phi(k_t) A_{t-1}); reads see only earlier segments."""
+    A_t = A_{t-1} + b_t phi(k_t)^T (v_t - phi(k_t) A_{t-1}), with decay (Gated DeltaNet) A_{t-1}
+    first multiplied by alpha_t; reads see only earlier segments."""
     B, T, H, hd = q.shape
     with torch.autocast(device_type=q.device.type, enabled=False):
         phi_q = delta_features(q.float().transpose(1, 2), nu)  # (B, H, T, dk)
@@ -223,15 +279,18 @@ def delta_reference_scan(q: Tensor, k: Tensor, v: Tensor, write_logit: Tensor, s
         if state is None:
             state = LayerState(q.new_zeros(B, H, phi_k.shape[-1], hd, dtype=torch.float32),
                                q.new_zeros(B, H, phi_k.shape[-1], dtype=torch.float32))
-        A, z = state
+        A, z = state.A, state.z
+        alpha = None if decay_logit is None else torch.sigmoid(decay_logit.float()).transpose(1, 2)  # (B, H, T)
         reads = []
         for s, start in enumerate(range(0, T, segment_len)):
             if reset is not None:
-                A, z = reset_where(LayerState(A, z), reset[:, s])
+                A, z = reset_where(LayerState(A, z), reset[:, s])[:2]
             end = min(start + segment_len, T)
             reads.append(phi_q[:, :, start:end] @ A)  # (B, H, n, hd): the memory before this segment
             for t in range(start, end):
                 kt, bt = phi_k[:, :, t:t + 1], b[:, :, t:t + 1]  # (B, H, 1, dk), (B, H, 1, 1)
+                if alpha is not None:
+                    A, z = alpha[:, :, t, None, None] * A, alpha[:, :, t, None] * z
                 A = A + kt.transpose(-1, -2) @ (bt * (v[:, :, t:t + 1] - kt @ A))  # (B, H, dk, hd)
                 z = z + (bt * kt).squeeze(2)
         read = torch.cat(reads, dim=2).transpose(1, 2)  # (B, T, H, hd)
@@ -239,7 +298,8 @@ def delta_reference_scan(q: Tensor, k: Tensor, v: Tensor, write_logit: Tensor, s
 
 
 def delta_scan(q: Tensor, k: Tensor, v: Tensor, write_logit: Tensor, state: Optional[LayerState],
-               reset: Optional[Tensor], segment_len: int, nu: int, eps: float) -> tuple[Tensor, LayerState]:
+               reset: Optional[Tensor], segment_len: int, nu: int, eps: float,
+               decay_logit: Optional[Tensor] = None) -> tuple[Tensor, LayerState]:
     """The exact (token-sequential) delta rule, computed a segment at a time.
 
     `memory_scan` writes all tokens of a segment at once against the memory of the previous
@@ -251,7 +311,10 @@ def delta_scan(q: Tensor, k: Tensor, v: Tensor, write_logit: Tensor, state: Opti
 
     Per segment, with K the n unit keys, b the gates and V the values, the n sequential updates
     equal one: solve (I + tril(diag(b) K K^T, -1)) U = diag(b) (V - K A) (unit lower triangular)
-    and set A <- A + K^T U, the WY/UT form of the chunked delta rule.
+    and set A <- A + K^T U, the WY/UT form of the chunked delta rule. With decay (Gated
+    DeltaNet), G_t the cumulative alphas of the segment: the Gram matrix's (t, j) entry is scaled
+    by G_t / G_j, the retrieval by G_t, and A <- G_n A + K^T diag(G_n / G_t) U (ratios as exp of
+    log differences, all <= 1).
     """
     B, T, H, hd = q.shape
     n = segment_len
@@ -266,6 +329,7 @@ def delta_scan(q: Tensor, k: Tensor, v: Tensor, write_logit: Tensor, state: Opti
         z = phi.new_zeros(B, H, dk) if state is None else state.z
         strictly_lower = torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-1)  # (n, n)
         eye = torch.eye(n, device=q.device)
+        decays = _segment_decays(decay_logit, n, S)
         reads = []
         for s, (phi_s, b_s, v_s) in enumerate(zip(phi.unbind(0), b.unbind(0), vs.unbind(0))):
             phi_q, phi_k = phi_s.split(n, dim=2)  # (B, H, n, dk) each
@@ -273,11 +337,23 @@ def delta_scan(q: Tensor, k: Tensor, v: Tensor, write_logit: Tensor, state: Opti
                 keep = ~reset[:, s].view(-1, 1, 1)  # (B, 1, 1)
                 A, z = torch.where(keep.unsqueeze(-1), A, 0.0), torch.where(keep, z, 0.0)
             reads.append(phi_q @ A)  # (B, H, n, hd)
-            gram = torch.where(strictly_lower, b_s * (phi_k @ phi_k.transpose(-1, -2)), 0.0)  # (B, H, n, n)
-            u = torch.linalg.solve_triangular(eye + gram, b_s * (v_s - phi_k @ A), upper=False,
+            gram = b_s * (phi_k @ phi_k.transpose(-1, -2))  # (B, H, n, n)
+            retrieved = phi_k @ A  # (B, H, n, hd)
+            if decays is not None:
+                cum = decays[s]  # (B, H, n, 1)
+                # masked before exp: the upper triangle's G_t / G_j > 1 is never formed
+                ratio = torch.where(strictly_lower, cum - cum.transpose(-1, -2), float("-inf")).exp()  # (B, H, n, n)
+                gram, retrieved = gram * ratio, torch.exp(cum) * retrieved
+            gram = torch.where(strictly_lower, gram, 0.0)
+            u = torch.linalg.solve_triangular(eye + gram, b_s * (v_s - retrieved), upper=False,
                                               unitriangular=True)  # (B, H, n, hd)
+            gated_k = b_s * phi_k  # (B, H, n, dk)
+            if decays is not None:
+                later = torch.exp(cum[:, :, -1:] - cum)  # (B, H, n, 1): G_n / G_t
+                A, z = torch.exp(cum[:, :, -1:]) * A, torch.exp(cum[:, :, -1]) * z
+                u, gated_k = later * u, later * gated_k
             A = A + phi_k.transpose(-1, -2) @ u  # (B, H, dk, hd)
-            z = z + (b_s * phi_k).sum(dim=2)  # (B, H, dk)
+            z = z + gated_k.sum(dim=2)  # (B, H, dk)
         read = torch.cat(reads, dim=2)[:, :, :T].transpose(1, 2)  # (B, T, H, hd)
     return read, LayerState(A, z)
 

@@ -69,7 +69,7 @@ def format_shares(cfg: TrainConfig, plan: LayoutShares) -> list[str]:
              f"(ranks in DeepSpeed's pipe, data, model order: tp fastest); ZeRO-{lay.zero_stage}, {plan.precision}",
              f"# global batch {lay.global_batch_size} samples = micro-batch {lay.micro_batch_size} x grad_accum "
              f"{lay.grad_accum} x dp {lay.dp} ({tokens:,} tokens per step)",
-             f"# parameters: {plan.n_params:,} (tied head counted once)" + _split_text(cfg, plan),
+             f"# parameters: {plan.n_params:,}" + (" (tied head counted once)" if cfg.model.tie_embeddings else "") + _split_text(cfg, plan),
              *(f"# warning: {w}" for w in lay.warnings),
              "# rank  dp  pp  tp  layers                          heads   params        weights    grads      "
              "optimizer  activ.     mem state  total"]

@@ -141,7 +141,7 @@ def _nearest_fitting_degrees(cfg: TrainConfig, world_size: int) -> tuple[int, in
     """The (tp, pp) closest to the configured one that fits `world_size` and the model."""
     par, model = cfg.parallel, cfg.model
     candidates = [(tp, pp) for tp in range(1, model.n_head + 1) for pp in range(1, model.n_layer + 1)
-                  if model.n_head % tp == 0 and world_size % (tp * pp) == 0 and (pp == 1 or par.zero_stage < 2)]
+                  if model.n_head % tp == 0 and model.kv_heads % tp == 0 and world_size % (tp * pp) == 0 and (pp == 1 or par.zero_stage < 2)]
     # closest degrees first; among equally close ones, keep the most model parallelism
     return min(candidates, key=lambda c: (abs(c[0] - par.tp) + abs(c[1] - par.pp), -c[0] * c[1]))
 
@@ -197,13 +197,16 @@ class PipeItem:
 
 
 def pipeline_items(param_names: Sequence[str], n_layer: int) -> tuple[PipeItem, ...]:
-    """[embed, block 0 .. block L-1, norm+head] with the parameters each one holds."""
+    """[embed, block 0 .. block L-1, norm+head] with the parameters each one holds (the head:
+    ln_f and the tied embedding, or ln_f and the untied `lm_head`)."""
     def starting(*prefixes: str) -> tuple[str, ...]:
         return tuple(n for n in param_names if n.startswith(prefixes))
 
+    untied = any(n.startswith("lm_head.") for n in param_names)
+    head = starting("ln_f.", "lm_head.") + (() if untied else (TIED_EMBEDDING,))
     items = (PipeItem("embed", starting("wte.", "wpe.")),
              *(PipeItem(f"block.{i}", starting(f"blocks.{i}.")) for i in range(n_layer)),
-             PipeItem("norm+head", starting("ln_f.") + (TIED_EMBEDDING,)))
+             PipeItem("norm+head", head))
     assert {n for item in items for n in item.params} == set(param_names), "a parameter outside the pipeline items"
     return items
 

@@ -4,7 +4,10 @@ The layer list is `layout.pipeline_items`: [embed, block 0 .. block L-1, norm+he
 `parallel.pp` stages by DeepSpeed's `partition_method` ("parameters" or "uniform"), so the real
 split is the one `--dry-run` prints. The head is tied to the embedding as DeepSpeed ties weights
 across stages: both ends are `TiedLayerSpec("embed", ...)` holding their own copy of `wte.weight`,
-and DeepSpeed all-reduces its gradient between the first and the last stage.
+and DeepSpeed all-reduces its gradient between the first and the last stage. An untied head
+(`model.tie_embeddings: false`) keeps the same two specs (so parameter names do not depend on the
+option) with no tied weight attribute: DeepSpeed then neither broadcasts nor all-reduces anything
+between them, and the head's own `lm_head.weight` lives on the last stage only.
 
 The layers wrap the modules of a GPT built (and initialised) as for a single process, so a
 pipeline run starts from exactly the single-process weights. Between stages only tensors travel:
@@ -50,7 +53,7 @@ def model_to_pipeline_name(name: str) -> Optional[str]:
     m = re.match(r"^blocks\.(\d+)\.(.+)$", name)
     if m:
         return f"{int(m.group(1)) + 1}.block.{m.group(2)}"
-    if name.startswith(("wte.", "wpe.", "ln_f.")):
+    if name.startswith(("wte.", "wpe.", "ln_f.", "lm_head.")):
         return _PIPE_TIED + name
     return None
 
@@ -106,25 +109,32 @@ class BlockStage(nn.Module):
 
 
 class HeadStage(nn.Module):
-    """`GPT`'s final norm and tied LM head (`lm_head`): (x, reset) -> logits (B, T, vocab)."""
+    """`GPT`'s final norm and LM head (`lm_head`): (x, reset) -> logits (B, T, vocab). `head` is
+    the embedding (tied; held as `wte`, the tied attribute) or the untied `LMHead` (`lm_head`)."""
 
-    def __init__(self, ln_f: nn.LayerNorm, wte: nn.Embedding):
+    def __init__(self, ln_f: nn.Module, head: nn.Module, tied: bool):
         super().__init__()
-        self.ln_f, self.wte = ln_f, wte
+        self.ln_f = ln_f
+        if tied:
+            self.wte = head
+        else:
+            self.lm_head = head
 
     def forward(self, inputs: Activations) -> Tensor:
         x, _ = inputs
-        return lm_head(self.ln_f, self.wte, x)  # (B, T, vocab)
+        return lm_head(self.ln_f, self.wte if hasattr(self, "wte") else self.lm_head, x)  # (B, T, vocab)
 
 
 def pipeline_specs(model: GPT, memory: MemoryCarry) -> list:
     """DeepSpeed layer specs in `layout.pipeline_items` order, wrapping `model`'s modules."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
+    tied = model.cfg.tie_embeddings
+    attr = TIED_ATTR if tied else []  # untied: the same specs, nothing shared between them
     return [TiedLayerSpec(TIED_KEY, EmbedStage, model.wte, model.wpe, model.drop, model.cfg.segment_len,
-                          tied_weight_attr=TIED_ATTR),
+                          tied_weight_attr=attr),
             *(LayerSpec(BlockStage, block, model.cfg, int(i), memory) for i, block in model.blocks.items()),
-            TiedLayerSpec(TIED_KEY, HeadStage, model.ln_f, model.wte, tied_weight_attr=TIED_ATTR)]
+            TiedLayerSpec(TIED_KEY, HeadStage, model.ln_f, model.head, tied, tied_weight_attr=attr)]
 
 
 def build_pipeline_module(model: GPT, parallel: ParallelConfig, loss_fn: Callable[[Tensor, tuple], Tensor],
@@ -151,6 +161,8 @@ def build_pipeline_module(model: GPT, parallel: ParallelConfig, loss_fn: Callabl
     head = net.tied_modules[TIED_KEY] if TIED_KEY in net.tied_modules else None
     if isinstance(head, HeadStage):  # the tied head module also holds ln_f, which only the last stage has
         ds_compat.count_in_grad_norm(head.ln_f)
+        if hasattr(head, "lm_head"):  # so does an untied head its own matrix
+            ds_compat.count_in_grad_norm(head.lm_head)
     if parallel.tp > 1:
         _split_stage_over_tp_ranks(net)
     return net, memory

@@ -120,10 +120,11 @@ def _model_state_bytes(n_params: int, layout: Layout, precision: str) -> tuple[i
 def activation_bytes(cfg: TrainConfig, n_blocks: int, has_head: bool, tp: int, precision: str) -> int:
     """Rough bytes stored for the backward pass of one micro-batch on `n_blocks` blocks.
 
-    b samples of T = n_segments * segment_len tokens, width h, H heads, MLP width I, tp shards,
-    a = 2 bytes (bf16/fp16) or 4 (fp32). A block keeps (in a bytes) 4bTh replicated tensors (the
-    two LayerNorms' inputs and outputs), 5bTh/tp (q, k, v, attention output, o_proj input),
-    2bTI/tp (MLP up output and GELU output), and b(H/tp)*T*N attention probabilities: attention is
+    b samples of T = n_segments * segment_len tokens, width h, H heads (Hkv key/value heads of
+    width h_kv = Hkv * hd), MLP width I, tp shards, a = 2 bytes (bf16/fp16) or 4 (fp32). A block
+    keeps (in a bytes) 4bTh replicated tensors (the two norms' inputs and outputs),
+    (3bTh + 2bTh_kv)/tp (q, attention output, o_proj input; k, v), 2bTI/tp (MLP up output and GELU
+    output; SwiGLU 3bTI: gate, up and their product), and b(H/tp)*T*N attention probabilities: attention is
     causal inside a segment of N tokens, so the score matrix is T x N, not T x T (flash kernels
     keep less). The memory adds 3bTh/tp + bTH/tp (its projections and write gates) in a bytes
     and, in fp32, 2bT(H/tp)dk DPFP features, 2bTh/tp values and reads, and K per-segment states of
@@ -134,8 +135,10 @@ def activation_bytes(cfg: TrainConfig, n_blocks: int, has_head: bool, tp: int, p
     m, mem, par = cfg.model, cfg.memory, cfg.parallel
     a = 2 if precision in ("bf16", "fp16") else 4
     b, K, N, h, H = par.micro_batch_size, cfg.data.n_segments, m.segment_len, m.n_embd, m.n_head
-    T, inner, hd = K * N, m.mlp_ratio * m.n_embd, m.head_dim
-    block = a * (4 * b * T * h + (5 * b * T * h + 2 * b * T * inner + b * H * T * N) // tp)
+    T, inner, hd = K * N, m.mlp_hidden_size, m.head_dim
+    mlp_tensors = 3 if m.mlp == "swiglu" else 2
+    qkv = 3 * b * T * h + 2 * b * T * m.kv_heads * hd
+    block = a * (4 * b * T * h + (qkv + mlp_tensors * b * T * inner + b * H * T * N) // tp)
     if mem.enabled:
         dk = feature_dim(hd, mem.nu)
         block += a * (3 * b * T * h + b * T * H) // tp

@@ -7,19 +7,25 @@ AutoTP training layers inside `deepspeed.initialize`, before ZeRO partitions the
 
 * column-parallel (output features split; the input gradient is all-reduced in backward):
   attn.q_proj, k_proj, v_proj, the memory's attn.mem_q_proj, mem_k_proj, mem_v_proj and
-  attn.mem_write_gate (d -> n_head, one row per head), mlp.up_proj;
+  attn.mem_write_gate and attn.mem_decay_gate (d -> n_head, one row per head), mlp.up_proj and
+  (SwiGLU) mlp.gate_proj;
 * row-parallel (input features split; the output is all-reduced in forward): attn.o_proj,
   mlp.down_proj.
 
 AutoTP splits a dimension of size d into tp equal contiguous blocks, so TP rank t holds output
 rows [t d/tp, (t+1) d/tp): heads [t H/tp, (t+1) H/tp), because `view(B, T, -1, head_dim)` puts
-head h at features [h hd, (h+1) hd). AutoTP replaces only nn.Linear layers; the per-head
+head h at features [h hd, (h+1) hd). With grouped-query attention k_proj and v_proj have Hkv heads
+and rank t holds key/value heads [t Hkv/tp, (t+1) Hkv/tp), which serve exactly its query heads
+(kv head j serves queries [j H/Hkv, (j+1) H/Hkv)); parallel.tp must divide model.n_kv_head
+(checked at load). AutoTP replaces only nn.Linear layers; the per-head
 parameters that are not Linear weights are sliced to the same heads by `shard_head_parameters`
 before `deepspeed.initialize`: attn.mem_beta (n_head,) and the depthwise convolution weights
 (C, 1, taps) of attn.mem_q_conv, mem_k_conv, mem_v_conv over the memory projections' channels.
 The model then computes, reads and writes the memory state A, z (B, H/tp, dk, hd) of its own
-heads only: the memory adds no communication. LayerNorms, the (tied) embedding and row-parallel
-biases stay replicated; their gradients are equal on every TP rank because the residual stream
+heads only: the memory adds no communication; neither does `model.attention: window`, whose
+carried keys and values (B, H/tp, N, hd) are the rank's heads'. LayerNorms, the (tied) embedding
+and row-parallel biases stay replicated (so does an untied LM head, `model.LMHead`, which is not an
+nn.Linear); their gradients are equal on every TP rank because the residual stream
 is replicated and the column-parallel layers all-reduce their input gradient.
 """
 from __future__ import annotations
@@ -38,7 +44,7 @@ from torch import nn
 from memgpt_dist.parallel import ds_compat
 
 COLUMN_PARALLEL = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.mem_q_proj", "attn.mem_k_proj",
-                   "attn.mem_v_proj", "attn.mem_write_gate", "mlp.up_proj")
+                   "attn.mem_v_proj", "attn.mem_write_gate", "attn.mem_decay_gate", "mlp.up_proj", "mlp.gate_proj")
 ROW_PARALLEL = ("attn.o_proj", "mlp.down_proj")
 # Per-head parameters that are not Linear weights, split along dim 0 into the ranks' heads.
 HEAD_SLICED = ("attn.mem_beta", "attn.mem_q_conv.weight", "attn.mem_k_conv.weight", "attn.mem_v_conv.weight")

@@ -2,13 +2,13 @@
 
 A matmul of (m, k) by (k, n) costs 2 m k n FLOPs. Per layer and sample of T tokens cut into
 segments of n tokens (N = `segment_len`, the last one possibly shorter; C = n_embd, H heads of
-hd, F = mlp_ratio * C, V = vocab_size):
+hd, Hkv key/value heads (C_kv = Hkv hd), F = `mlp_hidden_size`, V = vocab_size):
 
-    attention projections  q, k, v, o          4 * 2 T C^2
+    attention projections  q, o; k, v          2 * 2 T C^2 + 2 * 2 T C C_kv
     attention scores       Q K^T and P V        2 * 2 n^2 C per segment (the whole n x n square:
                                                 the causal half is computed and masked, and this
                                                 is what FlopCounterMode and PaLM's MFU count)
-    MLP                    up, down            2 * 2 T C F
+    MLP                    up, down            2 * 2 T C F (SwiGLU: gate, up, down: 3 * 2 T C F)
     memory projections     q, k, v             3 * 2 T C^2
     memory write gate      (C -> H)            2 T C H
     memory convolution     3 depthwise, taps   3 * 2 T C taps
@@ -18,7 +18,7 @@ hd, F = mlp_ratio * C, V = vocab_size):
                                                 is one (dk, n) x (n, hd + 1) matmul in every segment
     memory read + write    ('delta')           phi(q) A, phi(k) A, the (n, n) Gram matrix of the keys
                                                 and the update K^T U: 2 n dk (3 hd + n) per segment
-    LM head                (tied)              2 T C V
+    LM head                (tied or not)       2 T C V
 
 Two more terms are counted but are not matmuls (torch's FlopCounterMode does not see them):
 the DPFP features (one multiply per feature of q and k) and, for 'delta', the triangular solve
@@ -79,11 +79,13 @@ def count_flops(model: ModelConfig, memory: MemoryConfig, T: int, carried: bool 
     """Forward FLOPs of one sample of T tokens; `carried`: the sample starts from a carried memory
     (its first segment reads too)."""
     C, V = model.n_embd, model.vocab_size
+    C_kv = model.kv_heads * model.head_dim
     lengths = segment_lengths(T, model.segment_len)
+    mlp_matrices = 3 if model.mlp == "swiglu" else 2
     matmul = {
-        "attn_proj": 4 * 2 * T * C * C,
+        "attn_proj": 2 * 2 * T * C * C + 2 * 2 * T * C * C_kv,
         "attn_scores": sum(2 * 2 * n * n * C for n in lengths),
-        "mlp": 2 * 2 * T * C * model.mlp_ratio * C,
+        "mlp": mlp_matrices * 2 * T * C * model.mlp_hidden_size,
     }
     other: dict[str, int] = {}
     if memory.enabled:

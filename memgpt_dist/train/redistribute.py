@@ -41,28 +41,34 @@ class Redistributed:
 def redistribute_memory(rank_states: list[dict[str, Any]], stream_ids: list[int],
                         heads: tuple[int, int]) -> Redistributed:
     """Rows `stream_ids` and heads [heads[0], heads[1]) of every layer's memory (A (B, H, dk, hd),
-    z (B, H, dk)) from the saved ranks' slices, matched by global stream id and head. A stream is
-    missing when some of its heads are in no saved state; missing ones get zeros."""
+    z (B, H, dk)) and window cache (k, v (B, Hkv, N, hd), kv_valid (B, Hkv, N)) from the saved
+    ranks' slices, matched by global stream id and head. `heads` are query heads; a tensor with
+    fewer heads per rank (grouped-query keys/values) is matched in its own head space, scaled by
+    its heads per query head. A stream is missing when some of its heads are in no saved state;
+    missing ones get zeros."""
     pieces: dict[str, dict[int, dict[int, torch.Tensor]]] = {}  # key -> stream -> first head -> (h, ...)
+    scale: dict[str, float] = {}  # key -> its heads per query head
     for s in rank_states:
         memory = s.get("memory_state")
         if not memory:
             continue
-        h0 = s["heads"][0]
+        h0, h1 = s["heads"][0], s["heads"][1]
         for key, t in memory.items():
+            scale[key] = t.shape[1] / (h1 - h0)
             for row, g in enumerate(s["stream_ids"]):
-                pieces.setdefault(key, {}).setdefault(int(g), {})[h0] = t[row]  # (h_saved, ...)
+                pieces.setdefault(key, {}).setdefault(int(g), {})[round(h0 * scale[key])] = t[row]  # (h_saved, ...)
     if not pieces:
         return Redistributed(memory=None, missing_streams=len(stream_ids))
     out, missing = {}, set()
     for key, by_stream in pieces.items():
         per_head = next(iter(next(iter(by_stream.values())).values())).shape[1:]  # (...) of one head
+        own = (round(heads[0] * scale[key]), round(heads[1] * scale[key]))
         rows = []
         for g in stream_ids:
-            row = _heads_of(by_stream.get(g, {}), heads)
+            row = _heads_of(by_stream.get(g, {}), own)
             if row is None:
                 missing.add(g)
-                row = torch.zeros((heads[1] - heads[0], *per_head))
+                row = torch.zeros((own[1] - own[0], *per_head))
             rows.append(row)
         out[key] = torch.stack(rows).float()  # (B, H_rank, ...)
     return Redistributed(memory=out, missing_streams=len(missing))

@@ -92,19 +92,26 @@ def hold_run_dir(topo: Topology, run_dir: Path) -> Iterator[None]:
         lock.release()
 
 
-def build_model(cfg: TrainConfig, tp_rank: int = 0) -> GPT:
+def build_model(cfg: TrainConfig, tp_rank: int = 0, from_hf: bool = False) -> GPT:
     """The same initial weights on every rank: seeded from the run seed, not the rank; a TP rank
     then keeps its heads' share of them (the whole model is initialised first, so a TP run
-    starts from exactly the weights of a single-process run)."""
+    starts from exactly the weights of a single-process run). `from_hf`: then overwritten by
+    the checkpoint of init.from_hf (memgpt_dist.hf.convert), before TP slicing and ZeRO."""
     seed_everything(cfg.train.seed)
     model = GPT(cfg.model, cfg.memory)
     model.init_weights()
+    if from_hf and cfg.init.from_hf:
+        from memgpt_dist.hf.convert import load_hf_weights
+
+        log.info("initial weights from %s (memory added at zero)", cfg.init.from_hf)
+        load_hf_weights(model, cfg.init.from_hf)
     return apply_plan(model, cfg.parallel, tp_rank, compile=cfg.train.compile)
 
 
-def build_step(cfg: TrainConfig, topo: Topology, load_universal: bool = False):
-    """The model on this rank, its engine and the step object of its family (dense or pipeline)."""
-    model = build_model(cfg, topo.tp_rank)
+def build_step(cfg: TrainConfig, topo: Topology, load_universal: bool = False, from_hf: bool = False):
+    """The model on this rank, its engine and the step object of its family (dense or pipeline).
+    `from_hf`: start from init.from_hf's weights (a fresh run; a resume loads its checkpoint)."""
+    model = build_model(cfg, topo.tp_rank, from_hf)
     if topo.pp_size > 1:
         module, carry = build_pipeline_module(model, cfg.parallel, scaled_token_loss, cfg.train.carry_memory)
         engine, _ = build_engine(module, cfg, topo, load_universal=load_universal)
@@ -154,7 +161,8 @@ def run_training(cfg: TrainConfig, topo: Topology, train_batches: StatefulBatche
     paths = prepare_run_dir(cfg, topo, tokenizer_file)
     files = CheckpointDir(paths.checkpoints, topo, cfg.checkpoint.keep_last)
     point = find_resume_point(resume, files, cfg, topo, tokenizer_file)  # every check before the engine
-    step = build_step(cfg, topo, load_universal=point is not None and point.universal is not None)
+    step = build_step(cfg, topo, load_universal=point is not None and point.universal is not None,
+                      from_hf=point is None)
     # dropout etc. differ per data-parallel replica, reproducibly; the TP ranks of a replica draw
     # the same masks, so the activations they hold replicated stay identical
     seed_everything(cfg.train.seed + 1000 * topo.dp_rank)

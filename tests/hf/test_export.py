@@ -8,9 +8,11 @@ project cannot be imported; generate() (greedy, sampled, left-padded batches) an
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,13 +20,16 @@ import torch
 from helpers import ROOT, bin_path, cli_env, run_cmd, tiny_args, train
 from memgpt_dist.config import MemoryConfig, ModelConfig, TrainConfig
 from memgpt_dist.generate import SamplingConfig, find_checkpoint, generate, load_model
-from memgpt_dist.hf.export import hf_model
+from memgpt_dist.hf.export import REMOTE, hf_model
 from memgpt_dist.model import GPT
 
 TOL = 1e-5
 VOCAB = 50
 OPTIONS = [{}, {"position": "learned"}, {"memory_kwargs": {"kind": "delta"}}, {"memory": False},
-           {"memory_kwargs": {"conv": 0}}, {"bias": False}]
+           {"memory_kwargs": {"conv": 0}}, {"bias": False}, {"mlp": "gelu_tanh", "norm_eps": 1e-6},
+           {"norm": "rmsnorm", "mlp": "swiglu", "mlp_multiple_of": 16, "n_kv_head": 2, "tie_embeddings": False,
+            "bias": False, "rope_theta": 500000.0}, {"n_kv_head": 1, "mlp": "swiglu", "mlp_hidden": 40}]
+LLAMA_STYLE = OPTIONS[-2]
 
 
 def build_tiny(memory: bool = True, memory_kwargs: dict | None = None, **model_kwargs) -> GPT:
@@ -58,7 +63,7 @@ def test_remote_code_logits_equal_the_model(options):
     assert (prefilled - ref).abs().max() <= TOL
 
 
-@pytest.mark.parametrize("options", OPTIONS[:4], ids=lambda o: json.dumps(o))
+@pytest.mark.parametrize("options", OPTIONS[:4] + [LLAMA_STYLE], ids=lambda o: json.dumps(o))
 def test_cached_decoding_equals_the_full_forward(options):
     """A prompt, then one token at a time through the cache across three segment ends."""
     model = build_tiny(**options)
@@ -256,3 +261,19 @@ def test_lm_eval_scores_a_local_task(runs, tmp_path):
     (row,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("|memgpt_local")]
     print(row)
     assert "acc" in row and 0.0 <= float(row.split("|")[7]) <= 1.0
+
+
+def test_an_untied_gqa_export_round_trips_through_save_pretrained(tmp_path):
+    """save_pretrained / from_pretrained keep the untied head and the grouped key/value heads."""
+    from transformers import AutoModelForCausalLM
+
+    model = build_tiny(**LLAMA_STYLE)
+    remote = _remote(model)
+    remote.save_pretrained(tmp_path)
+    for name in ("configuration_memgpt.py", "modeling_memgpt.py"):
+        shutil.copyfile(REMOTE / name, tmp_path / name)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    assert loaded.config.n_kv_head == 2 and not loaded.config.tie_word_embeddings
+    ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (loaded(ids, use_cache=False).logits - model(ids).logits).abs().max() <= TOL

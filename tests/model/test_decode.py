@@ -8,7 +8,8 @@ from conftest import SEGMENT_LEN as N
 from conftest import VOCAB
 
 OPTIONS = [{}, {"position": "learned"}, {"memory_kwargs": {"kind": "delta"}}, {"memory": False},
-           {"memory_kwargs": {"conv": 0}}]
+           {"memory_kwargs": {"conv": 0}}, {"n_kv_head": 2}, {"n_kv_head": 1, "memory": False},
+           {"norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2, "tie_embeddings": False, "bias": False}]
 TOL = 1e-5
 
 

@@ -11,12 +11,26 @@ from conftest import VOCAB
 
 
 def _layer_norm(x, ln):
+    if isinstance(ln, torch.nn.RMSNorm):  # x / rms(x) * gain, no centring, no bias
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + ln.eps) * ln.weight
     mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
-    return (x - mean) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
+    y = (x - mean) / torch.sqrt(var + ln.eps) * ln.weight
+    return y + ln.bias if ln.bias is not None else y
 
 
 def _linear(x, lin):
-    return x @ lin.weight.T + lin.bias
+    return x @ lin.weight.T + (lin.bias if lin.bias is not None else 0.0)
+
+
+def _mlp(h, mlp, kind):
+    """The three feed-forwards written out: erf GELU, GPT-2's tanh GELU, SwiGLU."""
+    u = _linear(h, mlp.up_proj)
+    if kind == "swiglu":
+        g = _linear(h, mlp.gate_proj)
+        return _linear(g * torch.sigmoid(g) * u, mlp.down_proj)
+    if kind == "gelu_tanh":
+        return _linear(0.5 * u * (1 + torch.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u ** 3))), mlp.down_proj)
+    return _linear(0.5 * u * (1 + torch.erf(u / math.sqrt(2))), mlp.down_proj)
 
 
 def _rope(x, pos, theta):
@@ -29,7 +43,8 @@ def _rope(x, pos, theta):
 
 
 def reference_logits(model, ids, head_scale=None):
-    """Segment-local GPT written out: explicit mask, manual softmax, erf GELU, tied head.
+    """Segment-local GPT written out: explicit mask, manual softmax, each key/value head repeated
+    for its group of query heads, the norms and MLPs of `_layer_norm` / `_mlp`, tied or untied head.
     head_scale (n_layer, n_head) multiplies each head's attention output."""
     cfg, (B, T) = model.cfg, ids.shape
     hd, pos = cfg.head_dim, torch.arange(T) % N
@@ -41,7 +56,9 @@ def reference_logits(model, ids, head_scale=None):
     for i in range(cfg.n_layer):
         blk = model.blocks[str(i)]
         h = _layer_norm(x, blk.ln1)
-        q, k, v = (_linear(h, p).view(B, T, cfg.n_head, hd) for p in (blk.attn.q_proj, blk.attn.k_proj, blk.attn.v_proj))
+        q, k, v = (_linear(h, p).view(B, T, -1, hd) for p in (blk.attn.q_proj, blk.attn.k_proj, blk.attn.v_proj))
+        group = cfg.n_head // k.shape[2]
+        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)  # kv head j -> queries j*group..
         if cfg.position == "rope":
             q, k = _rope(q, pos, cfg.rope_theta), _rope(k, pos, cfg.rope_theta)
         scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(hd)
@@ -52,9 +69,9 @@ def reference_logits(model, ids, head_scale=None):
         if head_scale is not None:
             y = y * head_scale[i].view(1, 1, -1, 1)
         x = x + _linear(y.reshape(B, T, -1), blk.attn.o_proj)
-        u = _linear(_layer_norm(x, blk.ln2), blk.mlp.up_proj)
-        x = x + _linear(0.5 * u * (1 + torch.erf(u / math.sqrt(2))), blk.mlp.down_proj)
-    return _layer_norm(x, model.ln_f) @ model.wte.weight.T
+        x = x + _mlp(_layer_norm(x, blk.ln2), blk.mlp, cfg.mlp)
+    head = model.wte.weight if cfg.tie_embeddings else model.lm_head.weight
+    return _layer_norm(x, model.ln_f) @ head.T
 
 
 @pytest.mark.parametrize("position", ["rope", "learned"])
@@ -76,6 +93,40 @@ def test_memory_with_reads_zeroed_is_the_gated_plain_gpt(make_model, tokens):
     scale = torch.stack([1 - torch.sigmoid(b.attn.mem_beta) for b in model.blocks.values()])
     ablated = model(tokens, read_memory=False).logits
     assert (ablated - reference_logits(model, tokens, head_scale=scale)).abs().max().item() <= 1e-5
+
+
+MODERN = [{"norm": "rmsnorm"}, {"mlp": "swiglu", "mlp_multiple_of": 16}, {"mlp": "gelu_tanh"}, {"n_kv_head": 2},
+          {"n_kv_head": 1}, {"tie_embeddings": False}, {"bias": False, "mlp_hidden": 40},
+          {"norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2, "tie_embeddings": False, "bias": False,
+           "rope_theta": 500000.0, "norm_eps": 1e-6}]
+
+
+@pytest.mark.parametrize("options", MODERN, ids=str)
+@torch.no_grad()
+def test_modern_blocks_equal_the_reference(make_model, tokens, options):
+    """rmsnorm, swiglu, tanh GELU, grouped-query attention, the untied head, no biases: each equals
+    the written-out reference; with memory, reads zeroed, only (1 - g_h) * local remains."""
+    model = make_model(memory=False, **options)
+    assert (model(tokens).logits - reference_logits(model, tokens)).abs().max().item() <= 1e-5
+    model = make_model(**options)
+    scale = torch.stack([1 - torch.sigmoid(b.attn.mem_beta) for b in model.blocks.values()])
+    ablated = model(tokens, read_memory=False).logits
+    assert (ablated - reference_logits(model, tokens, head_scale=scale)).abs().max().item() <= 1e-5
+
+
+def test_modern_block_shapes():
+    from memgpt_dist.config import MemoryConfig, ModelConfig
+    from memgpt_dist.model import GPT
+
+    with torch.device("meta"):
+        cfg = ModelConfig(n_embd=128, n_head=8, n_kv_head=2, mlp="swiglu", tie_embeddings=False, norm="rmsnorm")
+        shapes = {n: tuple(p.shape) for n, p in GPT(cfg, MemoryConfig()).named_parameters()}
+    assert cfg.mlp_hidden_size == 512  # Llama: 256 * ceil(int(2 * 4 * 128 / 3) / 256)
+    assert shapes["blocks.0.attn.k_proj.weight"] == (32, 128) and shapes["blocks.0.attn.q_proj.weight"] == (128, 128)
+    assert shapes["blocks.0.attn.mem_k_proj.weight"] == (128, 128)  # the memory stays per query head
+    assert shapes["blocks.0.mlp.gate_proj.weight"] == (512, 128) and shapes["lm_head.weight"] == (4096, 128)
+    assert "blocks.0.ln1.bias" not in shapes and "ln_f.bias" not in shapes
+    assert ModelConfig(mlp="swiglu", mlp_hidden=344).mlp_hidden_size == 344
 
 
 @pytest.mark.parametrize("memory,memory_kwargs", [(True, {}), (False, {}), (True, {"kind": "delta"}),

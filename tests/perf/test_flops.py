@@ -25,6 +25,10 @@ CONFIGS = {
     "memory-no-conv-nu1": ["model.n_embd=96", "model.n_head=3", "memory.conv=0", "memory.nu=1"],
     "memory-delta": ["model.n_embd=64", "model.n_head=2", "memory.kind=delta", "memory.nu=1"],
     "wide-mlp-learned": ["model.n_embd=128", "model.n_head=8", "model.mlp_ratio=2", "model.position=learned"],
+    "llama-style": ["model.n_embd=64", "model.n_head=4", "model.n_kv_head=2", "model.mlp=swiglu",
+                    "model.mlp_multiple_of=32", "model.norm=rmsnorm", "model.tie_embeddings=false", "model.bias=false"],
+    "gqa-1-memory-off": ["memory.enabled=false", "model.n_embd=64", "model.n_head=4", "model.n_kv_head=1",
+                         "model.mlp=swiglu", "model.mlp_hidden=100"],
 }
 TOLERANCE = 0.05
 

@@ -8,11 +8,13 @@ from transformers import PretrainedConfig
 
 class MemGPTConfig(PretrainedConfig):
     model_type = "memgpt"
-    attribute_map = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head"}
+    attribute_map = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
+                     "num_key_value_heads": "n_kv_head", "intermediate_size": "mlp_hidden"}
 
     def __init__(self, vocab_size=4096, n_layer=2, n_head=4, n_embd=128, segment_len=64, position="rope",
                  rope_theta=10000.0, mlp_ratio=4, bias=True, mem_enabled=True, mem_kind="head", mem_nu=3,
-                 mem_eps=1e-5, mem_conv=4, use_cache=True, **kwargs):
+                 mem_eps=1e-5, mem_conv=4, use_cache=True, n_kv_head=None, norm="layernorm", norm_eps=1e-5,
+                 mlp="gelu", mlp_hidden=None, **kwargs):
         self.vocab_size = vocab_size
         self.n_layer = n_layer
         self.n_head = n_head
@@ -28,6 +30,12 @@ class MemGPTConfig(PretrainedConfig):
         self.mem_eps = mem_eps
         self.mem_conv = mem_conv
         self.use_cache = use_cache
+        # modern blocks; mlp_hidden is the resolved width (ModelConfig.mlp_hidden_size)
+        self.n_kv_head = n_kv_head or n_head
+        self.norm = norm
+        self.norm_eps = norm_eps
+        self.mlp = mlp
+        self.mlp_hidden = mlp_hidden or mlp_ratio * n_embd
         kwargs.setdefault("tie_word_embeddings", True)
         super().__init__(**kwargs)
 

@@ -141,10 +141,15 @@ def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
+def gqa_kwargs(q: Tensor, k: Tensor) -> dict:
+    """Grouped-query attention: kv head j serves query heads [j H/Hkv, (j+1) H/Hkv)."""
+    return {"enable_gqa": True} if q.shape[-3] != k.shape[-3] else {}
+
+
 def _block_causal(q: Tensor, k: Tensor, v: Tensor, n: int) -> Tensor:
     B, L, H, hd = q.shape
-    q, k, v = (t.reshape(B * (L // n), n, H, hd).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    q, k, v = (t.reshape(B * (L // n), n, -1, hd).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa_kwargs(q, k))
     return out.transpose(1, 2).reshape(B, L, H, hd)
 
 
@@ -188,7 +193,7 @@ class LayerCache:
 
     def __init__(self, state: LayerState, k: Tensor, v: Tensor, mem_in: Tensor, mem_k: Tensor, mem_v: Tensor,
                  write_logit: Tensor):
-        self.state, self.k, self.v = state, k, v  # k, v: (B, N, H, hd)
+        self.state, self.k, self.v = state, k, v  # k, v: (B, N, Hkv, hd)
         self.mem_in = mem_in  # (B, N, 3C) memory q|k|v before the convolution
         self.mem_k, self.mem_v, self.write_logit = mem_k, mem_v, write_logit  # (B, N, C), (B, N, C), (B, N, H)
 
@@ -203,13 +208,13 @@ class LayerCache:
 class Attention(nn.Module):
     def __init__(self, cfg: MemGPTConfig):
         super().__init__()
-        d = cfg.n_embd
+        d, d_kv = cfg.n_embd, cfg.n_kv_head * cfg.head_dim
         self.cfg = cfg
         self.head_dim = cfg.head_dim
         self.segment_len = cfg.segment_len
         self.q_proj = nn.Linear(d, d, bias=cfg.bias)
-        self.k_proj = nn.Linear(d, d, bias=cfg.bias)
-        self.v_proj = nn.Linear(d, d, bias=cfg.bias)
+        self.k_proj = nn.Linear(d, d_kv, bias=cfg.bias)
+        self.v_proj = nn.Linear(d, d_kv, bias=cfg.bias)
         self.o_proj = nn.Linear(d, d, bias=cfg.bias)
         self.mem = cfg.mem_enabled
         if self.mem:
@@ -228,7 +233,7 @@ class Attention(nn.Module):
         q, k, v = (p(x).view(B, T, -1, self.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        return q, k, v  # (B, T, H, hd) each
+        return q, k, v  # (B, T, H, hd), (B, T, Hkv, hd) twice
 
     def _mix(self, y: Tensor, read: Tensor) -> Tensor:
         g = torch.sigmoid(self.mem_beta).view(1, 1, -1, 1)
@@ -258,8 +263,9 @@ class Attention(nn.Module):
         lc.k.scatter_(1, index, k)
         lc.v.scatter_(1, index, v)
         visible = torch.arange(lc.k.shape[1], device=x.device).view(1, 1, -1) <= slots.unsqueeze(-1)  # (B, m, N)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), lc.k.transpose(1, 2), lc.v.transpose(1, 2),
-                                           attn_mask=visible.unsqueeze(1)).transpose(1, 2)  # (B, m, H, hd)
+        q, ck, cv = q.transpose(1, 2), lc.k.transpose(1, 2), lc.v.transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, ck, cv, attn_mask=visible.unsqueeze(1),
+                                           **gqa_kwargs(q, ck)).transpose(1, 2)  # (B, m, H, hd)
         if self.mem:
             mq, mk, mv = self.mem_q_proj(x), self.mem_k_proj(x), self.mem_v_proj(x)  # (B, m, C) each
             if self.conv:
@@ -295,21 +301,42 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """gelu / gelu_tanh: down(gelu(up(x))); swiglu: down(silu(gate(x)) * up(x))."""
+
     def __init__(self, cfg: MemGPTConfig):
         super().__init__()
-        self.up_proj = nn.Linear(cfg.n_embd, cfg.mlp_ratio * cfg.n_embd, bias=cfg.bias)
-        self.down_proj = nn.Linear(cfg.mlp_ratio * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.kind = cfg.mlp
+        if self.kind == "swiglu":
+            self.gate_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.gelu(self.up_proj(x)))
+        if self.kind == "swiglu":
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh" if self.kind == "gelu_tanh" else "none"))
+
+
+def build_norm(cfg: MemGPTConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class LMHead(nn.Module):
+    """The untied LM head: a (vocab, C) matrix (memgpt_dist.model.gpt.LMHead)."""
+
+    def __init__(self, cfg: MemGPTConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(cfg.vocab_size, cfg.n_embd))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: MemGPTConfig):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln1 = build_norm(cfg)
         self.attn = Attention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln2 = build_norm(cfg)
         self.mlp = MLP(cfg)
 
     def forward(self, x, rope, state):
@@ -396,14 +423,15 @@ class MemGPTPreTrainedModel(PreTrainedModel):
 
 
 class MemGPTModel(MemGPTPreTrainedModel):
-    """The decoder with memgpt-dist's parameter names (wte, wpe, blocks.<i>, ln_f)."""
+    """The decoder with memgpt-dist's parameter names (wte, wpe, blocks.<i>, ln_f, lm_head when untied)."""
 
     def __init__(self, config: MemGPTConfig):
         super().__init__(config)
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.segment_len, config.n_embd) if config.position == "learned" else None
         self.blocks = nn.ModuleDict({str(i): Block(config) for i in range(config.n_layer)})
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_f = build_norm(config)
+        self.lm_head = None if config.tie_word_embeddings else LMHead(config)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -451,6 +479,7 @@ class MemGPTModel(MemGPTPreTrainedModel):
 
     def empty_cache(self, batch: int, states: Optional[list[LayerState]]) -> MemGPTCache:
         c, n, H, hd = self.config.n_embd, self.config.segment_len, self.config.n_head, self.config.head_dim
+        Hkv = self.config.n_kv_head
         dev, dt = self.wte.weight.device, self.wte.weight.dtype
         dk = feature_dim(hd, self.config.mem_nu)
         layers = []
@@ -458,7 +487,7 @@ class MemGPTModel(MemGPTPreTrainedModel):
             state = states[i] if states and states[i] is not None else LayerState(
                 torch.zeros(batch, H, dk, hd, device=dev), torch.zeros(batch, H, dk, device=dev))
             z = lambda *shape: torch.zeros(batch, *shape, device=dev, dtype=dt)  # noqa: E731
-            layers.append(LayerCache(state, z(n, H, hd), z(n, H, hd), z(n, 3 * c), z(n, c), z(n, c), z(n, H)))
+            layers.append(LayerCache(state, z(n, Hkv, hd), z(n, Hkv, hd), z(n, 3 * c), z(n, c), z(n, c), z(n, H)))
         return MemGPTCache(layers, torch.zeros(batch, dtype=torch.long, device=dev), 0)
 
     def prefill(self, ids: Tensor) -> tuple[Tensor, MemGPTCache]:
@@ -482,7 +511,8 @@ def _rows(attention_mask: Optional[Tensor], B: int) -> Optional[list[Tensor]]:
 
 
 class MemGPTForCausalLM(MemGPTPreTrainedModel, GenerationMixin):
-    """The LM head is tied to the token embedding (no separate weight)."""
+    """The LM head is the token embedding (tied) or `model.lm_head` (untied); either way it lives
+    inside `self.model` under memgpt-dist's names, so transformers has no tied weights to manage."""
 
     def __init__(self, config: MemGPTConfig):
         super().__init__(config)
@@ -511,7 +541,8 @@ class MemGPTForCausalLM(MemGPTPreTrainedModel, GenerationMixin):
         else:
             hidden = self._read_whole(input_ids, attention_mask)
         hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
-        logits = F.linear(hidden, self.model.wte.weight)  # (B, T, vocab)
+        head = self.model.wte if self.model.lm_head is None else self.model.lm_head
+        logits = F.linear(hidden, head.weight)  # (B, T, vocab)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
