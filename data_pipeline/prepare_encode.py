@@ -11,6 +11,9 @@ computing character offsets, which prepare never reads.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator, Optional
@@ -33,12 +36,14 @@ def encode_texts(tok: Tokenizer, texts: Iterable[str], workers: int, chunk: int 
     dtype = token_dtype(tok.get_vocab_size())
     bar = tqdm(total=total_bytes, desc="tokenize", unit="B", unit_scale=True, mininterval=1.0)
     pending: deque = deque()
+    trim = MemoryTrim()
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="tokenize") as pool:
         try:
             for batch in _chunks(texts, chunk, chunk_bytes):
                 pending.append((batch, pool.submit(encode_chunk, tok, batch, eos, dtype, piece_chars)))
                 if len(pending) >= 2 * max(1, workers):
                     yield from _finish(pending.popleft(), bar)
+                    trim.maybe()
             while pending:
                 yield from _finish(pending.popleft(), bar)
         finally:
@@ -66,3 +71,22 @@ def encode_chunk(tok: Tokenizer, texts: list[str], eos: int, dtype: np.dtype, pi
         arr[-1] = eos
         out.append(arr.tobytes())
     return out
+
+
+class MemoryTrim:
+    """Hands the C heap's free pages back to the OS (glibc `malloc_trim`) at most once every
+    `every_s` seconds. The tokenizer allocates on its threads' own malloc arenas and the ids are
+    freed on the main thread; over a long corpus the arenas fragment and the resident size creeps up
+    (1.32x from the 1x to the 8x stdlib corpus without this; the process pool's workers grew the
+    same way). A no-op where the C library has no malloc_trim."""
+
+    def __init__(self, every_s: float = 1.0):
+        self.every_s, self.last = every_s, time.monotonic()
+        name = ctypes.util.find_library("c")
+        libc = ctypes.CDLL(name) if name else None
+        self.fn = getattr(libc, "malloc_trim", None)
+
+    def maybe(self) -> None:
+        if self.fn is not None and time.monotonic() - self.last >= self.every_s:
+            self.fn(0)
+            self.last = time.monotonic()
