@@ -22,7 +22,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from data_pipeline.bpe_tokenizer import _chunks, _encode_long, special_ids, token_dtype
+from data_pipeline.bpe_tokenizer import _encode_long, special_ids, token_dtype
 
 
 def encode_texts(tok: Tokenizer, texts: Iterable[str], workers: int, chunk: int = 64, chunk_bytes: int = 1 << 20,
@@ -39,7 +39,7 @@ def encode_texts(tok: Tokenizer, texts: Iterable[str], workers: int, chunk: int 
     trim = MemoryTrim()
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="tokenize") as pool:
         try:
-            for batch in _chunks(texts, chunk, chunk_bytes):
+            for batch in chunks(texts, chunk, chunk_bytes):
                 pending.append((batch, pool.submit(encode_chunk, tok, batch, eos, dtype, piece_chars)))
                 if len(pending) >= 2 * max(1, workers):
                     yield from _finish(pending.popleft(), bar)
@@ -50,6 +50,23 @@ def encode_texts(tok: Tokenizer, texts: Iterable[str], workers: int, chunk: int 
             bar.close()
             for _, future in pending:  # a consumer that stops early: do not tokenize the rest
                 future.cancel()
+
+
+def chunks(texts: Iterable[str], max_docs: int, max_chars: int) -> Iterator[list[str]]:
+    """`texts` in order, in lists of at most `max_docs` texts and `max_chars` characters; a text
+    longer than that is a list of its own. A list is closed *before* the text that would overflow
+    it, so that two big documents never share a chunk: the tokenizer's memory follows the text it
+    holds at once, and a corpus of many big documents must not peak higher than one with a few."""
+    batch: list[str] = []
+    size = 0
+    for text in texts:
+        if batch and (len(batch) >= max_docs or size + len(text) > max_chars):
+            yield batch
+            batch, size = [], 0
+        batch.append(text)
+        size += len(text)
+    if batch:
+        yield batch
 
 
 def _finish(job, bar) -> list[bytes]:
