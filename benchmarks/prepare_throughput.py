@@ -1,8 +1,15 @@
 """Throughput and memory of `memgpt-prepare` (issue 17 items 1 and 6).
 
-1. tokens/s per core of our prepare (the whole CLI: scan, dedup, split, tokenize, shards, with a
-   given tokenizer) against `datasets.Dataset.map` with the same `tokenizers` tokenizer (batched,
-   num_proc = cores) on the same documents, in the same run; target ratio >= 1.0;
+1. tokens/s per core of our prepare (the whole CLI in a fresh process: scan, dedup, split,
+   tokenize, shards, manifest, with a given tokenizer) against `datasets.Dataset.map` with the same
+   `tokenizers` tokenizer (batched, num_proc = cores, one tokenizer per worker process, ids + EOS
+   per document as ours writes) on the same documents; target ratio >= 1.0 against the map call
+   alone (the baseline's clock starts after load_dataset has read the JSONL; its load + map is
+   printed too). The baseline runs with `encode_batch` (what HF pipelines call) and with
+   `encode_batch_fast` (the call ours makes: same ids, no offsets), so neither side has a cheaper
+   tokenizer call than the other. `--rounds` rounds, the order reversed every other round (the
+   load of a shared machine drifts within minutes), the median ratio reported; also tokens per CPU
+   second of each process tree, which contention moves much less than wall time;
 2. peak RSS of the prepare process tree on the stdlib corpus as a JSONL of 1 and of 8 distinct
    variants of each file (trained tokenizer, default options); target 8x / 1x <= 1.2;
 3. with --slurm, the wall time of a 4-task Slurm array prepare against a 1-task one on the local
@@ -19,8 +26,11 @@ import argparse
 import itertools
 import json
 import os
+import resource
+import statistics
 import subprocess
 import sys
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -46,10 +56,18 @@ def write_variants(path: Path, variants: int, max_files: Optional[int] = None) -
     return n, path.stat().st_size
 
 
-def run_measured(cmd: list[str], poll_s: float = 0.05) -> tuple[float, int, int]:
-    """(wall seconds, peak RSS of the process tree summed, peak RSS of the biggest process)."""
+def cpu_seconds(who: int = resource.RUSAGE_CHILDREN) -> float:
+    """User + system CPU seconds of this process (RUSAGE_SELF) or of its reaped descendants."""
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
+def run_measured(cmd: list[str], poll_s: float = 0.05) -> tuple[float, int, int, float]:
+    """(wall seconds, peak RSS of the process tree summed, peak RSS of the biggest process, CPU
+    seconds of the whole tree: every process in it is reaped by its parent, so RUSAGE_CHILDREN
+    counts them all)."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    t0 = time.time()
+    cpu0, t0 = cpu_seconds(), time.time()
     log = tempfile.TemporaryFile("w+")  # not a pipe: progress output would fill it and block the child
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     root = psutil.Process(proc.pid)
@@ -64,31 +82,42 @@ def run_measured(cmd: list[str], poll_s: float = 0.05) -> tuple[float, int, int]
     if proc.returncode:
         log.seek(0)
         raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}:\n{log.read()[-3000:]}")
-    return time.time() - t0, peak_tree, peak_one
+    return time.time() - t0, peak_tree, peak_one, cpu_seconds() - cpu0
 
 
 def prepare_cmd(inputs: list[str], out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "launch.prepare", *inputs, "--out", str(out), *extra]
 
 
-def datasets_map_tokens_per_s(jsonl: Path, tokenizer: Path, cores: int) -> tuple[float, int]:
-    """tokens/s of datasets.Dataset.map (batched, num_proc=cores) with the same tokenizer."""
+_BASELINE_TOKENIZER = None  # one per datasets worker process, built on its first batch
+
+
+def datasets_map(jsonl: Path, tokenizer: Path, cores: int, cache: Path, api: str = "encode_batch") -> dict:
+    """The baseline: datasets.load_dataset of the JSONL (into a fresh cache, so it really reads it)
+    and Dataset.map(batched, num_proc=cores) calling the same tokenizer's `api`, ids + one EOS per
+    document as ours writes. Wall and CPU seconds of the map alone and of load + map."""
     import datasets
     from tokenizers import Tokenizer
 
     tok_json = tokenizer.read_text()
-    ds = datasets.load_dataset("json", data_files=str(jsonl), split="train")
+    eos = Tokenizer.from_str(tok_json).token_to_id("<|endoftext|>")
     datasets.disable_caching()
 
     def encode(batch):
-        tok = Tokenizer.from_str(tok_json)
-        return {"ids": [e.ids for e in tok.encode_batch(batch["text"])]}
+        global _BASELINE_TOKENIZER
+        if _BASELINE_TOKENIZER is None:
+            _BASELINE_TOKENIZER = Tokenizer.from_str(tok_json)
+        return {"ids": [e.ids + [eos] for e in getattr(_BASELINE_TOKENIZER, api)(batch["text"])]}
 
-    t0 = time.time()
+    cpu0, t0 = cpu_seconds(resource.RUSAGE_SELF) + cpu_seconds(), time.time()
+    ds = datasets.load_dataset("json", data_files=str(jsonl), split="train", cache_dir=str(cache))
+    cpu1, t1 = cpu_seconds(resource.RUSAGE_SELF) + cpu_seconds(), time.time()
     out = ds.map(encode, batched=True, batch_size=64, num_proc=cores, remove_columns=["text"])
-    seconds = time.time() - t0
-    tokens = sum(len(x) for x in out["ids"]) + len(out)  # + one EOS each, as ours counts
-    return tokens / seconds, tokens
+    cpu2, t2 = cpu_seconds(resource.RUSAGE_SELF) + cpu_seconds(), time.time()
+    tokens = sum(len(x) for x in out["ids"])
+    shutil.rmtree(cache, ignore_errors=True)
+    return {"tokens": tokens, "map_s": t2 - t1, "load_map_s": t2 - t0, "map_cpu_s": cpu2 - cpu1,
+            "load_map_cpu_s": cpu2 - cpu0}
 
 
 def measure_rss(tmp: Path, scales: list[int]) -> dict:
@@ -96,7 +125,7 @@ def measure_rss(tmp: Path, scales: list[int]) -> dict:
     for k in scales:
         jsonl = tmp / f"stdlib-x{k}.jsonl"
         docs, size = write_variants(jsonl, k)
-        wall, tree, one = run_measured(prepare_cmd([str(jsonl)], tmp / f"rss-x{k}"))
+        wall, tree, one, _ = run_measured(prepare_cmd([str(jsonl)], tmp / f"rss-x{k}"))
         m = json.loads((tmp / f"rss-x{k}" / "manifest.json").read_text())
         rows[k] = {"documents": docs, "input_mb": round(size / 2**20, 1), "seconds": round(wall, 1),
                    "peak_rss_tree_mb": round(tree / 2**20, 1), "peak_rss_one_process_mb": round(one / 2**20, 1),
@@ -107,23 +136,67 @@ def measure_rss(tmp: Path, scales: list[int]) -> dict:
     return rows
 
 
-def measure_throughput(tmp: Path, cores: int, max_files: Optional[int]) -> dict:
+def ours(jsonl: Path, tokenizer: Path, cores: int, out: Path) -> dict:
+    """Our whole prepare CLI (a fresh process: scan, dedup, split, tokenize, shards, manifest)."""
+    wall, _, _, cpu = run_measured(prepare_cmd([str(jsonl)], out, "--tokenizer", str(tokenizer),
+                                               "--workers", str(cores)))
+    m = json.loads((out / "manifest.json").read_text())
+    shutil.rmtree(out)
+    return {"tokens": sum(t["tokens"] for t in m["totals"].values()), "wall_s": wall, "cpu_s": cpu,
+            "encode_s": m["stage_seconds"]["encode"]}
+
+
+def measure_throughput(tmp: Path, cores: int, max_files: Optional[int], rounds: int, apis: list[str]) -> dict:
+    """`rounds` rounds of ours and each baseline, the order reversed every other round (on a shared
+    machine the load drifts within minutes; one run of each, always in the same order, measured
+    the drift as much as the code). Ratios per round, and their median."""
     jsonl = tmp / "stdlib-x1.jsonl"
     write_variants(jsonl, 1, max_files)
     base = tmp / "tok"
     subprocess.run(prepare_cmd([str(jsonl)], base, "--max-docs", "200"), cwd=ROOT, check=True, capture_output=True)
-    wall, _, _ = run_measured(prepare_cmd([str(jsonl)], tmp / "ours", "--tokenizer", str(base / "tokenizer.json"),
-                                          "--workers", str(cores)))
-    m = json.loads((tmp / "ours" / "manifest.json").read_text())
-    tokens = sum(t["tokens"] for t in m["totals"].values())
-    ours, encode = tokens / wall, tokens / m["stage_seconds"]["encode"]
-    theirs, _ = datasets_map_tokens_per_s(jsonl, base / "tokenizer.json", cores)
-    print(f"tokens/s per core: ours {ours / cores:,.0f} (whole prepare, {wall:.1f}s; its encode stage alone "
-          f"{encode / cores:,.0f}), datasets.map {theirs / cores:,.0f} (map only) -> ratio {ours / theirs:.2f} "
-          f"(encode stage {encode / theirs:.2f}; target >= 1.0)", flush=True)
-    return {"cores": cores, "ours_tokens_per_s_per_core": ours / cores, "encode_stage_tokens_per_s_per_core":
-            encode / cores, "datasets_map_tokens_per_s_per_core": theirs / cores, "ratio": ours / theirs,
-            "ratio_encode_stage": encode / theirs}
+    tok = base / "tokenizer.json"
+    per_round = []
+    for r in range(rounds):
+        runs = [("ours", lambda: ours(jsonl, tok, cores, tmp / "ours"))]
+        runs += [(api, lambda api=api: datasets_map(jsonl, tok, cores, tmp / "hf-cache", api)) for api in apis]
+        got = {name: fn() for name, fn in (runs if r % 2 == 0 else runs[::-1])}
+        per_round.append(_round_ratios(got, cores))
+        print(f"round {r + 1}: " + "; ".join(f"{k} {v:.2f}" for k, v in per_round[-1].items() if "ratio" in k),
+              flush=True)
+    summary = {k: statistics.median(p[k] for p in per_round) for k in per_round[0]}
+    _print_throughput(summary, cores, apis, rounds)
+    return {"cores": cores, "rounds": per_round, "median": summary}
+
+
+def _round_ratios(got: dict, cores: int) -> dict:
+    o = got["ours"]
+    row = {"ours_tokens": o["tokens"], "ours_tokens_per_s_per_core": o["tokens"] / o["wall_s"] / cores,
+           "ours_encode_stage_tokens_per_s_per_core": o["tokens"] / o["encode_s"] / cores,
+           "ours_tokens_per_cpu_s": o["tokens"] / o["cpu_s"]}
+    for api, b in got.items():
+        if api == "ours":
+            continue
+        row[f"{api}_tokens"] = b["tokens"]  # every line: ours drops the empty ones and duplicates (a few)
+        row[f"{api}_map_tokens_per_s_per_core"] = b["tokens"] / b["map_s"] / cores
+        row[f"{api}_load_map_tokens_per_s_per_core"] = b["tokens"] / b["load_map_s"] / cores
+        row[f"{api}_map_tokens_per_cpu_s"] = b["tokens"] / b["map_cpu_s"]
+        row[f"ratio_vs_{api}_map"] = row["ours_tokens_per_s_per_core"] / row[f"{api}_map_tokens_per_s_per_core"]
+        row[f"ratio_vs_{api}_load_map"] = (row["ours_tokens_per_s_per_core"]
+                                          / row[f"{api}_load_map_tokens_per_s_per_core"])
+        row[f"cpu_ratio_vs_{api}_map"] = row["ours_tokens_per_cpu_s"] / row[f"{api}_map_tokens_per_cpu_s"]
+    return row
+
+
+def _print_throughput(m: dict, cores: int, apis: list[str], rounds: int) -> None:
+    print(f"median of {rounds} round(s), {cores} cores: ours {m['ours_tokens_per_s_per_core']:,.0f} tokens/s per "
+          f"core (whole prepare; encode stage alone {m['ours_encode_stage_tokens_per_s_per_core']:,.0f}), "
+          f"{m['ours_tokens_per_cpu_s']:,.0f} tokens per CPU second", flush=True)
+    for api in apis:
+        print(f"  datasets.map with {api}: {m[f'{api}_map_tokens_per_s_per_core']:,.0f} tokens/s per core (map "
+              f"only), {m[f'{api}_load_map_tokens_per_s_per_core']:,.0f} (load_dataset + map), "
+              f"{m[f'{api}_map_tokens_per_cpu_s']:,.0f} per CPU second (map) -> ratio "
+              f"{m[f'ratio_vs_{api}_map']:.2f} vs map only (target >= 1.0), {m[f'ratio_vs_{api}_load_map']:.2f} "
+              f"vs load + map, {m[f'cpu_ratio_vs_{api}_map']:.2f} per CPU second", flush=True)
 
 
 def measure_slurm(tmp: Path) -> dict:
@@ -169,7 +242,7 @@ def measure_huge_doc(tmp: Path, mb: float) -> dict:
     base = tmp / "huge-tok"
     subprocess.run(prepare_cmd([str(sample)], base, "--vocab-size", "2000"), cwd=ROOT, check=True,
                    capture_output=True)
-    wall, tree, one = run_measured(prepare_cmd([str(jsonl)], tmp / "huge", "--tokenizer",
+    wall, tree, one, _ = run_measured(prepare_cmd([str(jsonl)], tmp / "huge", "--tokenizer",
                                                str(base / "tokenizer.json")))
     print(f"one {mb:g} MB line: {wall:.0f}s, peak RSS {tree / 2**20:.0f} MB (process tree), "
           f"{one / 2**20:.0f} MB (largest process)", flush=True)
@@ -182,6 +255,9 @@ def main(argv=None) -> int:
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--throughput-files", type=int, default=None, help="only the first N stdlib files (default all)")
+    p.add_argument("--rounds", type=int, default=2, help="throughput rounds (order alternated), median reported")
+    p.add_argument("--baseline-api", default="encode_batch,encode_batch_fast",
+                   help="tokenizer calls the datasets.map baseline is run with (comma-separated)")
     p.add_argument("--skip-rss", action="store_true")
     p.add_argument("--slurm", action="store_true", help="also time a 4-task vs 1-task Slurm array (root)")
     p.add_argument("--huge-doc-mb", type=float, default=0, help="also measure one single-line document this big")
@@ -190,7 +266,8 @@ def main(argv=None) -> int:
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="prepare-bench") as tmp:
         if not args.skip_throughput:
-            results["throughput"] = measure_throughput(Path(tmp), args.cores, args.throughput_files)
+            results["throughput"] = measure_throughput(Path(tmp), args.cores, args.throughput_files, args.rounds,
+                                                       args.baseline_api.split(","))
         if not args.skip_rss:
             scales = [int(x) for x in args.scales.split(",")]
             results["rss"] = measure_rss(Path(tmp), scales)

@@ -19,7 +19,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--shard-max-mb", type=float, default=64.0)
     p.add_argument("--min-shards", type=int, default=64, help="at least this many train shards (small corpora)")
     p.add_argument("--workers", type=int, default=int(os.environ.get("SLURM_CPUS_PER_TASK") or os.cpu_count() or 1),
-                   help="tokenizer processes (default: the CPUs Slurm gave the task, else every core)")
+                   help="tokenizer threads (default: the CPUs Slurm gave the task, else every core)")
     p.add_argument("--max-docs", type=int, default=None, help="keep at most this many documents (after dedup)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace a corpus this tool wrote in --out")

@@ -13,17 +13,17 @@ and tokens), so corpora made before stay valid.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import sys
+import tarfile
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
-
-import webdataset as wds
 
 from data_pipeline.bpe_tokenizer import file_sha256
 from data_pipeline.corpus_sources import Decoding, check_input
@@ -96,19 +96,62 @@ def write_shards(out: Path, prefix: str, samples: Iterable[tuple[int, str, bytes
     maxcount, maxsize = shard_limits(n_docs, ids_bytes + 1024 * n_docs, min_shards, shard_max_mb)
     itemsize = 2 if suffix == "u16" else 4
     stats: dict[str, dict] = {}
-    writer = wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=maxcount, maxsize=maxsize, verbose=0)
+    writer = ShardTarWriter(out, prefix, maxcount, maxsize)
     try:
         for i, (doc_id, source, ids) in enumerate(samples):
-            sample = {"__key__": f"doc{doc_id:09d}", f"ids.{suffix}": ids, "source.txt": source}
+            members = {f"ids.{suffix}": ids, "source.txt": source.encode("utf-8")}
             if masks is not None:
-                sample["mask.u8"] = masks[i]
-            writer.write(sample)
-            entry = stats.setdefault(Path(writer.fname).name, {"documents": 0, "tokens": 0})
+                members["mask.u8"] = masks[i]
+            name = writer.write(f"doc{doc_id:09d}", members)
+            entry = stats.setdefault(name, {"documents": 0, "tokens": 0})
             entry["documents"] += 1
             entry["tokens"] += len(ids) // itemsize
     finally:
         writer.close()
     return [{"file": name, **s, "sha256": file_sha256(out / name)} for name, s in sorted(stats.items())]
+
+
+class ShardTarWriter:
+    """`out/prefix-NNNNNN.tar` shards, the next one begun when the current one holds `maxcount`
+    samples or `maxsize` bytes of member data: the files webdataset's ShardWriter writes (members
+    `key.ext` in sorted order, PAX, mode 0444, owner bigdata, the first shard opened at once),
+    with the standard library's tarfile, because importing webdataset imports torch (seconds of
+    every prepare process's start, and a few hundred MB) and prepare needs none of it."""
+
+    def __init__(self, out: Path, prefix: str, maxcount: int, maxsize: int):
+        self.out, self.prefix, self.maxcount, self.maxsize = out, prefix, maxcount, maxsize
+        self.shard, self.file, self.tar = 0, None, None
+        self._next()
+
+    def _next(self) -> None:
+        self._finish()
+        self.name = f"{self.prefix}-{self.shard:06d}.tar"
+        self.file = open(self.out / self.name, "wb")
+        self.tar = tarfile.open(fileobj=self.file, mode="w|")  # PAX, as ShardWriter's (its format= is unused)
+        self.shard, self.count, self.size = self.shard + 1, 0, 0
+
+    def write(self, key: str, members: dict[str, bytes]) -> str:
+        """Append one sample; returns the name of the shard it went to."""
+        if self.count >= self.maxcount or self.size >= self.maxsize:
+            self._next()
+        for ext in sorted(members):
+            data = members[ext]
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), time.time(), 0o444  # a float mtime: a PAX header each
+            info.uname = info.gname = "bigdata"
+            self.tar.addfile(info, io.BytesIO(data))
+            self.size += len(data)
+        self.count += 1
+        return self.name
+
+    def _finish(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+            self.file.close()
+            self.tar = self.file = None
+
+    def close(self) -> None:
+        self._finish()
 
 
 def refuse_input_overlap(cfg: PrepareConfig) -> None:

@@ -34,10 +34,11 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from data_pipeline.bpe_tokenizer import encode_all, load_tokenizer, special_ids, token_dtype, train_bpe
+from data_pipeline.bpe_tokenizer import load_tokenizer, special_ids, token_dtype, train_bpe
 from data_pipeline.corpus_sources import Decoding, SkipLog, Unit, iter_unit, list_units, split_units
 from data_pipeline.dedup import PartitionWriter, iter_duplicates, split_position
 from data_pipeline.errors import DataError
+from data_pipeline.prepare_encode import encode_texts
 
 REC = np.dtype([("split_key", "<u8"), ("sample_key", "<u8"), ("nbytes", "<u8")])  # one per non-empty document
 SPOOL_HEADER = np.dtype([("doc_id", "<u8"), ("ids_len", "<u8"), ("source_len", "<u8")])
@@ -444,7 +445,7 @@ def encode(cfg, work: WorkDir, task: int, n_tasks: int, out: Path, scrub: Option
             meta.append((doc_id, source, val))
             yield text
 
-    for ids in encode_all(tok, texts(), cfg.workers):
+    for ids in encode_texts(tok, texts(), cfg.workers):
         doc_id, source, val = meta.popleft()
         spools["validation" if val else "train"].add(doc_id, source, ids)
     shards = {}

@@ -137,6 +137,28 @@ def test_given_tokenizer_is_reused_and_parallel_encoding_matches(corpus, tmp_pat
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_shards_are_the_files_webdatasets_writer_wrote(tmp_path, monkeypatch):
+    """ShardTarWriter (stdlib tarfile, so prepare does not import torch) writes byte for byte the
+    shards webdataset's ShardWriter wrote before, rollover by count and by size included."""
+    import time
+
+    import webdataset as wds
+
+    from data_pipeline.prepare_corpus import ShardTarWriter
+
+    monkeypatch.setattr(time, "time", lambda: 1_700_000_000.25)  # both stamp every member with time.time()
+    samples = [(f"doc{i:09d}", bytes(range(i % 200)) * 3, f"src/{i}.py".encode()) for i in range(60)]
+    ref = wds.ShardWriter(str(tmp_path / "ref-%06d.tar"), maxcount=7, maxsize=500, verbose=0)
+    ours = ShardTarWriter(tmp_path, "ours", 7, 500)
+    for key, ids, src in samples:
+        ref.write({"__key__": key, "ids.u16": ids, "source.txt": src, "mask.u8": ids[:3]})
+        ours.write(key, {"ids.u16": ids, "source.txt": src, "mask.u8": ids[:3]})
+    ref.close()
+    ours.close()
+    a, b = sorted(tmp_path.glob("ref-*.tar")), sorted(tmp_path.glob("ours-*.tar"))
+    assert len(a) == len(b) > 2 and [f.read_bytes() for f in a] == [f.read_bytes() for f in b]
+
+
 def test_token_dtype_widens_for_large_vocabularies():
     assert token_dtype(50_257) == np.dtype("<u2") and token_dtype(65_536) == np.dtype("<u4")
 

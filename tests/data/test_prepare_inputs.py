@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from data_pipeline.bpe_tokenizer import encode_all, safe_pieces
+from data_pipeline.bpe_tokenizer import safe_pieces
 from data_pipeline.errors import DataError
+from data_pipeline.prepare_encode import encode_texts
 from helpers import make_text_corpus, prepare_dir
 from launch.prepare import main as prepare_main
 
@@ -149,7 +150,7 @@ def test_pieces_of_a_long_text_tokenize_like_the_whole(tok):
     whole = tok.encode(text).ids
     assert [i for e in tok.encode_batch(pieces) for i in e.ids] == whole
     eos = tok.token_to_id("<|endoftext|>")
-    got = next(encode_all(tok, [text], workers=1, piece_chars=500))
+    got = next(encode_texts(tok, [text], workers=1, piece_chars=500))
     import numpy as np
 
     assert np.frombuffer(got, "<u2").tolist() == whole + [eos]
@@ -157,3 +158,14 @@ def test_pieces_of_a_long_text_tokenize_like_the_whole(tok):
 
 def test_a_text_without_spaces_is_left_whole(tok):
     assert list(safe_pieces("a" * 5000, max_chars=100)) == ["a" * 5000]
+
+
+def test_threads_give_every_text_its_ids_in_order(tok):
+    """encode_texts (prepare's tokenizer path: threads, encode_batch_fast) returns, in input order,
+    what the plain single-text encode gives, plus EOS; chunks cut by count and by size."""
+    import numpy as np
+
+    texts = [AWKWARD[: 1 + i % len(AWKWARD)] * (1 + i % 7) for i in range(300)]
+    eos = tok.token_to_id("<|endoftext|>")
+    got = list(encode_texts(tok, iter(texts), workers=3, chunk=16, chunk_bytes=2000))
+    assert [np.frombuffer(g, "<u2").tolist() for g in got] == [tok.encode(t).ids + [eos] for t in texts]
