@@ -123,12 +123,6 @@ class SegmentConv(nn.Module):
         y = F.conv1d(F.pad(x, (self.taps - 1, 0)), self.weight.to(x.dtype), groups=C)  # (B*S, C, n)
         return y.transpose(1, 2).reshape(B, S * n, C)[:, :T]  # (B, T, C)
 
-    def window(self, window: Tensor) -> Tensor:
-        """The last m outputs from the (B, taps - 1 + m, C) inputs that end at the newest token
-        (zeros where the window reaches before the segment start)."""
-        y = F.conv1d(window.transpose(1, 2), self.weight.to(window.dtype), groups=window.shape[-1])  # (B, C, m)
-        return y.transpose(1, 2)  # (B, m, C)
-
 
 class Attention(nn.Module):
     """Segment-local multi-head attention; with memory, each head mixes in its memory read."""
@@ -231,14 +225,20 @@ class Attention(nn.Module):
         return memory_read(q.view(B, m, -1, self.head_dim), lc.state, self.mem.kind, self.mem.nu, self.mem.eps)
 
     def _conv_step(self, mem_in: Tensor, slots: Tensor, lc: LayerCache) -> tuple[Tensor, Tensor, Tensor]:
+        """The three short convolutions at the m new tokens, from the cached segment inputs. One
+        multiply-add over a gathered window: a conv1d call per projection per token costs more
+        than the whole layer's matmuls at decoding sizes (benchmarks/generate_throughput.py)."""
         B, m, C3 = mem_in.shape
         lc.mem_in.scatter_(1, slots.unsqueeze(-1).expand(B, m, C3), mem_in)
         taps = self.mem.conv
-        padded = F.pad(lc.mem_in, (0, 0, taps - 1, 0))  # (B, taps - 1 + N, 3C): zero history at the segment start
-        starts = slots[:, :1] + torch.arange(taps - 1 + m, device=slots.device)  # (B, taps - 1 + m)
-        window = padded.gather(1, starts.unsqueeze(-1).expand(B, taps - 1 + m, C3))  # (B, taps - 1 + m, 3C)
-        wq, wk, wv = window.chunk(3, dim=-1)
-        return self.mem_q_conv.window(wq), self.mem_k_conv.window(wk), self.mem_v_conv.window(wv)
+        # window positions: taps - 1 before the first new token, then the new ones; those before the
+        # segment start read zeros (the zero history of SegmentConv.forward)
+        pos = slots[:, :1] - (taps - 1) + torch.arange(taps - 1 + m, device=slots.device)  # (B, taps - 1 + m)
+        window = lc.mem_in.gather(1, pos.clamp(min=0).unsqueeze(-1).expand(B, taps - 1 + m, C3))
+        window = window * (pos >= 0).unsqueeze(-1).to(window.dtype)  # (B, taps - 1 + m, 3C)
+        weight = torch.cat([c.weight for c in (self.mem_q_conv, self.mem_k_conv, self.mem_v_conv)]).view(C3, taps)
+        y = (window.unfold(1, taps, 1) * weight.to(window.dtype)).sum(-1)  # (B, m, 3C, taps) -> (B, m, 3C)
+        return y.chunk(3, dim=-1)
 
     def close_segment(self, rows: Tensor, lc: LayerCache) -> None:
         """Write the full open segment of `rows` into their memory with the training scan."""

@@ -61,6 +61,9 @@ def autotp_partition_config() -> dict[str, Any]:
         "layer_specs": [
             {"patterns": [_weight_pattern(m) for m in ROW_PARALLEL], "partition_type": "row"},
             {"patterns": [_weight_pattern(m) for m in COLUMN_PARALLEL], "partition_type": "column"},
+            # AutoTP takes any module named lm_head for the output head, whatever its type; ours
+            # (the untied head, model.LMHead) stays replicated, like the embedding
+            {"patterns": [r"^(.*\.)?lm_head\.weight$"], "partition_type": "skip"},
         ],
     }
 

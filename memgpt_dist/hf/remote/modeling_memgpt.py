@@ -181,11 +181,6 @@ class SegmentConv(nn.Module):
         y = F.conv1d(F.pad(x, (self.taps - 1, 0)), self.weight.to(x.dtype), groups=C)
         return y.transpose(1, 2).reshape(B, S * n, C)[:, :T]
 
-    def window(self, window: Tensor) -> Tensor:
-        """The last m outputs from (B, taps - 1 + m, C) inputs that end at the newest token."""
-        y = F.conv1d(window.transpose(1, 2), self.weight.to(window.dtype), groups=window.shape[-1])
-        return y.transpose(1, 2)  # (B, m, C)
-
 
 class LayerCache:
     """One layer's part of `MemGPTCache`: the memory before the open segment and the open
@@ -281,14 +276,16 @@ class Attention(nn.Module):
         return self.o_proj(y.reshape(B, m, -1))
 
     def _conv_step(self, mem_in: Tensor, slots: Tensor, lc: LayerCache) -> tuple[Tensor, Tensor, Tensor]:
+        """The three short convolutions at the new tokens: one multiply-add over a gathered window."""
         B, m, C3 = mem_in.shape
         lc.mem_in.scatter_(1, slots.unsqueeze(-1).expand(B, m, C3), mem_in)
         taps = self.cfg.mem_conv
-        padded = F.pad(lc.mem_in, (0, 0, taps - 1, 0))  # (B, taps - 1 + N, 3C): zeros before the segment
-        starts = slots[:, :1] + torch.arange(taps - 1 + m, device=slots.device)  # (B, taps - 1 + m)
-        window = padded.gather(1, starts.unsqueeze(-1).expand(B, taps - 1 + m, C3))
-        wq, wk, wv = window.chunk(3, dim=-1)
-        return self.mem_q_conv.window(wq), self.mem_k_conv.window(wk), self.mem_v_conv.window(wv)
+        pos = slots[:, :1] - (taps - 1) + torch.arange(taps - 1 + m, device=slots.device)  # (B, taps - 1 + m)
+        window = lc.mem_in.gather(1, pos.clamp(min=0).unsqueeze(-1).expand(B, taps - 1 + m, C3))
+        window = window * (pos >= 0).unsqueeze(-1).to(window.dtype)  # zeros before the segment start
+        weight = torch.cat([c.weight for c in (self.mem_q_conv, self.mem_k_conv, self.mem_v_conv)]).view(C3, taps)
+        y = (window.unfold(1, taps, 1) * weight.to(window.dtype)).sum(-1)  # (B, m, 3C)
+        return y.chunk(3, dim=-1)
 
     def close(self, rows: Tensor, lc: LayerCache) -> None:
         """Write the full open segment of `rows` into their memory (as the training scan does)."""
