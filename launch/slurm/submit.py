@@ -91,8 +91,11 @@ def sbatch_command(args) -> list[str]:
     name = args.job_name or Path(args.config).stem
     run_dir = args.run_dir or f"runs/{name}"
     procs = args.procs_per_node or args.gpus_per_node
-    nodes = f"{args.min_nodes}-{args.nodes}" if args.min_nodes and args.min_nodes < args.nodes else str(args.nodes)
-    cmd = ["sbatch", "--parsable", f"--job-name={name}", f"--nodes={nodes}", "--ntasks-per-node=1",
+    # A node range: Slurm gives as few nodes as hold the tasks, so ask for one task per node of the
+    # largest count (not per node): both nodes when both are free, one when only one is.
+    nodes = [f"--nodes={args.min_nodes}-{args.nodes}", f"--ntasks={args.nodes}"] \
+        if args.min_nodes and args.min_nodes < args.nodes else [f"--nodes={args.nodes}", "--ntasks-per-node=1"]
+    cmd = ["sbatch", "--parsable", f"--job-name={name}", *nodes,
            f"--time={args.time}", f"--signal=B:USR1@{args.signal_seconds}",
            f"--output={run_dir}/logs/slurm-%j.out",
            f"--export=ALL,CONFIG={args.config},RUN_DIR={run_dir},PROCS_PER_NODE={procs}"

@@ -58,5 +58,5 @@ def main(argv: list[str]) -> int:
     return guard(fd, pid, timeout_s, rank)
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":  # a process of its own: its exit status is its only output
+    raise SystemExit(main(sys.argv[1:]))

@@ -65,7 +65,7 @@ def test_the_job_script_helper_prints_the_overrides_and_the_decision(tmp_path):
 def test_a_node_range_is_submitted_when_every_size_in_it_can_continue(capsys):
     cmd = sbatch_command(parse_args(["--config", TINY, "--nodes", "2", "--min-nodes", "1", "--gpus-per-node", "0",
                                      "--procs-per-node", "1", "--fault-requeues", "5"]))
-    assert "--nodes=1-2" in cmd and any(c.endswith(",FAULT_REQUEUES=5") for c in cmd)
+    assert "--nodes=1-2" in cmd and "--ntasks=2" in cmd and any(c.endswith(",FAULT_REQUEUES=5") for c in cmd)
     # 5 nodes x 1 rank x micro-batch 4 = 20 streams: 4 nodes divide them, 3 do not
     assert submit_main(["--config", TINY, "--nodes", "5", "--min-nodes", "3", "--gpus-per-node", "0",
                         "--procs-per-node", "1", "--dry-run"]) == 2

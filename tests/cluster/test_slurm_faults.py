@@ -93,7 +93,7 @@ def faulted(slurm, slurm_env, tiny_data, tmp_path_factory) -> tuple[str, Path, l
     job = submit(slurm_env, tiny_data, run_dir)
     gone = []
     try:
-        wait_for(slurm_env, job, reached(run_dir, 3), 300, "step 3")
+        wait_for(slurm_env, job, reached(run_dir, 3), 480, "step 3")
         t0 = time.time()
         rank_process(job, 1).send_signal(signal.SIGKILL)
         gone.append(left_the_nodes(slurm_env, job, 1, t0))
@@ -108,8 +108,8 @@ def faulted(slurm, slurm_env, tiny_data, tmp_path_factory) -> tuple[str, Path, l
         gone.append(left_the_nodes(slurm_env, job, 2, t0))
         wait_done(slurm_env, job, run_dir)
     finally:
-        subprocess.run(["scontrol", "update", "NodeName=node2", "State=RESUME"], env=slurm_env)
-        subprocess.run(["scancel", job], env=slurm_env)
+        subprocess.run(["scontrol", "update", "NodeName=node2", "State=RESUME"], env=slurm_env, capture_output=True)
+        subprocess.run(["scancel", job], env=slurm_env, capture_output=True)
     print(f"job left the nodes {gone[0]:.1f}s after the SIGKILL of rank 1, {gone[1]:.1f}s after node2 was lost")
     return job, run_dir, gone
 
