@@ -15,16 +15,34 @@ Prepare a corpus as a Slurm job array (launch/slurm/prepare.sbatch; see the READ
 It checks --out, then submits scan (array) -> plan -> encode (array) -> merge, each after the one
 before; resubmitting the same command submits only the tasks that did not finish.
 If sbatch fails, its own message is printed and the exit code is 2.
+
+Two subcommands are the job script's, not the user's (train.sbatch runs them; the logic lives
+here, in Python, rather than in the shell):
+
+* `elastic-args --config C --run-dir D --world-size N -- OVERRIDES`: prints the overrides that
+  let N ranks continue the run's newest committed checkpoint (`--nodes MIN-MAX`: a requeued job
+  that got fewer nodes), the decision on stderr (memgpt_dist.train.resume.elastic_overrides);
+* `fault-requeue --rc RC --run-dir D --max K`: exit 0 to requeue after a fault, 1 not to (below).
+
+Faults (76: a rank lost or hung; 247: a rank SIGKILLed, by the OOM killer, the guardian of a
+stopped rank or a person; 137: a launcher SIGKILLed) are requeued while the run makes progress:
+after K fault requeues in a row without a newer committed checkpoint (an OOM kill recurs at the
+same step) the job stops and says so, instead of looping. 75 (saved and stopped) always requeues.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 SBATCH_SCRIPT = Path(__file__).resolve().with_name("train.sbatch")
+FAULT_CODES = {76: "a rank was lost or hung", 247: "a rank was SIGKILLed (the OOM killer, a stopped rank's guardian, "
+               "or a person)", 137: "a launcher was SIGKILLed"}
+FAULT_RECORD = "fault_requeues.json"  # in the run's logs/: the newest committed step at each fault requeue
 PREPARE_SCRIPT = Path(__file__).resolve().with_name("prepare.sbatch")
 
 
@@ -45,6 +63,12 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML file from configs/")
     p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--min-nodes", type=int, default=None,
+                   help="accept as few as this many nodes (sbatch --nodes=MIN-MAX): a requeued job that gets fewer "
+                        "continues on them, the micro-batch absorbing the change (README, Faults)")
+    p.add_argument("--fault-requeues", type=int, default=None,
+                   help="requeue after a fault (exit 76, 247, 137) at most this many times in a row without a newer "
+                        "committed checkpoint (default: train.sbatch's, 3)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs to request per node (0 on CPU nodes)")
     p.add_argument("--procs-per-node", type=int, default=None,
                    help="ranks per node (default: --gpus-per-node; required with --gpus-per-node 0)")
@@ -67,10 +91,15 @@ def sbatch_command(args) -> list[str]:
     name = args.job_name or Path(args.config).stem
     run_dir = args.run_dir or f"runs/{name}"
     procs = args.procs_per_node or args.gpus_per_node
-    cmd = ["sbatch", "--parsable", f"--job-name={name}", f"--nodes={args.nodes}", "--ntasks-per-node=1",
+    # A node range: Slurm gives as few nodes as hold the tasks, so ask for one task per node of the
+    # largest count (not per node): both nodes when both are free, one when only one is.
+    nodes = [f"--nodes={args.min_nodes}-{args.nodes}", f"--ntasks={args.nodes}"] \
+        if args.min_nodes and args.min_nodes < args.nodes else [f"--nodes={args.nodes}", "--ntasks-per-node=1"]
+    cmd = ["sbatch", "--parsable", f"--job-name={name}", *nodes,
            f"--time={args.time}", f"--signal=B:USR1@{args.signal_seconds}",
            f"--output={run_dir}/logs/slurm-%j.out",
-           f"--export=ALL,CONFIG={args.config},RUN_DIR={run_dir},PROCS_PER_NODE={procs}"]
+           f"--export=ALL,CONFIG={args.config},RUN_DIR={run_dir},PROCS_PER_NODE={procs}"
+           + (f",FAULT_REQUEUES={args.fault_requeues}" if args.fault_requeues is not None else "")]
     cmd.append("--no-requeue" if args.no_requeue else "--requeue")
     if args.gpus_per_node:
         cmd.append(f"--gpus-per-node={args.gpus_per_node}")
@@ -97,14 +126,34 @@ def check(args) -> None:
     if procs < 1:
         raise ConfigError("--gpus-per-node 0 needs --procs-per-node N (ranks per CPU node)")
     cfg = load_config(args.config, _overrides(args))
-    require_executable_layout(cfg, args.nodes * procs)
+    layout = require_executable_layout(cfg, args.nodes * procs)
+    if args.min_nodes is not None:
+        if not 1 <= args.min_nodes <= args.nodes:
+            raise ConfigError(f"--min-nodes {args.min_nodes} must be between 1 and --nodes {args.nodes}")
+        bad = [n for n in range(args.min_nodes, args.nodes) if not _continues(layout, n * procs)]
+        if bad:
+            raise ConfigError(f"--min-nodes {args.min_nodes}: on {', '.join(map(str, bad))} node(s) the data-parallel "
+                              f"degree does not divide the run's {layout.streams} data streams (dp x "
+                              f"micro_batch_size), so a restart there could not continue the data exactly; raise "
+                              f"--min-nodes or choose a micro_batch_size that they divide")
+
+
+def _continues(layout, world_size: int) -> bool:
+    """`world_size` ranks can continue a checkpoint of `layout` (same tp x pp, dp dividing its streams)."""
+    model_parallel = layout.tp * layout.pp
+    return world_size % model_parallel == 0 and layout.streams % (world_size // model_parallel) == 0
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["fault-requeue"]:  # stdlib only: it runs at the end of every faulted job
+        return fault_requeue(parse_fault_args(argv[1:]))
     from data_pipeline.errors import DataError
     from memgpt_dist.cli import run_cli
 
-    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["elastic-args"]:
+        eargs = parse_elastic_args(argv[1:])
+        return run_cli(lambda: _elastic_args(eargs))
     if argv[:1] == ["prepare"]:
         pargs = parse_prepare_args(argv[1:])
         return run_cli(lambda: _submit_prepare(pargs), (DataError, SbatchError))
@@ -125,6 +174,65 @@ def _submit(args) -> int:
           f"  follow:      tail -f {run_dir}/logs/slurm-{job}.out\n"
           f"  TensorBoard: tensorboard --logdir {run_dir}/tensorboard\n"
           f"  preempt now: scancel --signal=USR1 --batch {job}   (saves, requeues, resumes)")
+    return 0
+
+
+# ------------------------------------------------------------------ the job script's helpers
+def parse_elastic_args(argv):
+    p = argparse.ArgumentParser(prog="submit.py elastic-args")
+    p.add_argument("--config", required=True)
+    p.add_argument("--run-dir", required=True, type=Path)
+    p.add_argument("--world-size", required=True, type=int)
+    p.add_argument("overrides", nargs=argparse.REMAINDER)
+    return p.parse_args(argv)
+
+
+def _elastic_args(a) -> int:
+    from memgpt_dist.config import load_config
+    from memgpt_dist.train.resume import elastic_overrides
+
+    overrides = [o for o in a.overrides if o != "--"]
+    extra, decision = elastic_overrides(load_config(a.config, overrides), a.world_size, a.run_dir / "checkpoints")
+    if decision:
+        print(decision, file=sys.stderr)
+    print(" ".join(extra))
+    return 0
+
+
+def parse_fault_args(argv):
+    p = argparse.ArgumentParser(prog="submit.py fault-requeue")
+    p.add_argument("--rc", required=True, type=int, help="the training step's exit code")
+    p.add_argument("--run-dir", required=True, type=Path)
+    p.add_argument("--max", type=int, default=3, help="fault requeues in a row without a newer committed checkpoint")
+    return p.parse_args(argv)
+
+
+def newest_committed_step(run_dir: Path) -> int:
+    """The newest step with a commit marker under run_dir/checkpoints (-1: none); stdlib only."""
+    steps = [int(m.group(1)) for p in (run_dir / "checkpoints").glob("step_*/COMMITTED.json")
+             if (m := re.fullmatch(r"step_(\d{8})", p.parent.name))]
+    return max(steps, default=-1)
+
+
+def fault_requeue(a) -> int:
+    """Exit 0: requeue after fault `a.rc`; 1: do not (not a fault, or `a.max` fault requeues in a
+    row have not moved the newest committed checkpoint). Records each requeue in the run's logs/."""
+    if a.rc not in FAULT_CODES:
+        print(f"exit {a.rc} is not a fault this job requeues", file=sys.stderr)
+        return 1
+    record_file = a.run_dir / "logs" / FAULT_RECORD
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {"step": None, "in_a_row": 0}
+    newest = newest_committed_step(a.run_dir)
+    in_a_row = record["in_a_row"] + 1 if record["step"] == newest else 1
+    if in_a_row > a.max:
+        print(f"exit {a.rc} ({FAULT_CODES[a.rc]}): not requeued, {a.max} requeue(s) in a row have not got past the "
+              f"checkpoint of step {newest} (a fault that recurs there, e.g. out of memory); fix it and resubmit "
+              f"with the same run directory", file=sys.stderr)
+        return 1
+    record_file.parent.mkdir(parents=True, exist_ok=True)
+    record_file.write_text(json.dumps({"step": newest, "in_a_row": in_a_row}))
+    print(f"exit {a.rc} ({FAULT_CODES[a.rc]}): requeueing to resume from the newest committed checkpoint (step "
+          f"{newest}); fault requeue {in_a_row} of at most {a.max} in a row without a newer one", file=sys.stderr)
     return 0
 
 

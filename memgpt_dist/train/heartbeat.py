@@ -11,6 +11,11 @@ beat came for `train.hang_timeout_s`, the watchdog
 2. dumps every thread's stack with `faulthandler` to stderr (the launcher's log);
 3. ends the process with `EXIT_LOST_RANK` (76), which job scripts requeue like 75.
 
+A thread cannot act when its whole process is stopped or a native call holds the GIL; for that
+each rank also starts a `Guardian` (`train.guardian`: a separate stdlib-only process) that
+SIGKILLs the rank `GUARDIAN_GRACE_S` after its own watchdog should have fired, so that a stopped
+rank on another node than the survivors cannot keep its launcher alive.
+
 The threads never run a collective (only the main thread may: the ranks must enter them in the
 same order); they use the store, which is a plain key-value server. Reading it is bounded by a
 join timeout, so a stopped rank 0 (the store's server) cannot keep the watchdog from exiting.
@@ -22,6 +27,7 @@ import json
 import logging
 import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -39,6 +45,10 @@ log = logging.getLogger("memgpt_dist")
 
 PUBLISH_EVERY_S = 1.0
 STORE_READ_TIMEOUT_S = 3.0
+# the rank's own watchdog reads the store (<= STORE_READ_TIMEOUT_S) and dumps stacks before it
+# exits; the guardian kills only a rank that could not do that in this much more time
+GUARDIAN_GRACE_S = 15.0
+GUARDIAN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guardian.py")
 
 
 def _key(rank: int) -> str:
@@ -118,6 +128,37 @@ class Watchdog(threading.Thread):
                 return
 
 
+class Guardian:
+    """The rank's side of `train.guardian`: starts the process, sends it one byte per beat
+    (non-blocking: a full or broken pipe only loses beats), and tells it to stop."""
+
+    def __init__(self, timeout_s: float, rank: int):
+        read_end, self.fd = os.pipe()
+        self.proc = subprocess.Popen([sys.executable, "-I", "-S", GUARDIAN_PY, str(read_end), str(os.getpid()),
+                                      f"{timeout_s:g}", str(rank)], pass_fds=(read_end,), stdin=subprocess.DEVNULL)
+        os.close(read_end)
+        os.set_blocking(self.fd, False)
+
+    def _send(self, byte: bytes) -> None:
+        try:
+            os.write(self.fd, byte)
+        except OSError:  # BlockingIOError (pipe full: the guardian is slow) or BrokenPipeError (it is gone)
+            pass
+
+    def beat(self) -> None:
+        self._send(b".")
+
+    def stop(self) -> None:
+        from memgpt_dist.train.guardian import STOP
+
+        self._send(STOP)
+        os.close(self.fd)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
 class HeartbeatCallback(Callback):
     """Beats the watchdog after every step and its callbacks (last in the order, so a save or a
     validation counts towards the step it follows); starts and stops the threads with `fit`."""
@@ -127,6 +168,7 @@ class HeartbeatCallback(Callback):
         self.exit = exit  # tests replace it; the real one cannot be caught, which is the point
         self.watchdog: Optional[Watchdog] = None
         self.publisher: Optional[Publisher] = None
+        self.guardian: Optional[Guardian] = None
         self.step = 0
 
     def on_fit_start(self, trainer: "Trainer") -> None:
@@ -140,11 +182,14 @@ class HeartbeatCallback(Callback):
             self.publisher.start()
         self.watchdog = Watchdog(self.hang_timeout_s, lambda silent: self._hang(topo, store, silent))
         self.watchdog.start()
+        self.guardian = Guardian(self.hang_timeout_s + GUARDIAN_GRACE_S, topo.rank)
 
     def on_step_end(self, trainer: "Trainer", end: "StepEnd", flags: list[bool]) -> None:
         self.step = trainer.state.step
         if self.watchdog is not None:
             self.watchdog.beat()
+        if self.guardian is not None:
+            self.guardian.beat()
 
     def on_fit_error(self, trainer: "Trainer", exc: Exception) -> None:
         """A collective failed (a peer's connection closed, or `parallel.collective_timeout_s`
@@ -160,7 +205,9 @@ class HeartbeatCallback(Callback):
         for thread in (self.watchdog, self.publisher):
             if thread is not None:
                 thread.stopped.set()
-        self.watchdog = self.publisher = None
+        if self.guardian is not None:
+            self.guardian.stop()
+        self.watchdog = self.publisher = self.guardian = None
 
     def _hang(self, topo: Topology, store, silent: float) -> None:
         lost = _lost_ranks(store, topo.world_size) if store is not None else ["(one process: no peers)"]

@@ -10,6 +10,14 @@ runs every compatibility check against it, reading only its commit marker:
   (`universal.check_layout_change`), in which case the checkpoint is converted here.
 
 It says what it found in one log line, and returns a `ResumePoint` for `Checkpointer.load`.
+
+Elastic restarts (`elastic_overrides`, run by the Slurm job script before the ranks start): a
+requeued job that got fewer (or more) nodes than the checkpoint was written with continues it
+when its data-parallel degree divides the checkpoint's data streams. The decision, logged: the
+streams S = dp x micro_batch_size and grad_accum must stay the checkpoint's (the layout rules
+of `universal.check_layout_change`: that is what continues every stream's data exactly), so the
+micro-batch absorbs the change, micro_batch_size = S / dp, and the global batch S x grad_accum
+is kept; activation memory per rank grows by the same factor. Anything else is refused.
 May not touch: the engine, the loader or any tensor file.
 """
 from __future__ import annotations
@@ -19,10 +27,11 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
-from memgpt_dist.config import ConfigError, TrainConfig, config_from_json
+from memgpt_dist.config import ConfigError, TrainConfig, config_from_json, dp_degree
 from memgpt_dist.parallel.dist import Topology
-from memgpt_dist.parallel.layout import validate_layout
-from memgpt_dist.train.checkpoint import CheckpointDir, CheckpointError, sha256_file, sha256_text, tag_for
+from memgpt_dist.parallel.layout import Layout, validate_layout
+from memgpt_dist.train.checkpoint import (CheckpointDir, CheckpointError, committed_step_dirs, read_marker, sha256_file,
+                                          sha256_text, tag_for)
 from memgpt_dist.train.checkpointer import ResumePoint
 from memgpt_dist.train.universal import LayoutChange, check_layout_change, ensure_universal
 
@@ -79,7 +88,51 @@ def find_resume_point(resume: str, files: CheckpointDir, cfg: TrainConfig, topo:
     how = f"converted to universal at {universal} in {seconds:.1f}s" if seconds is not None \
         else f"already converted to universal at {universal}"
     log.info("checkpoint step %d written by %s %s; loaded into %s", step, change.saved, how, change.now)
+    if change.saved.dp != change.now.dp and topo.is_main:
+        log.info("data-parallel degree %d -> %d: the micro-batch absorbs it (micro_batch_size %d -> %d, grad_accum %d "
+                 "kept), so the %d data streams and the global batch of %d samples stay the checkpoint's",
+                 change.saved.dp, change.now.dp, change.saved.micro_batch_size, change.now.micro_batch_size,
+                 change.now.grad_accum, change.now.streams, change.now.streams * change.now.grad_accum)
     return ResumePoint(step=step, universal=universal, change=change)
+
+
+def elastic_overrides(cfg: TrainConfig, world_size: int, checkpoints: Path) -> tuple[list[str], Optional[str]]:
+    """(config overrides, the decision to log) that let `cfg` on `world_size` ranks continue the
+    newest committed checkpoint under `checkpoints` (see the module docstring); ([], None) when
+    nothing needs changing: no checkpoint yet, or the config already keeps its streams.
+
+    Reads the commit marker only (not verified: the resume does that; should it fall back to an
+    older checkpoint of yet another layout, the resume's own layout check refuses, naming it).
+    Raises ConfigError when this world size cannot continue the checkpoint's streams."""
+    committed = committed_step_dirs(checkpoints)
+    if not committed:
+        return [], None
+    step = max(committed)
+    marker = read_marker(committed[step])
+    saved = validate_layout(config_from_json(marker["meta"]["config"]), int(marker["world_size"]))
+    dp = dp_degree(world_size, cfg.parallel.tp, cfg.parallel.pp)
+    par = cfg.parallel
+    if dp * par.micro_batch_size == saved.streams and par.grad_accum == saved.grad_accum:
+        return [], None
+    if saved.streams % dp:
+        raise ConfigError(f"elastic restart: checkpoint {tag_for(step)} was written by {saved} with {saved.streams} data "
+                          f"streams (dp x micro_batch_size); {world_size} ranks give dp {dp}, which does not divide "
+                          f"{saved.streams}: the run cannot continue its data exactly. Run on a number of nodes whose "
+                          f"data-parallel degree divides {saved.streams}")
+    mb, ga = saved.streams // dp, saved.grad_accum
+    overrides = [f"--parallel.micro_batch_size={mb}"] * (mb != par.micro_batch_size) + \
+        [f"--parallel.grad_accum={ga}"] * (ga != par.grad_accum)
+    return overrides, _elastic_decision(step, saved, int(marker["world_size"]), world_size, dp, par.micro_batch_size, mb)
+
+
+def _elastic_decision(step: int, saved: Layout, saved_world: int, world_size: int, dp: int, mb_config: int,
+                      mb: int) -> str:
+    return (f"elastic restart: checkpoint {tag_for(step)} was written by {saved_world} ranks ({saved}: "
+            f"{saved.streams} data streams, grad_accum {saved.grad_accum}, global batch "
+            f"{saved.streams * saved.grad_accum}); this job has {world_size} ranks (dp {dp}). Decision: "
+            f"parallel.micro_batch_size {mb_config} -> {mb}, grad_accum {saved.grad_accum} kept: the streams and "
+            f"grad_accum must stay the checkpoint's for the data to continue exactly, so the micro-batch absorbs the "
+            f"change and the global batch is kept (activation memory per rank x{mb / mb_config:g})")
 
 
 def check_tokenizer(meta: dict[str, Any], step: int, tokenizer_file: Optional[Path]) -> None:

@@ -30,3 +30,15 @@ def slurm_env(slurm) -> dict[str, str]:
     """What a user's shell has when submitting: the cluster's SLURM_CONF, CPU DeepSpeed, our venv."""
     return {**cli_env(), "SLURM_CONF": str(slurm.conf), "VENV": str(Path(sys.executable).parent.parent),
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+@pytest.fixture(scope="session")
+def two_node_reference(tiny_data, tmp_path_factory) -> Path:
+    """An uninterrupted run of the fault tests' config on two launchers as two nodes (nodes.py);
+    returns its run directory."""
+    from nodes import finish, start_nodes
+
+    run = tmp_path_factory.mktemp("two_node_reference") / "run"
+    for code, out in finish(start_nodes(tiny_data, run)):
+        assert code == 0, out[-3000:]
+    return run

@@ -4,6 +4,12 @@ uninterrupted run, bit for bit.
 
     python tests/stress/kill_during_save.py --points 24            # one process per run
     python tests/stress/kill_during_save.py --points 8 --nproc 2   # SIGKILL one of two ranks
+    python tests/stress/kill_during_save.py --points 24 --async-save  # during background saves
+
+With --async-save (`checkpoint.async_save`) the window a kill aims at runs from the step
+directory's appearance (the host copy at the step boundary) through the background writes,
+while training goes on, to the commit at a later step boundary; whatever it hits, the previous
+committed checkpoint must stay the newest intact one and the chain must still end bitwise equal.
 
 Each launch is `launch/train.py ... --resume auto` (through the deepspeed launcher for --nproc 2),
 unmodified: no hook slows the save down. The script waits until the launch has started writing
@@ -13,7 +19,8 @@ sends SIGKILL (to the process, or to one random rank). It then records what the
 kill left behind (the phase), the newest committed checkpoint, and checks that the next launch
 resumes from exactly that one and that no committed checkpoint was lost or damaged. A chain of
 launches that reaches the last step is compared with the reference run; then a new chain starts.
-`tests/train/test_kill_during_save.py` runs a few points of this in CI.
+`tests/train/test_kill_during_save.py` runs a few points of this in CI, and
+`tests/stress/test_kill_during_async_save.py` a few with --async-save.
 """
 from __future__ import annotations
 
@@ -42,6 +49,7 @@ MODEL = ("--model.vocab_size=320", "--model.n_embd=256", "--model.n_layer=4", "-
          "--data.n_segments=3")
 MARKER = "COMMITTED.json"
 MARKER_SHARE = 0.25  # share of kill points aimed at the commit marker's write instead of a random delay
+ASYNC_SAVE = ("--checkpoint.async_save=true",)
 
 
 def train_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -66,12 +74,12 @@ def remove_shm_buffers(port: int) -> None:
             os.unlink(path)
 
 
-def reference_run(data: Path, run_dir: Path, nproc: int) -> tuple[dict[int, dict], float]:
+def reference_run(data: Path, run_dir: Path, nproc: int, save_args: tuple[str, ...] = ()) -> tuple[dict[int, dict], float]:
     """An uninterrupted run: its per-step metrics and the median time from a step directory's
     appearance to its commit marker's, as a watcher sees it (the window the kills aim at)."""
     log = run_dir.with_name(run_dir.name + ".log")
     run_dir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(train_cmd(train_args(data, run_dir), nproc), cwd=ROOT, env=cli_env(),
+    proc = subprocess.Popen(train_cmd(train_args(data, run_dir, *save_args), nproc), cwd=ROOT, env=cli_env(),
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
     seen: dict[int, float] = {}
     windows = []
@@ -133,11 +141,12 @@ class Kill:
     resumed_from_expected: int  # 0: a fresh start
 
 
-def launch(data: Path, run_dir: Path, nproc: int, log: Path) -> subprocess.Popen:
+def launch(data: Path, run_dir: Path, nproc: int, log: Path, save_args: tuple[str, ...] = ()) -> subprocess.Popen:
     """`--resume auto` on a known rendezvous port (`proc.port`), so its shm buffers can be found."""
     port = free_port()
     env = {**cli_env(), "MASTER_PORT": str(port)}  # a single process takes its port from here
-    proc = subprocess.Popen(train_cmd(train_args(data, run_dir, "--resume", "auto"), nproc, port), cwd=ROOT, env=env,
+    proc = subprocess.Popen(train_cmd(train_args(data, run_dir, "--resume", "auto", *save_args), nproc, port), cwd=ROOT,
+                            env=env,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     proc.port = port
     return proc
@@ -185,7 +194,7 @@ def victim_pid(proc: subprocess.Popen, nproc: int, rng: random.Random) -> int:
 
 
 def kill_during_save(data: Path, run_dir: Path, nproc: int, rng: random.Random, save_s: float,
-                     log: Path) -> Kill | None:
+                     log: Path, save_args: tuple[str, ...] = ()) -> Kill | None:
     """Launch with --resume auto and SIGKILL it during its first or second save; None if the
     launch finished before the targeted save began."""
     ckpt_root = run_dir / "checkpoints"
@@ -193,7 +202,7 @@ def kill_during_save(data: Path, run_dir: Path, nproc: int, rng: random.Random, 
     target = start + EVERY * rng.choice([1, 2])
     target = min(target, MAX_STEPS)
     stale = inode(ckpt_root / f"step_{target:08d}")
-    proc = launch(data, run_dir, nproc, log)
+    proc = launch(data, run_dir, nproc, log, save_args)
     if not wait_for_dir(ckpt_root / f"step_{target:08d}", proc, stale):
         proc.wait(timeout=600)
         remove_shm_buffers(proc.port)
@@ -226,7 +235,7 @@ def resumed_step(log: Path) -> int:
 
 
 def run_chains(data: Path, workdir: Path, points: int, nproc: int, seed: int, reference: dict[int, dict],
-               save_s: float, say=print) -> list[Kill]:
+               save_s: float, say=print, save_args: tuple[str, ...] = ()) -> list[Kill]:
     """Kill launches until `points` kills happened; every chain that reaches the last step must
     reproduce the reference losses and grad norms exactly."""
     rng = random.Random(seed)
@@ -237,7 +246,7 @@ def run_chains(data: Path, workdir: Path, points: int, nproc: int, seed: int, re
         n_launch = 0
         while len(kills) < points:
             log = workdir / f"chain{chain:03d}_launch{n_launch:02d}.log"
-            k = kill_during_save(data, run_dir, nproc, rng, save_s, log)
+            k = kill_during_save(data, run_dir, nproc, rng, save_s, log, save_args)
             if n_launch:
                 expected = kills[-1].resumed_from_expected
                 got = resumed_step(log)
@@ -250,7 +259,7 @@ def run_chains(data: Path, workdir: Path, points: int, nproc: int, seed: int, re
             say(f"kill {len(kills):3d}: save of step {k.target_step} +{k.delay_s * 1000:4.0f} ms -> {k.phase}; "
                 f"committed {k.committed_after}")
         finish = workdir / f"chain{chain:03d}_final.log"
-        proc = launch(data, run_dir, nproc, finish)
+        proc = launch(data, run_dir, nproc, finish, save_args)
         assert proc.wait(timeout=600) == 0, finish.read_text()[-3000:]
         remove_shm_buffers(proc.port)
         if kills:
@@ -272,6 +281,7 @@ def main(argv=None) -> int:
     p.add_argument("--points", type=int, default=24, help="number of SIGKILLs (default 24)")
     p.add_argument("--nproc", type=int, default=1, help="ranks per run (2: SIGKILL one random rank)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--async-save", action="store_true", help="kill during asynchronous saves (checkpoint.async_save)")
     p.add_argument("--workdir", type=Path, default=None, help="default: a new temporary directory")
     args = p.parse_args(argv)
     import tempfile
@@ -284,11 +294,13 @@ def main(argv=None) -> int:
         run_cmd([bin_path("memgpt-prepare"), str(src), "--out", str(data), "--vocab-size", "320", "--min-shards", "8",
                  "--val-fraction", "0.1", "--workers", "1"])
     t0 = time.time()
-    reference, save_s = reference_run(data, workdir / "reference", args.nproc)
+    save_args = ASYNC_SAVE if args.async_save else ()
+    reference, save_s = reference_run(data, workdir / "reference", args.nproc, save_args)
     print(f"reference run: {MAX_STEPS} steps, median {save_s:.2f}s from a step directory to its commit marker; "
           f"kills at uniform delays in [0, {save_s:.2f}s] after the step directory appears, or at the marker")
-    kills = run_chains(data, workdir, args.points, args.nproc, args.seed, reference, save_s)
-    print(f"\n{len(kills)} kill points survived in {time.time() - t0:.0f}s (nproc {args.nproc}); every restart "
+    kills = run_chains(data, workdir, args.points, args.nproc, args.seed, reference, save_s, save_args=save_args)
+    print(f"\n{len(kills)} kill points survived in {time.time() - t0:.0f}s (nproc {args.nproc}"
+          f"{', async saves' if args.async_save else ''}); every restart "
           f"resumed from the newest committed checkpoint and every chain matched the reference bitwise")
     for phase, n in Counter(k.phase for k in kills).most_common():
         print(f"  {n:3d}  {phase}")

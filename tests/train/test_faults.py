@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import time
 
 import psutil
@@ -73,6 +74,36 @@ def test_a_failed_collective_exits_76_and_other_errors_still_raise(capsys):
     assert "a peer rank died or hung" in capsys.readouterr().err
     with pytest.raises(RuntimeError, match="a bug"):
         run_cli(lambda: (_ for _ in ()).throw(RuntimeError("a bug")))
+
+
+GUARDED = """
+import time
+from memgpt_dist.train.heartbeat import Guardian
+stopped = Guardian(1.0, 7)
+stopped.stop()  # the run ended: this one must not fire
+time.sleep(2.5)
+print("alive after a stopped guardian's timeout", flush=True)
+guarded = Guardian(1.5, 7)
+guarded.beat()
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def test_the_guardian_kills_a_stopped_rank_and_only_while_guarding():
+    proc = subprocess.Popen([sys.executable, "-c", GUARDED], cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("alive after")
+        assert proc.stdout.readline() == "ready\n"
+        t0 = time.time()
+        proc.send_signal(signal.SIGSTOP)  # its own threads cannot run now: only the guardian can end it
+        assert proc.wait(timeout=15) == -signal.SIGKILL
+        assert time.time() - t0 < 6
+        err = proc.stderr.read()
+        assert "guardian of rank 7" in err and "killing it with SIGKILL" in err, err
+    finally:
+        proc.kill()
 
 
 # ---------------------------------------------------------------- two ranks, real launcher
