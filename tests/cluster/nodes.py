@@ -13,7 +13,7 @@ from helpers import ROOT, bin_path, cli_env, free_port, read_metrics
 
 COLLECTIVE_TIMEOUT_S = 5
 HANG_TIMEOUT_S = 10
-STEPS = 8
+STEPS = 12  # room after the first requeue for the node loss to land mid-run (test_slurm_faults)
 OVERRIDES = ("--model.vocab_size=320", "--model.n_embd=64", "--model.segment_len=16", "--data.n_segments=3",
              "--train.eval_every=0", "--log.every=1", "--optim.warmup_steps=2", f"--train.max_steps={STEPS}",
              "--checkpoint.every=2", "--checkpoint.keep_last=10",
