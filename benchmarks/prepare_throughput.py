@@ -120,12 +120,17 @@ def datasets_map(jsonl: Path, tokenizer: Path, cores: int, cache: Path, api: str
             "load_map_cpu_s": cpu2 - cpu0}
 
 
-def measure_rss(tmp: Path, scales: list[int]) -> dict:
+def measure_rss(tmp: Path, scales: list[int], tokenizer_sample_mb: Optional[float] = None) -> dict:
+    """Peak RSS of a prepare (BPE trained too) of each scale. `tokenizer_sample_mb`: the BPE's
+    bounded sample (`--tokenizer-sample`); below the smallest corpus, every scale trains on a
+    sample of the same size, as a corpus larger than the default 1 GB sample does. None: the
+    default, under which these small corpora are trained on whole (the trainer grows with them)."""
     rows = {}
+    extra = () if tokenizer_sample_mb is None else ("--tokenizer-sample", str(tokenizer_sample_mb))
     for k in scales:
         jsonl = tmp / f"stdlib-x{k}.jsonl"
         docs, size = write_variants(jsonl, k)
-        wall, tree, one, _ = run_measured(prepare_cmd([str(jsonl)], tmp / f"rss-x{k}"))
+        wall, tree, one, _ = run_measured(prepare_cmd([str(jsonl)], tmp / f"rss-x{k}", *extra))
         m = json.loads((tmp / f"rss-x{k}" / "manifest.json").read_text())
         rows[k] = {"documents": docs, "input_mb": round(size / 2**20, 1), "seconds": round(wall, 1),
                    "peak_rss_tree_mb": round(tree / 2**20, 1), "peak_rss_one_process_mb": round(one / 2**20, 1),
@@ -259,6 +264,9 @@ def main(argv=None) -> int:
     p.add_argument("--baseline-api", default="encode_batch,encode_batch_fast",
                    help="tokenizer calls the datasets.map baseline is run with (comma-separated)")
     p.add_argument("--skip-rss", action="store_true")
+    p.add_argument("--rss-tokenizer-sample", type=float, default=None, metavar="MB",
+                   help="--tokenizer-sample of the RSS runs (e.g. 16: below the 1x corpus, so every scale "
+                        "trains its BPE on an equal bounded sample, the regime of corpora above the default 1 GB)")
     p.add_argument("--slurm", action="store_true", help="also time a 4-task vs 1-task Slurm array (root)")
     p.add_argument("--huge-doc-mb", type=float, default=0, help="also measure one single-line document this big")
     p.add_argument("--json", default=None)
@@ -270,7 +278,7 @@ def main(argv=None) -> int:
                                                        args.baseline_api.split(","))
         if not args.skip_rss:
             scales = [int(x) for x in args.scales.split(",")]
-            results["rss"] = measure_rss(Path(tmp), scales)
+            results["rss"] = measure_rss(Path(tmp), scales, args.rss_tokenizer_sample)
             if len(scales) > 1:
                 lo, hi = results["rss"][scales[0]], results["rss"][scales[-1]]
                 ratio = hi["peak_rss_tree_mb"] / lo["peak_rss_tree_mb"]

@@ -54,6 +54,27 @@ def test_the_build_is_announced_only_when_nothing_is_cached(tmp_path, monkeypatc
     assert capsys.readouterr().err == ""
 
 
+def test_a_stale_build_lock_is_removed_and_a_live_one_kept(tmp_path):
+    """A lock left by a killed build would make every later start wait forever."""
+    import os
+    import time
+
+    build = tmp_path / startup.COMM_OP
+    build.mkdir()
+    lock = build / "lock"
+    lock.write_bytes(b"")
+    (build / "build.ninja").write_text("rule cxx")
+    assert not startup.clear_stale_build_lock(build, stale_s=600)  # a build touched it just now
+    assert lock.is_file()
+    old = time.time() - 3600
+    for p in build.iterdir():
+        os.utime(p, (old, old))
+    assert startup.clear_stale_build_lock(build, stale_s=600)
+    assert not lock.exists() and (build / "build.ninja").is_file()  # only the lock goes
+    assert not startup.clear_stale_build_lock(build, stale_s=600)  # nothing left to remove
+    assert not startup.clear_stale_build_lock(tmp_path / "absent")
+
+
 def test_builds_are_cached_under_the_virtualenv_unless_set(monkeypatch, tmp_path):
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     assert startup.extensions_dir() == Path(sys.prefix) / "torch_extensions"
