@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -44,11 +45,23 @@ sys.path.insert(0, str(ROOT))
 from data_pipeline.corpus_sources import iter_stdlib  # noqa: E402
 
 
+@contextlib.contextmanager
+def scratch(parent: Path, prefix: str):
+    """A new directory under `parent`, made here (mkdtemp: it cannot be an existing one) and
+    removed afterwards with what the benchmark wrote into it; nothing else is ever deleted."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def write_variants(path: Path, variants: int, max_files: Optional[int] = None) -> tuple[int, int]:
     """The stdlib corpus (its first `max_files` files) as JSONL, each file in `variants` distinct
-    variants (a first line naming the variant, so exact dedup keeps them all); returns (documents, bytes)."""
+    variants (a first line naming the variant, so exact dedup keeps them all); returns (documents,
+    bytes). A new file only: an existing `path` is never overwritten."""
     n = 0
-    with open(path, "w", encoding="utf-8") as f:
+    with open(path, "x", encoding="utf-8") as f:
         for _, text in itertools.islice(iter_stdlib(), max_files):
             for k in range(variants):
                 f.write(json.dumps({"text": f"# variant {k}\n{text}"}) + "\n")
@@ -92,8 +105,8 @@ def prepare_cmd(inputs: list[str], out: Path, *extra: str) -> list[str]:
 _BASELINE_TOKENIZER = None  # one per datasets worker process, built on its first batch
 
 
-def datasets_map(jsonl: Path, tokenizer: Path, cores: int, cache: Path, api: str = "encode_batch") -> dict:
-    """The baseline: datasets.load_dataset of the JSONL (into a fresh cache, so it really reads it)
+def datasets_map(jsonl: Path, tokenizer: Path, cores: int, tmp: Path, api: str = "encode_batch") -> dict:
+    """The baseline: datasets.load_dataset of the JSONL (into a fresh cache under `tmp`, so it really reads it)
     and Dataset.map(batched, num_proc=cores) calling the same tokenizer's `api`, ids + one EOS per
     document as ours writes. Wall and CPU seconds of the map alone and of load + map."""
     import datasets
@@ -109,13 +122,13 @@ def datasets_map(jsonl: Path, tokenizer: Path, cores: int, cache: Path, api: str
             _BASELINE_TOKENIZER = Tokenizer.from_str(tok_json)
         return {"ids": [e.ids + [eos] for e in getattr(_BASELINE_TOKENIZER, api)(batch["text"])]}
 
-    cpu0, t0 = cpu_seconds(resource.RUSAGE_SELF) + cpu_seconds(), time.time()
-    ds = datasets.load_dataset("json", data_files=str(jsonl), split="train", cache_dir=str(cache))
-    cpu1, t1 = cpu_seconds(resource.RUSAGE_SELF) + cpu_seconds(), time.time()
-    out = ds.map(encode, batched=True, batch_size=64, num_proc=cores, remove_columns=["text"])
-    cpu2, t2 = cpu_seconds(resource.RUSAGE_SELF) + cpu_seconds(), time.time()
-    tokens = sum(len(x) for x in out["ids"])
-    shutil.rmtree(cache, ignore_errors=True)
+    with scratch(tmp, "hf-cache-") as cache:
+        cpu0, t0 = cpu_seconds(resource.RUSAGE_SELF) + cpu_seconds(), time.time()
+        ds = datasets.load_dataset("json", data_files=str(jsonl), split="train", cache_dir=str(cache))
+        cpu1, t1 = cpu_seconds(resource.RUSAGE_SELF) + cpu_seconds(), time.time()
+        out = ds.map(encode, batched=True, batch_size=64, num_proc=cores, remove_columns=["text"])
+        cpu2, t2 = cpu_seconds(resource.RUSAGE_SELF) + cpu_seconds(), time.time()
+        tokens = sum(len(x) for x in out["ids"])
     return {"tokens": tokens, "map_s": t2 - t1, "load_map_s": t2 - t0, "map_cpu_s": cpu2 - cpu1,
             "load_map_cpu_s": cpu2 - cpu0}
 
@@ -128,25 +141,26 @@ def measure_rss(tmp: Path, scales: list[int], tokenizer_sample_mb: Optional[floa
     rows = {}
     extra = () if tokenizer_sample_mb is None else ("--tokenizer-sample", str(tokenizer_sample_mb))
     for k in scales:
-        jsonl = tmp / f"stdlib-x{k}.jsonl"
-        docs, size = write_variants(jsonl, k)
-        wall, tree, one, _ = run_measured(prepare_cmd([str(jsonl)], tmp / f"rss-x{k}", *extra))
-        m = json.loads((tmp / f"rss-x{k}" / "manifest.json").read_text())
+        with scratch(tmp, f"rss-x{k}-") as work:
+            jsonl = work / f"stdlib-x{k}.jsonl"
+            docs, size = write_variants(jsonl, k)
+            wall, tree, one, _ = run_measured(prepare_cmd([str(jsonl)], work / "corpus", *extra))
+            m = json.loads((work / "corpus" / "manifest.json").read_text())
         rows[k] = {"documents": docs, "input_mb": round(size / 2**20, 1), "seconds": round(wall, 1),
                    "peak_rss_tree_mb": round(tree / 2**20, 1), "peak_rss_one_process_mb": round(one / 2**20, 1),
                    "tokens": sum(t["tokens"] for t in m["totals"].values())}
         print(f"x{k}: {docs:,} docs, {size / 2**20:.0f} MB in, {wall:.0f}s, peak RSS {tree / 2**20:.0f} MB "
               f"(process tree), {one / 2**20:.0f} MB (largest process)", flush=True)
-        jsonl.unlink()  # the benchmark's own input, in its own temporary directory
     return rows
 
 
-def ours(jsonl: Path, tokenizer: Path, cores: int, out: Path) -> dict:
-    """Our whole prepare CLI (a fresh process: scan, dedup, split, tokenize, shards, manifest)."""
-    wall, _, _, cpu = run_measured(prepare_cmd([str(jsonl)], out, "--tokenizer", str(tokenizer),
-                                               "--workers", str(cores)))
-    m = json.loads((out / "manifest.json").read_text())
-    shutil.rmtree(out)
+def ours(jsonl: Path, tokenizer: Path, cores: int, tmp: Path) -> dict:
+    """Our whole prepare CLI (a fresh process: scan, dedup, split, tokenize, shards, manifest),
+    into a new directory under `tmp`."""
+    with scratch(tmp, "ours-") as work:
+        wall, _, _, cpu = run_measured(prepare_cmd([str(jsonl)], work / "corpus", "--tokenizer", str(tokenizer),
+                                                   "--workers", str(cores)))
+        m = json.loads((work / "corpus" / "manifest.json").read_text())
     return {"tokens": sum(t["tokens"] for t in m["totals"].values()), "wall_s": wall, "cpu_s": cpu,
             "encode_s": m["stage_seconds"]["encode"]}
 
@@ -162,8 +176,8 @@ def measure_throughput(tmp: Path, cores: int, max_files: Optional[int], rounds: 
     tok = base / "tokenizer.json"
     per_round = []
     for r in range(rounds):
-        runs = [("ours", lambda: ours(jsonl, tok, cores, tmp / "ours"))]
-        runs += [(api, lambda api=api: datasets_map(jsonl, tok, cores, tmp / "hf-cache", api)) for api in apis]
+        runs = [("ours", lambda: ours(jsonl, tok, cores, tmp))]
+        runs += [(api, lambda api=api: datasets_map(jsonl, tok, cores, tmp, api)) for api in apis]
         got = {name: fn() for name, fn in (runs if r % 2 == 0 else runs[::-1])}
         per_round.append(_round_ratios(got, cores))
         print(f"round {r + 1}: " + "; ".join(f"{k} {v:.2f}" for k, v in per_round[-1].items() if "ratio" in k),

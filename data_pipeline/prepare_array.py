@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import json
-import shutil
 from dataclasses import asdict
 from typing import Optional
 
@@ -113,11 +112,15 @@ def run_stage(cfg: PrepareConfig, stage: str, task: int, n_tasks: int) -> Option
 
 
 def remove_work_dir(work: WorkDir) -> None:
-    """Delete the array's work directory, only if it is ours: `init` writes its config.json (with
-    the options' fingerprint) first, so a directory of that name without it is left alone."""
+    """Delete the array's work files, only if the directory is ours: `init` writes its
+    config.json (with the options' fingerprint) first, so a directory of that name without it is
+    left alone; and even in ours only the files the stages write go (`WorkDir.remove`)."""
     recorded = read_json(work.root / "config.json") if work.root.is_dir() else None
     if recorded is None or "fingerprint" not in recorded:
         if work.root.exists():
             log.warning("left %s in place: it holds no work record of memgpt-prepare", work.root)
         return
-    shutil.rmtree(work.root)
+    left = work.remove()
+    if left:
+        log.warning("left %s in place: it also holds files memgpt-prepare did not write (%s)", work.root,
+                    ", ".join(str(p.relative_to(work.root)) for p in left[:5]))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import os
 import shutil
 import sys
@@ -32,7 +33,6 @@ from data_pipeline.errors import DataError
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 SPLITS = {"train": "train", "validation": "val"}
-OUR_FILES = ("train-", "val-")  # name prefixes of the shards this tool writes
 
 
 @dataclass(frozen=True)
@@ -196,10 +196,13 @@ def remove_corpus(out: Path) -> None:
     `train-mine.tar` included, stays where it is."""
     m = json.loads((out / MANIFEST).read_text())
     names = {m["tokenizer"]["file"]} | {s["file"] for split in m["splits"].values() for s in split}
+    # only names of the kind prepare writes (ShardTarWriter's and the tokenizer's), plain names in
+    # OUT: a hand-edited manifest naming a user's file, or a path elsewhere, deletes nothing
+    ours = re.compile(r"tokenizer\.json|(" + "|".join(map(re.escape, m["splits"])) + r")-\d{6}\.tar")
     (out / MANIFEST).unlink()
     for name in sorted(names):
         path = out / name
-        if path.parent == out and path.is_file():  # plain names in OUT only, never a path elsewhere
+        if ours.fullmatch(name) and path.parent == out and path.is_file():
             path.unlink()
 
 

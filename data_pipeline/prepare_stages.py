@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections import Counter, deque
@@ -81,6 +82,35 @@ class WorkDir:
 
     def spool(self, task: int, split: str) -> Path:
         return self.root / "encode" / f"spool-{task:04d}-{split}.bin"
+
+    def remove(self) -> list[Path]:
+        """Delete the files the stages write (the names above, `OWN_FILES`, and their temporaries),
+        then the directories left empty. Anything else found there (a user's file) is not ours to
+        delete: it stays, with its directories, and is returned."""
+        left = []
+        for sub, pattern in OWN_FILES.items():
+            d = self.root / sub
+            for path in sorted(d.iterdir()) if d.is_dir() else []:
+                if path.is_file() and re.fullmatch(pattern + r"(\.tmp\d*)?", path.name):
+                    path.unlink()
+                elif sub != "." or path.name not in OWN_FILES:
+                    left.append(path)
+            if sub != "." and d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        if self.root.is_dir() and not any(self.root.iterdir()):
+            self.root.rmdir()
+        return left
+
+
+# What the stages write, by directory of the work root ("." the root itself): what
+# `WorkDir.remove` may delete. One place with the paths above: a stage writing a new kind of file
+# adds its name here (tests/data/test_prepare_array.py checks a real array leaves nothing).
+OWN_FILES = {
+    ".": r"(config|units|plan|tokenizer)\.json",
+    "scan": r"scan-\d{4}\.json|recs-\d{4}\.bin|part-\d{4}-[0-9a-f]{2}\.bin",
+    "plan": r"(dups|sample)-\d{4}\.npy",
+    "encode": r"encode-\d{4}\.json|spool-\d{4}-\w+\.bin",
+}
 
 
 def atomic_write_json(path: Path, obj: dict) -> None:

@@ -124,5 +124,19 @@ def test_the_work_dir_is_removed_only_when_it_holds_our_record(tmp_path, caplog)
         remove_work_dir(theirs)
     assert (theirs.root / "keep.txt").read_text() == "not ours" and "left" in caplog.text
     (theirs.root / "config.json").write_text(json.dumps({"fingerprint": "x", "tasks": 1}))  # as init writes it
-    remove_work_dir(theirs)
-    assert not theirs.root.exists()
+    remove_work_dir(theirs)  # ours now, but keep.txt is not: only the stages' files go
+    assert (theirs.root / "keep.txt").read_text() == "not ours" and not (theirs.root / "config.json").exists()
+    ours = WorkDir(tmp_path / "out2" / ".prepare-work")
+    for path in (ours.units(), ours.scan_marker(0), ours.records(1),
+                 ours.scan_dir() / "part-0000-0f.bin", ours.plan_marker(), ours.duplicates(0), ours.sample(0),
+                 ours.tokenizer(), ours.encode_marker(0), ours.spool(0, "train"), ours.root / "plan.json.tmp123"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+    (ours.scan_dir() / "notes.md").write_text("a user's")  # in one of our subdirectories
+    (ours.root / "config.json").write_text(json.dumps({"fingerprint": "x", "tasks": 1}))
+    remove_work_dir(ours)
+    assert sorted(p.relative_to(ours.root).as_posix() for p in ours.root.rglob("*")) == ["scan", "scan/notes.md"]
+    (ours.scan_dir() / "notes.md").unlink()
+    (ours.root / "config.json").write_text(json.dumps({"fingerprint": "x", "tasks": 1}))
+    remove_work_dir(ours)
+    assert not ours.root.exists()

@@ -56,6 +56,19 @@ def test_overwrite_replaces_only_the_corpus_files(tmp_path):
     assert shards == sorted(s["file"] for split in m["splits"].values() for s in split)
 
 
+def test_overwrite_never_deletes_a_file_a_hand_edited_manifest_names(tmp_path):
+    src = make_text_corpus(tmp_path / "src", n_docs=12)
+    out = tmp_path / "out"
+    prepare_dir(src, out, min_shards=2)
+    (out / "NOTES.md").write_text("mine")
+    (tmp_path / "elsewhere.tar").write_text("mine too")
+    m = json.loads((out / "manifest.json").read_text())
+    m["splits"]["train"] += [{"file": "NOTES.md"}, {"file": "../elsewhere.tar"}]
+    (out / "manifest.json").write_text(json.dumps(m))
+    prepare_dir(src, out, min_shards=2, overwrite=True)
+    assert (out / "NOTES.md").read_text() == "mine" and (tmp_path / "elsewhere.tar").read_text() == "mine too"
+
+
 # ------------------------------------------------------------------ decoding (13.6)
 def mixed_dir(tmp_path: Path) -> Path:
     src = make_text_corpus(tmp_path / "src", n_docs=6)
