@@ -1,18 +1,15 @@
-"""Byte-level BPE with the Hugging Face `tokenizers` library: train, load, hash, and encode on
-every core."""
+"""Byte-level BPE with the Hugging Face `tokenizers` library: train, load, hash, and encode a long
+text in pieces (prepare's threads in prepare_encode.py do the rest)."""
 from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import re
-from collections import deque
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from tqdm import tqdm
 
 from data_pipeline.errors import DataError
 
@@ -59,24 +56,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size < 2**16 else np.dtype("<u4")
 
 
-# ------------------------------------------------------------------ parallel encoding
-_WORKER_TOKENIZER: Optional[Tokenizer] = None  # per worker process, set once by the pool initializer
-
-
-def _init_worker(tokenizer_json: str) -> None:
-    global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = Tokenizer.from_str(tokenizer_json)
-
-
-def _encode_chunk(args: tuple[list[str], int, str, int]) -> list[bytes]:
-    texts, eos, dtype, piece_chars = args
-    tok = _WORKER_TOKENIZER
-    assert tok is not None
-    if all(len(t) <= piece_chars for t in texts):  # the usual case: one parallel batch
-        return [np.asarray(e.ids + [eos], dtype=dtype).tobytes() for e in tok.encode_batch(texts)]
-    return [_encode_long(tok, t, piece_chars, eos, dtype) for t in texts]
-
-
+# ------------------------------------------------------------------ long texts
 def _encode_long(tok: Tokenizer, text: str, piece_chars: int, eos: int, dtype: str) -> bytes:
     # a long text in pieces: the tokenizer's working memory is a few dozen bytes per byte of input
     # (a 26 MB line took 4.4 GiB), and pieces cut where pre-tokens begin give the same ids; each
@@ -110,61 +90,3 @@ def splits_safely(tok: Tokenizer) -> bool:
     pre = cfg.get("pre_tokenizer") or {}
     return (cfg.get("normalizer") is None and cfg["model"].get("type") == "BPE"
             and pre.get("type") == "ByteLevel" and pre.get("use_regex", True))
-
-
-def encode_all(tok: Tokenizer, texts: Iterable[str], workers: int, chunk: int = 64, chunk_bytes: int = 1 << 20,
-               total_bytes: Optional[int] = None, piece_chars: int = 1 << 20) -> Iterator[bytes]:
-    """Token ids (+ EOS) of every text as compact little-endian bytes, in order, on `workers`
-    processes. `texts` is consumed lazily: at most 2 x workers chunks (of <= `chunk` texts and
-    about `chunk_bytes`) are in flight, so memory does not grow with the corpus. A worker's peak is
-    about 40x its chunk (tokenizers' Encoding objects plus the ids as Python ints), hence 1 MB. Progress is shown
-    in bytes of text (of `total_bytes` when known). A text longer than `piece_chars` is tokenized
-    in pieces (same ids) so one huge document does not take gigabytes."""
-    eos, _ = special_ids(tok)
-    dtype = token_dtype(tok.get_vocab_size()).str
-    jobs = ((batch, eos, dtype, piece_chars) for batch in _chunks(texts, chunk, chunk_bytes))
-    bar = tqdm(total=total_bytes, desc="tokenize", unit="B", unit_scale=True, mininterval=1.0)
-    pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(tok.to_str(),)) \
-        if workers > 1 else None
-    if pool is None:
-        _init_worker(tok.to_str())
-    try:
-        for batch, encoded in _bounded_map(pool, jobs, 2 * workers):
-            bar.update(sum(len(t.encode("utf-8")) for t in batch))
-            yield from encoded
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.close()
-            pool.join()
-
-
-def _chunks(texts: Iterable[str], max_docs: int, max_bytes: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    size = 0
-    for text in texts:
-        batch.append(text)
-        size += len(text)
-        if len(batch) >= max_docs or size >= max_bytes:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
-def _bounded_map(pool, jobs: Iterator[tuple], window: int) -> Iterator[tuple[list[str], list[bytes]]]:
-    """(texts, encoded) per job, in order, with at most `window` jobs submitted and unfinished
-    (Pool.imap would read every job up front, i.e. the whole corpus)."""
-    if pool is None:
-        for job in jobs:
-            yield job[0], _encode_chunk(job)
-        return
-    pending: deque = deque()
-    for job in jobs:
-        pending.append((job[0], pool.apply_async(_encode_chunk, (job,))))
-        if len(pending) >= window:
-            texts, result = pending.popleft()
-            yield texts, result.get()
-    while pending:
-        texts, result = pending.popleft()
-        yield texts, result.get()

@@ -33,6 +33,8 @@ from data_pipeline.errors import DataError
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 SPLITS = {"train": "train", "validation": "val"}
+# the names this tool writes in OUT: its shards (`-tTTTT` from an array task) and the tokenizer
+OUR_NAMES = re.compile(r"tokenizer\.json|(" + "|".join(SPLITS.values()) + r")(-t\d{4})?-\d{6}\.tar")
 
 
 @dataclass(frozen=True)
@@ -196,13 +198,13 @@ def remove_corpus(out: Path) -> None:
     `train-mine.tar` included, stays where it is."""
     m = json.loads((out / MANIFEST).read_text())
     names = {m["tokenizer"]["file"]} | {s["file"] for split in m["splits"].values() for s in split}
-    # only names of the kind prepare writes (ShardTarWriter's and the tokenizer's), plain names in
-    # OUT: a hand-edited manifest naming a user's file, or a path elsewhere, deletes nothing
-    ours = re.compile(r"tokenizer\.json|(" + "|".join(map(re.escape, m["splits"])) + r")-\d{6}\.tar")
+    # only names of the kind prepare writes (ShardTarWriter's, `-tTTTT` from an array task, and the
+    # tokenizer's), plain names in OUT: a hand-edited manifest naming a user's file, or a path
+    # elsewhere, deletes nothing
     (out / MANIFEST).unlink()
     for name in sorted(names):
         path = out / name
-        if ours.fullmatch(name) and path.parent == out and path.is_file():
+        if OUR_NAMES.fullmatch(name) and path.parent == out and path.is_file():
             path.unlink()
 
 

@@ -1,7 +1,7 @@
 """Tokenizing for `memgpt-prepare`'s encode stage: threads in the one process, each handing a chunk
 of documents to the Rust tokenizer, which releases the GIL while it works.
 
-Why threads and not a process pool (as `bpe_tokenizer.encode_all` uses): the tokenizer does ~90%
+Why threads and not a process pool (what prepare used before): the tokenizer does ~90%
 of the work outside the GIL, so threads run it on every core without starting worker
 interpreters, without pickling every text to a worker and its ids back, and without workers whose
 memory creeps up over a long corpus (the process tree is one process). It is independent of

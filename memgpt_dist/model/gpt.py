@@ -29,8 +29,7 @@ from torch import Tensor
 from memgpt_dist.config import MemoryConfig, ModelConfig
 from memgpt_dist.model.decode import DecodeCache, LayerCache, empty_cache
 from memgpt_dist.model.memory import LayerState, MemoryState, delta_scan, memory_read, memory_scan
-from memgpt_dist.model.window import (WindowCache, check_decodable, full_attention, window_attention,
-                                      with_window)
+from memgpt_dist.model.window import WindowCache, check_decodable, gqa_kwargs, window_attention, with_window
 
 SCANS = {"head": memory_scan, "delta": delta_scan}  # memory.kind -> scan over segments
 
@@ -77,11 +76,10 @@ def _block_causal(q: Tensor, k: Tensor, v: Tensor, n: int, dropout_p: float) -> 
     return out.transpose(1, 2).reshape(B, L, H, hd)  # (B, L, H, hd)
 
 
-def gqa_kwargs(q: Tensor, k: Tensor) -> dict:
-    """SDPA's grouped-query flag when q (.., H, n, hd) has more heads than k (.., Hkv, n, hd): key/value
-    head j serves query heads [j H/Hkv, (j+1) H/Hkv), Llama's repeat_kv order (and a TP rank holding
-    kv heads [a, b) holds exactly their queries). Empty for plain multi-head attention."""
-    return {"enable_gqa": True} if q.shape[-3] != k.shape[-3] else {}
+def full_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> Tensor:
+    """`model.attention: full`: causal attention over all T tokens, one block of the whole sample.
+    q: (B, T, H, hd), k, v: (B, T, Hkv, hd) -> (B, T, H, hd)."""
+    return _block_causal(q, k, v, q.shape[1], dropout_p)
 
 
 def segment_local_attention(q: Tensor, k: Tensor, v: Tensor, segment_len: int, dropout_p: float) -> Tensor:
@@ -480,7 +478,8 @@ class GPT(nn.Module):
             raise ValueError(f"reset has shape {tuple(reset.shape)}; expected (batch, segments) = ({B}, {n_segments}) "
                              f"for {T} tokens with model.segment_len={self.cfg.segment_len}")
         if state is not None and not self.carries_state:
-            raise ValueError("a memory state was passed but memory.enabled is false; pass state=None")
+            raise ValueError("a state was passed but the model carries none (memory.enabled is false and "
+                             "model.attention is not 'window'); pass state=None")
         if state is not None and len(state) != len(self.blocks):
             raise ValueError(f"state has {len(state)} layers; the model has model.n_layer={len(self.blocks)}")
 

@@ -10,8 +10,8 @@ sample; before the first segment of a forward it is the `WindowCache` carried fr
 forward (stream training, streaming evaluation, generation), like the memory state. Where
 `reset` says a segment starts a document it sees no previous segment.
 
-`full`: ordinary causal attention over the whole sample with continuous positions (the plain GPT a
-user would otherwise train), nothing carried between forwards.
+`full` (ordinary causal attention over the whole sample with continuous positions, the plain GPT
+a user would otherwise train) is `gpt.full_attention`: nothing is carried between forwards.
 
 Imports torch only.
 """
@@ -50,8 +50,16 @@ def shift_keys(k: Tensor, segment_len: int, theta: float) -> Tensor:
     return torch.cat([k1 * cos - k2 * sin, k1 * sin + k2 * cos], dim=-1).to(k.dtype)
 
 
+def gqa_kwargs(q: Tensor, k: Tensor) -> dict:
+    """SDPA's grouped-query flag when q (.., H, n, hd) has more heads than k (.., Hkv, n, hd): key/value
+    head j serves query heads [j H/Hkv, (j+1) H/Hkv), Llama's repeat_kv order (and a TP rank holding
+    kv heads [a, b) holds exactly their queries). Empty for plain multi-head attention."""
+    return {"enable_gqa": True} if q.shape[-3] != k.shape[-3] else {}
+
+
 def _expand_heads(x: Tensor, n_head: int) -> Tensor:
-    """Repeat grouped key/value heads (B', H_kv, n, hd) to the query heads (B', H, n, hd)."""
+    """Repeat grouped key/value heads (B', H_kv, n, hd) to the query heads (B', H, n, hd), in
+    `gqa_kwargs`' order (for the written-out reference)."""
     return x if x.shape[1] == n_head else x.repeat_interleave(n_head // x.shape[1], dim=1)
 
 
@@ -90,23 +98,14 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, segment_len: int, cache: O
     values = torch.cat([pv, v], dim=2).view(B * S, 2 * n, Hk, hd).transpose(1, 2)  # (B*S, H_kv, 2n, hd)
     causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()  # (n, n)
     mask = torch.cat([seen.view(B * S, 1, n).expand(B * S, n, n), causal.expand(B * S, n, n)], dim=-1)  # (B*S, n, 2n)
-    out = F.scaled_dot_product_attention(q.reshape(B * S, n, H, hd).transpose(1, 2), _expand_heads(keys, H),
-                                         _expand_heads(values, H), attn_mask=mask.unsqueeze(1),
-                                         dropout_p=dropout_p)  # (B*S, H, n, hd)
+    qs = q.reshape(B * S, n, H, hd).transpose(1, 2)  # (B*S, H, n, hd)
+    out = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask.unsqueeze(1), dropout_p=dropout_p,
+                                         **gqa_kwargs(qs, keys))  # (B*S, H, n, hd)
     y = out.transpose(1, 2).reshape(B, S * n, H, hd)[:, :T]  # (B, T, H, hd)
     filled = torch.arange(n, device=q.device) < n - pad  # (n,): the last segment's real tokens
     new = WindowCache(k=k[:, -1].transpose(1, 2), v=v[:, -1].transpose(1, 2),  # (B, H_kv, n, hd) each
                       valid=filled.view(1, 1, n).expand(B, Hk, n).clone())
     return y, new
-
-
-def full_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> Tensor:
-    """Plain causal attention over all T tokens. q: (B, T, H, hd), k, v: (B, T, H_kv, hd) -> (B, T, H, hd)."""
-    H = q.shape[2]
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, h, T, hd)
-    out = F.scaled_dot_product_attention(qt, _expand_heads(kt, H), _expand_heads(vt, H), dropout_p=dropout_p,
-                                         is_causal=True)  # (B, H, T, hd)
-    return out.transpose(1, 2)  # (B, T, H, hd)
 
 
 def reference_window_attention(q: Tensor, k: Tensor, v: Tensor, segment_len: int, cache: Optional[WindowCache],

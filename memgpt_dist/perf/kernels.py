@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from memgpt_dist.train.batch import IGNORE
+from memgpt_dist.train.batch import IGNORE, token_loss_sum
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
         return liger_fused_linear_cross_entropy(h, weight, y, ignore_index=IGNORE, reduction="sum").float()
     if kernel != "torch":
         raise ValueError(f"unknown linear cross-entropy kernel {kernel!r}; use 'torch' or 'liger'")
-    return F.cross_entropy(F.linear(h, weight).float(), y, ignore_index=IGNORE, reduction="sum")
+    return token_loss_sum(F.linear(h, weight), y)  # the training step's own loss, on the logits
 
 
 def _smoke_test(kernel: str) -> str:

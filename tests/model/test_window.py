@@ -227,7 +227,7 @@ def test_full_attention_is_the_plain_causal_gpt():
 
 def test_full_attention_reference():
     """Full attention written out: softmax(q k^T / sqrt(hd)) over positions <= t."""
-    from memgpt_dist.model.window import full_attention
+    from memgpt_dist.model.gpt import full_attention
 
     q, k, v = _qkv()
     got = full_attention(q, k, v, 0.0)
