@@ -30,7 +30,6 @@ streamed for b-e (benchmarks/streaming.py, a fresh process each), sliding window
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -67,26 +66,6 @@ ARMS = {
     "e": Arm("e", "window + memory + decay",
              ("--model.attention=window", "--memory.enabled=true", "--memory.decay=true"), "stream"),
 }
-
-
-def has_attention_option() -> bool:
-    """Whether this model has `model.attention` (issue 15's window/full attention)."""
-    from memgpt_dist.config import ModelConfig
-
-    return "attention" in {f.name for f in dataclasses.fields(ModelConfig)}
-
-
-def available_arm(arm: Arm, C: int) -> Optional[Arm]:
-    """The arm as this model can run it: without `model.attention`, a as its stand-in a*
-    (no memory, one segment of C), c without the attention key, b/d/e not at all (None)."""
-    if has_attention_option():
-        return arm
-    if arm.name == "a":
-        return Arm("a*", "one segment of C, no memory", (f"--model.segment_len={C}", "--data.n_segments=1",
-                                                           "--memory.enabled=false"), "sliding")
-    if arm.name == "c":
-        return dataclasses.replace(arm, overrides=("--memory.enabled=true",))
-    return None
 
 
 # --------------------------------------------------------------------------- equal parameters
@@ -389,11 +368,7 @@ def main(argv=None) -> int:
     N, K = cfg.model.segment_len, cfg.data.n_segments
     C = N * K
     unit = C // 2 if (C // 2) % N == 0 else C  # windows of stride C/2 and streamed segments both tile it
-    wanted = [ARMS[n] for n in args.arms.split(",")]
-    arms = [a for a in (available_arm(w, C) for w in wanted) if a is not None]
-    missing = [w.name for w in wanted if available_arm(w, C) is None]
-    if missing:
-        print(f"arms {','.join(missing)} need model.attention, which this model does not have: not run")
+    arms = [ARMS[n] for n in args.arms.split(",")]
     sizes = equal_size_arms(args.config, base, arms, args.param_tolerance)
     docs = eval_documents(Path(args.data), C, unit, args.min_doc_tokens or 4 * C, args.docs)
     print(f"C = K x N = {K} x {N} = {C}; {len(docs)} held-out documents of {args.data}", flush=True)

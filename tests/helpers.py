@@ -5,6 +5,7 @@ import json
 import socket
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,14 @@ def prepare_dir(src: Path, out: Path, **kw) -> dict:
 
     opts = {"vocab_size": 300, "min_shards": 8, "val_fraction": 0.1, "workers": 1, **kw}
     return prepare(PrepareConfig(out=out, inputs=(str(src),), **opts))
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """A copy of the run directory `src` at the new path `dst` (copytree refuses an existing one)
+    without its metrics.jsonl, so that a run resumed there logs only its own steps."""
+    shutil.copytree(src, dst)
+    (dst / "metrics.jsonl").unlink()  # the copy's, made just above
+    return dst
 
 
 def read_metrics(run_dir: Path) -> dict[int, dict]:

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import ROOT, cli_env, run_cmd
+from helpers import ROOT, run_cmd
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import long_context_lm as lclm  # noqa: E402
@@ -76,7 +75,7 @@ def test_buckets_weight_every_token_once():
 
 def test_arms_are_made_equal_in_size():
     base: list[str] = []  # configs/tiny.yaml's shape
-    arms = [lclm.available_arm(lclm.ARMS[n], 256) for n in ("a", "c")]
+    arms = [lclm.ARMS[n] for n in ("a", "c")]
     sizes = lclm.equal_size_arms("configs/tiny.yaml", base, arms)
     counts = [n for _, n in sizes.values()]
     assert max(counts) - min(counts) <= lclm.PARAM_TOLERANCE * max(counts)
@@ -94,7 +93,7 @@ def test_harness_end_to_end(tiny_data, tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["C"] == 32
     arms = res["arms"]
-    a = arms.get("a") or arms["a*"]
+    a = arms["a"]
     assert set(a["losses"]) == {"sliding", "chunks"} and set(arms["c"]["losses"]) == {"stream"}
     assert a["losses"]["sliding"]["tokens"] == arms["c"]["losses"]["stream"]["tokens"]  # the same tokens scored
     assert all(0 < r["losses"][k]["overall"] < 10 for r in arms.values() for k in r["losses"])

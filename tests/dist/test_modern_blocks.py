@@ -4,11 +4,9 @@ the last stage), and a relayout (a tp2 ZeRO-3 checkpoint resumed as pp2 ZeRO-1, 
 universal checkpoint) train with the single-process losses, through the real CLI on gloo."""
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
-from helpers import read_metrics, tiny_args, train
+from helpers import copy_run, read_metrics, tiny_args, train
 
 STEPS, SAVE_AT = 4, 2
 MODERN = ["--model.norm=rmsnorm", "--model.mlp=swiglu", "--model.mlp_hidden=96", "--model.n_kv_head=2",
@@ -26,8 +24,7 @@ def runs(tiny_data, tmp_path_factory):
     for name, extra in LAYOUTS.items():
         train(tiny_args(tiny_data, base / name, *COMMON, *extra), nproc=2)
     # the tp2 run's step-2 checkpoint, resumed in the pipeline layout
-    shutil.copytree(base / "tp2", base / "relayout")
-    (base / "relayout" / "metrics.jsonl").unlink()
+    copy_run(base / "tp2", base / "relayout")
     train(tiny_args(tiny_data, base / "relayout", *COMMON, *LAYOUTS["pp2"]) + ["--resume", str(SAVE_AT)], nproc=2)
     return base
 

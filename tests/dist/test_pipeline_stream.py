@@ -13,12 +13,10 @@ the memory of their stage's layer and their TP rank's heads.
 """
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
-from helpers import read_metrics, tiny_args, train
+from helpers import copy_run, read_metrics, tiny_args, train
 
 STEPS, SAVE_AT = 6, 3
 COMMON = [f"--train.max_steps={STEPS}", "--parallel.zero_stage=1", "--parallel.grad_accum=2",
@@ -34,8 +32,7 @@ def runs(tiny_data, tmp_path_factory):
     # stopped after its step-3 checkpoint and resumed, in the same layout and on one process
     train(tiny_args(tiny_data, base / "resumed", *COMMON, "--parallel.pp=2", "--stop-after-steps", str(SAVE_AT)),
           nproc=2)
-    shutil.copytree(base / "resumed", base / "on_one")
-    (base / "on_one" / "metrics.jsonl").unlink()
+    copy_run(base / "resumed", base / "on_one")
     train(tiny_args(tiny_data, base / "resumed", *COMMON, "--parallel.pp=2", "--resume", "auto"), nproc=2)
     train(tiny_args(tiny_data, base / "on_one", *COMMON, "--resume", "auto"), nproc=1)
     no_ckpt = ["--checkpoint.every=0", "--checkpoint.save_at_end=false"]

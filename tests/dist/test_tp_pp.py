@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from helpers import bin_path, free_port, read_metrics, run_cmd, tiny_args, train
+from helpers import bin_path, copy_run, free_port, read_metrics, run_cmd, tiny_args, train
 from memgpt_dist.generate import load_model
 from memgpt_dist.parallel.tensor_parallel import (apply_tensor_parallel_layers, check_tp_inputs_once, merge_tp_shards,
                                                   tp_shard_dim)
@@ -39,8 +38,7 @@ def runs(tiny_data, tmp_path_factory):
     layout = tiny_args(tiny_data, base / "tp2pp2", *COMMON, "--parallel.tp=2", "--parallel.pp=2")
     train(layout, nproc=4)
     # the same run stopped after its step-3 checkpoint, then resumed there
-    shutil.copytree(base / "tp2pp2", base / "resumed")
-    (base / "resumed" / "metrics.jsonl").unlink()
+    copy_run(base / "tp2pp2", base / "resumed")
     train([a.replace(str(base / "tp2pp2"), str(base / "resumed")) for a in layout] + ["--resume", str(SAVE_AT)],
           nproc=4)
     return base
@@ -140,8 +138,8 @@ def test_resume_in_the_layout_reproduces_the_losses(runs):
 
 
 def test_a_linear_layer_without_a_rule_is_refused():
-    with pytest.raises(ValueError, match=r"mlp.gate_proj is an nn.Linear without a tensor-parallel rule"):
-        apply_tensor_parallel_layers(nn.ModuleDict({"mlp": nn.ModuleDict({"gate_proj": nn.Linear(4, 4)})}), None)
+    with pytest.raises(ValueError, match=r"mlp.extra_proj is an nn.Linear without a tensor-parallel rule"):
+        apply_tensor_parallel_layers(nn.ModuleDict({"mlp": nn.ModuleDict({"extra_proj": nn.Linear(4, 4)})}), None)
 
 
 def _first_stage_rank(rank: int, port: int, errors) -> None:

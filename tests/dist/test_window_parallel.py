@@ -10,12 +10,10 @@ uninterrupted single-process losses.
 """
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
-from helpers import read_metrics, tiny_args, train
+from helpers import copy_run, read_metrics, tiny_args, train
 
 STEPS, SAVE_AT = 6, 3
 COMMON = [f"--train.max_steps={STEPS}", "--parallel.zero_stage=1", "--parallel.grad_accum=2",
@@ -29,8 +27,7 @@ def runs(tiny_data, tmp_path_factory):
     train(tiny_args(tiny_data, base / "one", *COMMON), nproc=1)
     layout = tiny_args(tiny_data, base / "tp2pp2", *COMMON, "--parallel.tp=2", "--parallel.pp=2")
     train(layout, nproc=4)
-    shutil.copytree(base / "tp2pp2", base / "on_one")
-    (base / "on_one" / "metrics.jsonl").unlink()
+    copy_run(base / "tp2pp2", base / "on_one")
     train(tiny_args(tiny_data, base / "on_one", *COMMON, "--resume", str(SAVE_AT)), nproc=1)
     return base
 
