@@ -22,14 +22,17 @@ from the first step (the read's gradient is g_h o_proj^T dL/dout), and continued
 the memory, the ARMT/RMT recipe.
 
 Weights are streamed one tensor at a time from the memory-mapped safetensors file(s) into the
-parameters the rank builds anyway (`train.run.build_model`), before TP slicing and ZeRO-3
-partitioning; the import adds at most one tensor to the rank's peak memory.
+parameters the rank builds anyway (`train.run.build_model`): before TP slicing, and under ZeRO-3
+(without TP) into the model built partitioned by `zero.Init` (`memgpt_dist.parallel.zero_init`),
+each parameter gathered whole only while its tensor is copied; the import adds at most one tensor
+to the rank's peak memory, and with ZeRO-3 no rank ever holds the whole model (at 7B).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, ContextManager, Iterator, Optional
 
 GPT2, LLAMA = "GPT2LMHeadModel", "LlamaForCausalLM"
 GELU = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
@@ -175,15 +178,18 @@ def _llama_targets(name: str, t, tied: bool) -> list[tuple[str, Any]]:
     return []  # rotary inv_freq buffers of older checkpoints
 
 
-def load_hf_weights(model, path: str | Path) -> list[str]:
-    """Copy the checkpoint in `path` into `model` (a full, freshly initialised `GPT`) and start its
+def load_hf_weights(model, path: str | Path, materialize: Optional[Callable[[list], ContextManager]] = None) -> list[str]:
+    """Copy the checkpoint in `path` into `model` (a freshly initialised `GPT`) and start its
     memory at zero (see the module docstring). Every base parameter must be set: returns the names
-    set, raises naming the ones a checkpoint left out."""
+    set, raises naming the ones a checkpoint left out. `materialize(params)`: a context in which
+    partitioned parameters are whole (ZeRO-3's zero.Init: `memgpt_dist.parallel.zero_init`); each
+    tensor is then copied inside it, one at a time."""
     import torch
 
     path = Path(path)
     arch = architecture(read_hf_config(path), path)
     params = dict(model.named_parameters())
+    whole = materialize or _whole
     cfg = model.cfg
     done: set[str] = set()
     with torch.no_grad():
@@ -191,36 +197,43 @@ def load_hf_weights(model, path: str | Path) -> list[str]:
             pairs = (_gpt2_targets(name, t, cfg.n_embd, cfg.segment_len) if arch == GPT2
                      else _llama_targets(name, t, cfg.tie_embeddings))
             for ours, value in pairs:
-                _copy(params, ours, value, path)
+                if ours not in params:
+                    raise HFImportError(f"init.from_hf={path}: {ours} has no place in the model (model.* differs "
+                                        f"from the checkpoint)")
+                with whole([params[ours]]):
+                    _copy(params[ours], ours, value, path)
                 done.add(ours)
         missing = sorted(n for n in params if n not in done and ".mem_" not in n)
         if missing:
             raise HFImportError(f"init.from_hf={path}: the checkpoint has no weights for {missing[:6]}")
-        start_memory_at_zero(model)
+        start_memory_at_zero(model, whole)
     return sorted(done)
 
 
-def _copy(params: dict, ours: str, value, path) -> None:
-    if ours not in params:
-        raise HFImportError(f"init.from_hf={path}: {ours} has no place in the model (model.* differs from the checkpoint)")
-    p = params[ours]
+def _whole(params: list) -> ContextManager:
+    return contextlib.nullcontext()
+
+
+def _copy(p, ours: str, value, path) -> None:
     if tuple(p.shape) != tuple(value.shape):
         raise HFImportError(f"init.from_hf={path}: {ours} is {tuple(value.shape)} in the checkpoint, "
                            f"{tuple(p.shape)} in the model")
     p.copy_(value.to(p.dtype))
 
 
-def start_memory_at_zero(model) -> None:
+def start_memory_at_zero(model, materialize: Optional[Callable[[list], ContextManager]] = None) -> None:
     """Zero the memory's value projections and divide each head's o_proj columns by (1 - g_h), so
     that the model with memory computes what the base model computes (module docstring)."""
     import torch
 
+    whole = materialize or _whole
     hd = model.cfg.head_dim
     for block in model.blocks.values():
         attn = block.attn
         if attn.mem is None:
             continue
-        attn.mem_v_proj.weight.zero_()
-        keep = 1 - torch.sigmoid(attn.mem_beta.detach().float())  # (H,): the local attention's share
-        scale = keep.repeat_interleave(hd).to(attn.o_proj.weight.dtype)  # (C,) over the o_proj inputs
-        attn.o_proj.weight.div_(scale)
+        with whole([attn.mem_v_proj.weight, attn.mem_beta, attn.o_proj.weight]):
+            attn.mem_v_proj.weight.zero_()
+            keep = 1 - torch.sigmoid(attn.mem_beta.detach().float())  # (H,): the local attention's share
+            scale = keep.repeat_interleave(hd).to(attn.o_proj.weight.dtype)  # (C,) over the o_proj inputs
+            attn.o_proj.weight.div_(scale)

@@ -18,8 +18,9 @@ Imports torch only: no torch.distributed, no deepspeed.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import NamedTuple, Optional
+from typing import Callable, ContextManager, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -30,6 +31,13 @@ from memgpt_dist.config import MemoryConfig, ModelConfig
 from memgpt_dist.model.decode import DecodeCache, LayerCache, empty_cache
 from memgpt_dist.model.memory import LayerState, MemoryState, delta_scan, memory_read, memory_scan
 from memgpt_dist.model.window import WindowCache, check_decodable, gqa_kwargs, window_attention, with_window
+
+# A context factory: inside `materialize(module)` the module's own parameters are whole
+Materialize = Callable[[nn.Module], ContextManager]
+
+
+def _whole(module: nn.Module) -> ContextManager:
+    return contextlib.nullcontext()
 
 SCANS = {"head": memory_scan, "delta": delta_scan}  # memory.kind -> scan over segments
 
@@ -385,28 +393,41 @@ class GPT(nn.Module):
         return self.wte if self.lm_head is None else self.lm_head
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, materialize: Optional[Materialize] = None) -> None:
         """GPT-2 style init; output projections scaled by 1/sqrt(2 * n_layer) so the residual
-        stream's variance does not grow with depth; memory gates from `MemoryConfig`."""
+        stream's variance does not grow with depth; memory gates from `MemoryConfig`.
+
+        `materialize(module)`: a context in which `module`'s own parameters are whole (a model
+        built partitioned, ZeRO-3's `zero.Init`, passes DeepSpeed's `GatheredParameters`); the
+        modules are initialised one at a time, in the same order and with the same random draws
+        as an unpartitioned model, so both get the same weights."""
+        whole = materialize or _whole
         std = self.cfg.init_std
         for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding, LMHead)):
-                is_output = name.endswith(("attn.o_proj", "mlp.down_proj"))
-                nn.init.normal_(module.weight, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layer) if is_output else std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-            if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-                module.reset_parameters()
+            with whole(module):
+                if isinstance(module, (nn.Linear, nn.Embedding, LMHead)):
+                    is_output = name.endswith(("attn.o_proj", "mlp.down_proj"))
+                    nn.init.normal_(module.weight, mean=0.0,
+                                    std=std / math.sqrt(2 * self.cfg.n_layer) if is_output else std)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
+                if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                    module.reset_parameters()
         # a second pass: named_modules() visits an Attention before its mem_write_gate child
         for block in self.blocks.values():
             attn = block.attn
-            if attn.mem is not None:
+            if attn.mem is None:
+                continue
+            with whole(attn.mem_write_gate):
                 nn.init.constant_(attn.mem_write_gate.bias, attn.mem.write_gate_bias_init)
+            with whole(attn):
                 nn.init.constant_(attn.mem_beta, attn.mem.gate_init)
-                if attn.mem.decay:  # alpha_t starts near 1: forgetting is learned, not imposed
+            if attn.mem.decay:  # alpha_t starts near 1: forgetting is learned, not imposed
+                with whole(attn.mem_decay_gate):
                     nn.init.constant_(attn.mem_decay_gate.bias, attn.mem.decay_bias_init)
-                for name in ("mem_q_conv", "mem_k_conv", "mem_v_conv"):
-                    if hasattr(attn, name):
+            for name in ("mem_q_conv", "mem_k_conv", "mem_v_conv"):
+                if hasattr(attn, name):
+                    with whole(getattr(attn, name)):
                         getattr(attn, name).reset_parameters()
 
     def forward(self, input_ids: Tensor, state: Optional[MemoryState] = None, reset: Optional[Tensor] = None,

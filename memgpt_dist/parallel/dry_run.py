@@ -8,6 +8,7 @@ from typing import Optional
 from memgpt_dist.config import TrainConfig
 from memgpt_dist.parallel.layout import validate_layout
 from memgpt_dist.parallel.shares import GiB, LayoutShares, RankShare, rank_shares
+from memgpt_dist.parallel.zero_init import builds_partitioned
 from memgpt_dist.perf.flops import count_flops, format_count
 
 
@@ -70,6 +71,7 @@ def format_shares(cfg: TrainConfig, plan: LayoutShares) -> list[str]:
              f"# global batch {lay.global_batch_size} samples = micro-batch {lay.micro_batch_size} x grad_accum "
              f"{lay.grad_accum} x dp {lay.dp} ({tokens:,} tokens per step)",
              f"# parameters: {plan.n_params:,}" + (" (tied head counted once)" if cfg.model.tie_embeddings else "") + _split_text(cfg, plan),
+             _build_text(cfg, plan),
              *(f"# warning: {w}" for w in lay.warnings),
              "# rank  dp  pp  tp  layers                          heads   params        weights    grads      "
              "optimizer  activ.     mem state  total"]
@@ -79,6 +81,17 @@ def format_shares(cfg: TrainConfig, plan: LayoutShares) -> list[str]:
                  "in flight (rough; memgpt_dist/parallel/layout.py:activation_bytes); mem state = fp32 A and z of "
                  "the rank's layers and heads for micro_batch_size streams")
     return lines
+
+
+def _build_text(cfg: TrainConfig, plan: LayoutShares) -> str:
+    """How each rank builds the model before the engine: partitioned (zero.Init) or whole."""
+    if builds_partitioned(cfg.parallel):
+        return ("# model build: partitioned by deepspeed.zero.Init (parallel.zero_init): no rank holds the whole "
+                "model; the build adds one module's weights whole at a time")
+    return (f"# model build: whole on every rank first ({_fmt_bytes(4 * plan.n_params)} fp32), then "
+            f"{'sliced by TP and ' if cfg.parallel.tp > 1 else ''}partitioned"
+            + ("" if cfg.parallel.zero_stage != 3 or cfg.parallel.tp > 1 else "; parallel.zero_init=true builds it "
+               "partitioned"))
 
 
 def _split_text(cfg: TrainConfig, plan: LayoutShares) -> str:

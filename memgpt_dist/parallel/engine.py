@@ -18,6 +18,7 @@ from memgpt_dist.parallel import ds_compat
 from memgpt_dist.parallel.deepspeed_config import build_ds_config
 from memgpt_dist.parallel.dist import Topology
 from memgpt_dist.parallel.tensor_parallel import check_tp_inputs_once, unsharded_grad_norm
+from memgpt_dist.parallel.zero_init import full_shape
 
 
 class NonFiniteUpdate(RuntimeError):
@@ -39,7 +40,7 @@ def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
             continue
         if name.endswith(GATE_SUFFIX):
             gates.append(p)
-        elif p.dim() >= 2 and "_conv." not in name:
+        elif len(full_shape(p)) >= 2 and "_conv." not in name:  # a zero.Init parameter's local tensor is 1-D
             decay.append(p)
         else:
             no_decay.append(p)
@@ -58,8 +59,7 @@ def build_engine(model: nn.Module, cfg: TrainConfig, topo: Topology, load_univer
     `load_universal`: the engine will load a universal checkpoint (a resume on another layout)."""
     import deepspeed
 
-    ds_config = build_ds_config(cfg, topo.world_size, device_type=topo.device.type,
-                                bf16_supported=_bf16_supported(topo.device), load_universal=load_universal)
+    ds_config = engine_ds_config(cfg, topo, load_universal)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, cfg.optim),
@@ -75,6 +75,12 @@ def build_engine(model: nn.Module, cfg: TrainConfig, topo: Topology, load_univer
         # DeepSpeed's own clipping of this path uses a norm without the later stages
         ds_compat.step_by_whole_model_norm(engine, cfg.optim.grad_clip, _stop_if_nonfinite, unsharded_grad_norm)
     return engine, ds_config
+
+
+def engine_ds_config(cfg: TrainConfig, topo: Topology, load_universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config of this rank's engine (and of `zero.Init`, which must agree with it)."""
+    return build_ds_config(cfg, topo.world_size, device_type=topo.device.type,
+                           bf16_supported=_bf16_supported(topo.device), load_universal=load_universal)
 
 
 def _stop_if_nonfinite(grad_norm: float) -> None:

@@ -19,11 +19,13 @@ from memgpt_dist.config import TrainConfig
 from memgpt_dist.model import GPT
 from memgpt_dist.model.carry import MemoryCarry
 from memgpt_dist.parallel.dist import Topology, place_record
-from memgpt_dist.parallel.engine import build_engine
+from memgpt_dist.parallel.engine import build_engine, engine_ds_config
 from memgpt_dist.parallel.layout import require_executable_layout
 from memgpt_dist.parallel.shares import parameter_numels
 from memgpt_dist.parallel.pipeline import build_pipeline_module
 from memgpt_dist.parallel.plan import apply_plan
+from memgpt_dist.parallel.zero_init import (builds_partitioned, held_share, partitioned_construction, whole_module,
+                                            whole_parameters)
 from memgpt_dist.train.batch import Batch, StatefulBatches, scaled_token_loss
 from memgpt_dist.train.callbacks import Callback, default_callbacks
 from memgpt_dist.train.checkpoint import CheckpointDir
@@ -92,26 +94,35 @@ def hold_run_dir(topo: Topology, run_dir: Path) -> Iterator[None]:
         lock.release()
 
 
-def build_model(cfg: TrainConfig, tp_rank: int = 0, from_hf: bool = False) -> GPT:
+def build_model(cfg: TrainConfig, tp_rank: int = 0, from_hf: bool = False,
+                partition: Optional[dict] = None) -> GPT:
     """The same initial weights on every rank: seeded from the run seed, not the rank; a TP rank
     then keeps its heads' share of them (the whole model is initialised first, so a TP run
     starts from exactly the weights of a single-process run). `from_hf`: then overwritten by
-    the checkpoint of init.from_hf (memgpt_dist.hf.convert), before TP slicing and ZeRO."""
+    the checkpoint of init.from_hf (memgpt_dist.hf.convert), before TP slicing and ZeRO.
+    `partition`: the engine's DeepSpeed config, to build the model partitioned under ZeRO-3's
+    `zero.Init` (memgpt_dist.parallel.zero_init): the same weights, never whole on a rank."""
     seed_everything(cfg.train.seed)
-    model = GPT(cfg.model, cfg.memory)
-    model.init_weights()
+    build = partitioned_construction(partition) if partition is not None else contextlib.nullcontext()
+    with build:
+        model = GPT(cfg.model, cfg.memory)
+    materialize = whole_module if partition is not None else None
+    model.init_weights(materialize)
+    if partition is not None:
+        log.info("model built partitioned (parallel.zero_init): this rank holds %s", held_share(model))
     if from_hf and cfg.init.from_hf:
         from memgpt_dist.hf.convert import load_hf_weights
 
         log.info("initial weights from %s (memory added at zero)", cfg.init.from_hf)
-        load_hf_weights(model, cfg.init.from_hf)
+        load_hf_weights(model, cfg.init.from_hf, whole_parameters if partition is not None else None)
     return apply_plan(model, cfg.parallel, tp_rank, compile=cfg.train.compile)
 
 
 def build_step(cfg: TrainConfig, topo: Topology, load_universal: bool = False, from_hf: bool = False):
     """The model on this rank, its engine and the step object of its family (dense or pipeline).
     `from_hf`: start from init.from_hf's weights (a fresh run; a resume loads its checkpoint)."""
-    model = build_model(cfg, topo.tp_rank, from_hf)
+    partition = engine_ds_config(cfg, topo, load_universal) if builds_partitioned(cfg.parallel) else None
+    model = build_model(cfg, topo.tp_rank, from_hf, partition)
     if topo.pp_size > 1:
         module, carry = build_pipeline_module(model, cfg.parallel, scaled_token_loss, cfg.train.carry_memory)
         engine, _ = build_engine(module, cfg, topo, load_universal=load_universal)
