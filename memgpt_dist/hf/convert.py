@@ -23,7 +23,7 @@ the memory, the ARMT/RMT recipe.
 
 Weights are streamed one tensor at a time from the memory-mapped safetensors file(s) into the
 parameters the rank builds anyway (`train.run.build_model`): before TP slicing, and under ZeRO-3
-(without TP) into the model built partitioned by `zero.Init` (`memgpt_dist.parallel.zero_init`),
+(without TP) into the model built partitioned by `zero.Init` (`memgpt_dist.parallel.model_build`),
 each parameter gathered whole only while its tensor is copied; the import adds at most one tensor
 to the rank's peak memory, and with ZeRO-3 no rank ever holds the whole model (at 7B).
 """
@@ -182,7 +182,7 @@ def load_hf_weights(model, path: str | Path, materialize: Optional[Callable[[lis
     """Copy the checkpoint in `path` into `model` (a freshly initialised `GPT`) and start its
     memory at zero (see the module docstring). Every base parameter must be set: returns the names
     set, raises naming the ones a checkpoint left out. `materialize(params)`: a context in which
-    partitioned parameters are whole (ZeRO-3's zero.Init: `memgpt_dist.parallel.zero_init`); each
+    partitioned parameters are whole (ZeRO-3's zero.Init: `memgpt_dist.parallel.model_build`); each
     tensor is then copied inside it, one at a time."""
     import torch
 
@@ -200,6 +200,9 @@ def load_hf_weights(model, path: str | Path, materialize: Optional[Callable[[lis
                 if ours not in params:
                     raise HFImportError(f"init.from_hf={path}: {ours} has no place in the model (model.* differs "
                                         f"from the checkpoint)")
+                if params[ours].is_meta:  # another pipeline stage's (memgpt_dist.parallel.model_build)
+                    done.add(ours)
+                    continue
                 with whole([params[ours]]):
                     _copy(params[ours], ours, value, path)
                 done.add(ours)
@@ -230,7 +233,7 @@ def start_memory_at_zero(model, materialize: Optional[Callable[[list], ContextMa
     hd = model.cfg.head_dim
     for block in model.blocks.values():
         attn = block.attn
-        if attn.mem is None:
+        if attn.mem is None or attn.o_proj.weight.is_meta:  # no memory, or another pipeline stage's block
             continue
         with whole([attn.mem_v_proj.weight, attn.mem_beta, attn.o_proj.weight]):
             attn.mem_v_proj.weight.zero_()

@@ -8,7 +8,7 @@ from typing import Optional
 from memgpt_dist.config import TrainConfig
 from memgpt_dist.parallel.layout import validate_layout
 from memgpt_dist.parallel.shares import GiB, LayoutShares, RankShare, rank_shares
-from memgpt_dist.parallel.zero_init import builds_partitioned
+from memgpt_dist.parallel.model_build import builds_partitioned
 from memgpt_dist.perf.flops import count_flops, format_count
 
 

@@ -18,7 +18,7 @@ from memgpt_dist.parallel import ds_compat
 from memgpt_dist.parallel.deepspeed_config import build_ds_config
 from memgpt_dist.parallel.dist import Topology
 from memgpt_dist.parallel.tensor_parallel import check_tp_inputs_once, unsharded_grad_norm
-from memgpt_dist.parallel.zero_init import full_shape
+from memgpt_dist.parallel.model_build import full_shape
 
 
 class NonFiniteUpdate(RuntimeError):

@@ -83,13 +83,25 @@ def rank_shares(cfg: TrainConfig, layout: Layout, precision: str,
     memory state: see `activation_bytes` and `memory_state_bytes`.
     """
     numels = numels if numels is not None else parameter_numels(cfg)
-    items = pipeline_items(list(numels), cfg.model.n_layer)
-    weights = [sum(numels[n] for n in item.params) for item in items]
-    bounds = stage_bounds(weights, layout.pp, cfg.parallel.pp_partition)
+    items, weights, bounds = _stages(cfg, numels, layout.pp)
     ranks = tuple(_rank_share(cfg, layout, precision, numels, items[bounds[c.pp]:bounds[c.pp + 1]], c, r)
                   for r, c in ((r, layout.place(r)) for r in range(layout.world_size)))
     stage_params = tuple(sum(weights[bounds[s]:bounds[s + 1]]) for s in range(layout.pp))
     return LayoutShares(layout, precision, sum(numels.values()), stage_params, ranks)
+
+
+def _stages(cfg: TrainConfig, numels: dict[str, int], pp: int):
+    """(pipeline items, their parameter counts, the stages' item bounds) as DeepSpeed splits them."""
+    items = pipeline_items(list(numels), cfg.model.n_layer)
+    weights = [sum(numels[n] for n in item.params) for item in items]
+    return items, weights, stage_bounds(weights, pp, cfg.parallel.pp_partition)
+
+
+def stage_parameter_names(cfg: TrainConfig, stage: int) -> frozenset[str]:
+    """The model parameters pipeline stage `stage` of `parallel.pp` holds (the last one holds the
+    tied embedding too): a rank builds only these (`memgpt_dist.train.run.build_model`)."""
+    items, _, bounds = _stages(cfg, parameter_numels(cfg), cfg.parallel.pp)
+    return frozenset(n for item in items[bounds[stage]:bounds[stage + 1]] for n in item.params)
 
 
 def _rank_share(cfg: TrainConfig, layout: Layout, precision: str, numels: dict[str, int],

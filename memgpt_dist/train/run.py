@@ -24,8 +24,9 @@ from memgpt_dist.parallel.layout import require_executable_layout
 from memgpt_dist.parallel.shares import parameter_numels
 from memgpt_dist.parallel.pipeline import build_pipeline_module
 from memgpt_dist.parallel.plan import apply_plan
-from memgpt_dist.parallel.zero_init import (builds_partitioned, held_share, partitioned_construction, whole_module,
-                                            whole_parameters)
+from memgpt_dist.parallel.model_build import (builds_partitioned, held_share, hold_only, on_host_while,
+                                              partitioned_construction, require_held, whole_module, whole_parameters)
+from memgpt_dist.parallel.shares import stage_parameter_names
 from memgpt_dist.train.batch import Batch, StatefulBatches, scaled_token_loss
 from memgpt_dist.train.callbacks import Callback, default_callbacks
 from memgpt_dist.train.checkpoint import CheckpointDir
@@ -94,20 +95,27 @@ def hold_run_dir(topo: Topology, run_dir: Path) -> Iterator[None]:
         lock.release()
 
 
-def build_model(cfg: TrainConfig, tp_rank: int = 0, from_hf: bool = False,
-                partition: Optional[dict] = None) -> GPT:
+def build_model(cfg: TrainConfig, tp_rank: int = 0, from_hf: bool = False, partition: Optional[dict] = None,
+                held: Optional[frozenset[str]] = None) -> GPT:
     """The same initial weights on every rank: seeded from the run seed, not the rank; a TP rank
     then keeps its heads' share of them (the whole model is initialised first, so a TP run
     starts from exactly the weights of a single-process run). `from_hf`: then overwritten by
     the checkpoint of init.from_hf (memgpt_dist.hf.convert), before TP slicing and ZeRO.
-    `partition`: the engine's DeepSpeed config, to build the model partitioned under ZeRO-3's
-    `zero.Init` (memgpt_dist.parallel.zero_init): the same weights, never whole on a rank."""
+
+    Built only in part (memgpt_dist.parallel.model_build), with the same weights: `partition`,
+    the engine's DeepSpeed config, builds it partitioned under ZeRO-3's `zero.Init`; `held`, the
+    parameter names of this rank's pipeline stage, gives storage to those only (the rest on meta)."""
+    import torch
+
     seed_everything(cfg.train.seed)
-    build = partitioned_construction(partition) if partition is not None else contextlib.nullcontext()
+    build = (partitioned_construction(partition) if partition is not None else
+             torch.device("meta") if held is not None else contextlib.nullcontext())
     with build:
         model = GPT(cfg.model, cfg.memory)
-    materialize = whole_module if partition is not None else None
-    model.init_weights(materialize)
+    if held is not None:
+        hold_only(model, held)
+    seed_everything(cfg.train.seed)  # the init's draws do not depend on what construction drew
+    model.init_weights(whole_module if partition is not None else on_host_while if held is not None else None)
     if partition is not None:
         log.info("model built partitioned (parallel.zero_init): this rank holds %s", held_share(model))
     if from_hf and cfg.init.from_hf:
@@ -122,9 +130,11 @@ def build_step(cfg: TrainConfig, topo: Topology, load_universal: bool = False, f
     """The model on this rank, its engine and the step object of its family (dense or pipeline).
     `from_hf`: start from init.from_hf's weights (a fresh run; a resume loads its checkpoint)."""
     partition = engine_ds_config(cfg, topo, load_universal) if builds_partitioned(cfg.parallel) else None
-    model = build_model(cfg, topo.tp_rank, from_hf, partition)
+    held = stage_parameter_names(cfg, topo.pp_rank) if topo.pp_size > 1 else None
+    model = build_model(cfg, topo.tp_rank, from_hf, partition, held)
     if topo.pp_size > 1:
         module, carry = build_pipeline_module(model, cfg.parallel, scaled_token_loss, cfg.train.carry_memory)
+        require_held(module, f"pipeline stage {topo.pp_rank}")
         engine, _ = build_engine(module, cfg, topo, load_universal=load_universal)
         return PipelineStep(engine, topo, carry, cfg.data.n_segments)
     engine, _ = build_engine(model, cfg, topo, load_universal=load_universal)
