@@ -88,6 +88,9 @@ def _build_text(cfg: TrainConfig, plan: LayoutShares) -> str:
     if builds_partitioned(cfg.parallel):
         return ("# model build: partitioned by deepspeed.zero.Init (parallel.zero_init): no rank holds the whole "
                 "model; the build adds one module's weights whole at a time")
+    if cfg.parallel.pp > 1:
+        return ("# model build: each rank builds only its stage's parameters (the others stay on the meta device)"
+                + ("; each of its TP ranks builds the stage whole, then keeps its heads" if cfg.parallel.tp > 1 else ""))
     return (f"# model build: whole on every rank first ({_fmt_bytes(4 * plan.n_params)} fp32), then "
             f"{'sliced by TP and ' if cfg.parallel.tp > 1 else ''}partitioned"
             + ("" if cfg.parallel.zero_stage != 3 or cfg.parallel.tp > 1 else "; parallel.zero_init=true builds it "
