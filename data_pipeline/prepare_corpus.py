@@ -118,9 +118,9 @@ class ShardTarWriter:
     samples or `maxsize` bytes of member data: the files webdataset's ShardWriter writes (members
     `key.ext` in sorted order, PAX, mode 0444, owner bigdata, the first shard opened at once),
     without importing webdataset (it imports torch: seconds of every prepare process's start, and
-    a few hundred MB). The headers are built by `member_header`, which was 80% of the shard
-    writing's time through tarfile (a PAX header per member for its float mtime); the first member
-    of each process is also built by tarfile and compared, and tarfile is used if they differ."""
+    a few hundred MB). The headers are built by `tar_header` (through tarfile, a PAX header per
+    member for its float mtime, they were most of the shard writing's time); the first member of
+    each process is also built by tarfile and compared, and tarfile is used if they differ."""
 
     def __init__(self, out: Path, prefix: str, maxcount: int, maxsize: int):
         self.out, self.prefix, self.maxcount, self.maxsize = out, prefix, maxcount, maxsize
