@@ -13,7 +13,7 @@ and tokens), so corpora made before stay valid.
 """
 from __future__ import annotations
 
-import io
+import functools
 import json
 import re
 import os
@@ -117,20 +117,21 @@ class ShardTarWriter:
     """`out/prefix-NNNNNN.tar` shards, the next one begun when the current one holds `maxcount`
     samples or `maxsize` bytes of member data: the files webdataset's ShardWriter writes (members
     `key.ext` in sorted order, PAX, mode 0444, owner bigdata, the first shard opened at once),
-    with the standard library's tarfile, because importing webdataset imports torch (seconds of
-    every prepare process's start, and a few hundred MB) and prepare needs none of it."""
+    without importing webdataset (it imports torch: seconds of every prepare process's start, and
+    a few hundred MB). The headers are built by `tar_header` (through tarfile, a PAX header per
+    member for its float mtime, they were most of the shard writing's time); the first member of
+    each process is also built by tarfile and compared, and tarfile is used if they differ."""
 
     def __init__(self, out: Path, prefix: str, maxcount: int, maxsize: int):
         self.out, self.prefix, self.maxcount, self.maxsize = out, prefix, maxcount, maxsize
-        self.shard, self.file, self.tar = 0, None, None
+        self.shard, self.file = 0, None
         self._next()
 
     def _next(self) -> None:
         self._finish()
         self.name = f"{self.prefix}-{self.shard:06d}.tar"
         self.file = open(self.out / self.name, "wb")
-        self.tar = tarfile.open(fileobj=self.file, mode="w|")  # PAX, as ShardWriter's (its format= is unused)
-        self.shard, self.count, self.size = self.shard + 1, 0, 0
+        self.shard, self.count, self.size, self.offset = self.shard + 1, 0, 0, 0
 
     def write(self, key: str, members: dict[str, bytes]) -> str:
         """Append one sample; returns the name of the shard it went to."""
@@ -138,22 +139,75 @@ class ShardTarWriter:
             self._next()
         for ext in sorted(members):
             data = members[ext]
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), time.time(), 0o444  # a float mtime: a PAX header each
-            info.uname = info.gname = "bigdata"
-            self.tar.addfile(info, io.BytesIO(data))
+            # a float mtime, as webdataset's: a PAX header each
+            header = tar_header(f"{key}.{ext}", len(data), time.time())
+            pad = -len(data) % tarfile.BLOCKSIZE
+            self.file.write(b"".join((header, data, tarfile.NUL * pad)))
+            self.offset += len(header) + len(data) + pad
             self.size += len(data)
         self.count += 1
         return self.name
 
     def _finish(self) -> None:
-        if self.tar is not None:
-            self.tar.close()
+        if self.file is not None:
+            # tarfile's end: two zero blocks, then zeros up to a whole record
+            end = 2 * tarfile.BLOCKSIZE
+            end += -(self.offset + end) % tarfile.RECORDSIZE
+            self.file.write(tarfile.NUL * end)
             self.file.close()
-            self.tar = self.file = None
+            self.file = None
 
     def close(self) -> None:
         self._finish()
+
+
+def tarfile_header(name: str, size: int, mtime: float) -> bytes:
+    """The header blocks the standard library's tarfile (PAX format) writes for one of our members."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, mtime, 0o444
+    info.uname = info.gname = "bigdata"
+    return info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
+def _ustar_block(name: bytes, mode: int, size: int, mtime: int, kind: bytes, owner: bytes) -> bytes:
+    # the POSIX ustar header: name 100, mode/uid/gid 8, size/mtime 12 (octal, NUL-ended),
+    # checksum 8 (spaces while summing), type 1, linkname 100, magic 8, uname/gname 32,
+    # devmajor/devminor 8, prefix 155, zeros to 512
+    block = b"".join((name.ljust(100, b"\0"), b"%07o\0" % mode, b"0000000\0" * 2, b"%011o\0" % size,
+                      b"%011o\0" % mtime, b" " * 8, kind, b"\0" * 100, tarfile.POSIX_MAGIC,
+                      owner.ljust(32, b"\0") * 2)).ljust(tarfile.BLOCKSIZE, b"\0")
+    return block[:148] + b"%06o\0" % sum(block) + block[155:]
+
+
+@functools.lru_cache(maxsize=8)
+def _pax_block(size: int) -> bytes:
+    return _ustar_block(b"././@PaxHeader", 0, size, 0, tarfile.XHDTYPE, b"")
+
+
+def _fast_header(name: str, size: int, mtime: float) -> bytes:
+    """`tarfile_header` for ASCII names of at most 100 characters, sizes below 8 GiB and a positive
+    float mtime, built directly: a PAX extended header holding the full mtime, then the ustar header."""
+    value = str(mtime).encode("ascii")
+    n = length = len(value) + len(b" mtime=\n")
+    while length != n + len(str(length)):  # the record's length counts its own digits
+        length = n + len(str(length))
+    record = b"%d mtime=%s\n" % (length, value)
+    pax = _pax_block(len(record))
+    body = record.ljust(-(-len(record) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE, b"\0")
+    return pax + body + _ustar_block(name.encode("ascii"), 0o444, size, round(mtime), tarfile.REGTYPE, b"bigdata")
+
+
+_FAST_OK: Optional[bool] = None  # whether _fast_header matched tarfile on this Python (checked once)
+
+
+def tar_header(name: str, size: int, mtime: float) -> bytes:
+    """The header of one member: `_fast_header` when it applies and matched tarfile's once."""
+    global _FAST_OK
+    if not (name.isascii() and len(name) <= 100 and size < 8**11 and 0 < mtime < 8**11):
+        return tarfile_header(name, size, mtime)
+    if _FAST_OK is None:
+        _FAST_OK = _fast_header(name, size, mtime) == tarfile_header(name, size, mtime)
+    return _fast_header(name, size, mtime) if _FAST_OK else tarfile_header(name, size, mtime)
 
 
 def refuse_input_overlap(cfg: PrepareConfig) -> None:

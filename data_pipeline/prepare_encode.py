@@ -25,13 +25,26 @@ from tqdm import tqdm
 from data_pipeline.bpe_tokenizer import _encode_long, special_ids, token_dtype
 
 
-def encode_texts(tok: Tokenizer, texts: Iterable[str], workers: int, chunk: int = 64, chunk_bytes: int = 1 << 20,
-                 total_bytes: Optional[int] = None, piece_chars: int = 1 << 20) -> Iterator[bytes]:
+# The tokenizer's working memory is about 40 bytes per character it holds at once (the Encoding's
+# tokens, offsets and masks per token, the normalized string's alignments per byte), so what one
+# thread tokenizes at once is capped: a chunk of at most CHUNK_CHARS, and no single document
+# longer than PIECE_CHARS (longer ones go in pieces, same ids). With 1M for both, the peak was
+# set by *which* chunks happened to be tokenized together: a corpus holding its big documents
+# next to each other (8 variants of each stdlib file) put two ~1 MB chunks on the threads at once
+# far more often, and its peak grew with the corpus (tokenize stage alone: 210 MB for the 40
+# largest stdlib files once, 284 MB for 8 variants of each). At 256K: 152 and 170 MB, the same
+# speed (tokenizer calls per chunk are a few milliseconds' overhead at most).
+CHUNK_CHARS = 1 << 18
+PIECE_CHARS = 1 << 18
+
+
+def encode_texts(tok: Tokenizer, texts: Iterable[str], workers: int, chunk: int = 64, chunk_bytes: int = CHUNK_CHARS,
+                 total_bytes: Optional[int] = None, piece_chars: int = PIECE_CHARS) -> Iterator[bytes]:
     """Token ids (+ EOS) of every text as compact little-endian bytes, in order, on `workers`
     threads. `texts` is consumed lazily: at most 2 x workers chunks (of <= `chunk` texts and about
-    `chunk_bytes`) are in flight, so memory does not grow with the corpus (the tokenizer's working
-    memory is a few dozen bytes per byte of a chunk). A text longer than `piece_chars` is
-    tokenized in pieces (same ids) so one huge document does not take gigabytes."""
+    `chunk_bytes` characters) are in flight and `workers` of them being tokenized, so memory does
+    not grow with the corpus nor with how its big documents are laid out. A text longer than
+    `piece_chars` is tokenized in pieces (same ids) so one huge document does not take gigabytes."""
     eos, _ = special_ids(tok)
     dtype = token_dtype(tok.get_vocab_size())
     bar = tqdm(total=total_bytes, desc="tokenize", unit="B", unit_scale=True, mininterval=1.0)
