@@ -251,28 +251,36 @@ def pipeline_grid(net):
     return net._grid
 
 
-def host_copy(obj, into=None):
+def host_copy(obj, into=None, _memo: Optional[dict] = None):
     """A copy of a state dict whose tensors are host tensors of their own (clones), so training can
     go on changing the originals while a thread writes the copy. Non-tensor leaves (DeepSpeed's
-    loss scaler, config objects) are deep-copied.
+    loss scaler, config objects) are deep-copied. Tensors that are the same view of one storage
+    (tied weights under two keys) get one copy, which torch.save then writes once, as from the originals.
 
     `into`: an earlier copy of the same structure whose tensors may be overwritten (nobody reads
     them any more): a tensor of the same shape, dtype and strides there is filled with `copy_`
     instead of a fresh allocation, which saves the page faults of ~1 GB of new memory per save."""
     import copy
 
+    memo = {} if _memo is None else _memo
     if torch.is_tensor(obj):
         src = obj.detach()
-        if (torch.is_tensor(into) and into.device.type == "cpu" and into.dtype == src.dtype
-                and into.shape == src.shape and into.stride() == src.stride() and into.data_ptr() != src.data_ptr()):
-            return into.copy_(src)
-        return src.to("cpu", copy=True)
+        key = (src.data_ptr(), src.dtype, tuple(src.shape), src.stride(), src.device)
+        if key not in memo:
+            # a buffer is filled once per copy (two keys tied before may not be now)
+            reusable = (torch.is_tensor(into) and into.device.type == "cpu" and into.dtype == src.dtype
+                        and into.shape == src.shape and into.stride() == src.stride() and into.numel() > 0
+                        and into.data_ptr() != src.data_ptr() and ("into", into.data_ptr()) not in memo)
+            if reusable:
+                memo["into", into.data_ptr()] = True
+            memo[key] = into.copy_(src) if reusable else src.to("cpu", copy=True)
+        return memo[key]
     if isinstance(obj, dict):
         old = into if isinstance(into, dict) else {}
-        return type(obj)((k, host_copy(v, old.get(k))) for k, v in obj.items())  # OrderedDict stays ordered
+        return type(obj)((k, host_copy(v, old.get(k), memo)) for k, v in obj.items())  # OrderedDict stays ordered
     if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
         old = into if isinstance(into, (list, tuple)) and len(into) == len(obj) else (None,) * len(obj)
-        return type(obj)(host_copy(v, o) for v, o in zip(obj, old))
+        return type(obj)(host_copy(v, o, memo) for v, o in zip(obj, old))
     return copy.deepcopy(obj)
 
 

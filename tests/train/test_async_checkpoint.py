@@ -123,3 +123,15 @@ def test_host_buffers_are_reused_but_not_before_the_previous_writer_is_done(topo
     last_ptrs = storages_of(t.checkpointer.files._host_copies)
     assert big and all(last_ptrs[k] == first_ptrs[k] for k in big)  # copied into, not reallocated
     assert any(not torch.equal(last[k], first[k]) for k in big)  # ... with step 5's values
+
+
+def test_host_copy_copies_tied_tensors_once_and_fills_each_reused_buffer_once():
+    from memgpt_dist.parallel.ds_compat import host_copy
+
+    w = torch.randn(4, 3)
+    first = host_copy({"wte": w.detach(), "lm_head": w.detach()})  # tied: one storage, two keys
+    assert first["wte"] is first["lm_head"] and first["wte"].data_ptr() != w.data_ptr()
+    u = torch.randn(4, 3)
+    again = host_copy({"wte": w, "lm_head": u}, into=first)  # no longer tied: the shared buffer serves one key
+    assert torch.equal(again["wte"], w) and torch.equal(again["lm_head"], u)
+    assert again["wte"].data_ptr() == first["wte"].data_ptr()
