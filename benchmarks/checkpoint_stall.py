@@ -1,20 +1,32 @@
 """Training stall per checkpoint, synchronous vs asynchronous (`checkpoint.async_save`), in one run.
 
 One process, a real DeepSpeed engine (ZeRO-0, fp32 AdamW: weights + master-free moments, so a
-checkpoint is about 3x the weights). For each size, sync and async saves take turns every few
-steps of the same trainer. The stall of an async save is the copy at the step boundary plus
-the extra wall time of the next steps (the writer thread shares the cores; the commit comes at
-one of them) over the median step without a save, plus any wait for it after them. Also
-the save time per GB of the synchronous save and the load time per GB (`Checkpointer.load`).
-Target: async stall <= 20% of the sync save time.
+checkpoint is about 3x the weights). For each size, sync and async saves take turns in the same
+trainer, spaced as a real run spaces them: the gap in steps is derived from the measured sync save
+and step times (`--gap-factor` sync saves' worth of training between two saves, printed), so an
+async writer has time to finish before the next save, as it has in a run that saves every few
+hundred steps. The stall of an async save is everything training loses to it, in three parts:
+
+* copy: the step boundary, where each rank's state is copied into host buffers (DeepSpeed's
+  `save_checkpoint` through the capturing engine, barriers included);
+* extra step time: the wall time of the steps that run beside the writer (the commit comes at the
+  first boundary after it is done) over the median step without a writer of the same round,
+  signed: noise averages out, the writer's share of the cores shows as slower steps;
+* wait: what is left of the writer when the next save is due (that save waits for it).
+
+The first async save of a run allocates its host buffers (later saves copy into them); its copy
+time is printed apart and not in the per-save figures. Also the save time per GB of the
+synchronous save and the load time per GB (`Checkpointer.load`). Target: async stall <= 20% of
+the sync save time.
 
     python benchmarks/checkpoint_stall.py                       # ~20M and ~85M parameters
-    python benchmarks/checkpoint_stall.py --sizes 20m --rounds 2
+    python benchmarks/checkpoint_stall.py --sizes 85m --rounds 2
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import statistics
 import sys
@@ -30,7 +42,7 @@ SIZES = {
     "20m": (8192, 6, 8, 512),
     "85m": (8192, 12, 12, 768),
 }
-GAP = 4  # steps between saves: an async save has them to finish writing
+MIN_GAP = 3  # steps between saves at least: a baseline step before each async save, one beside it
 
 
 def overrides(size: str, steps: int) -> tuple[str, ...]:
@@ -40,24 +52,47 @@ def overrides(size: str, steps: int) -> tuple[str, ...]:
             f"train.max_steps={steps}", "memory.enabled=false")
 
 
-def timed_steps(trainer, n: int) -> list[float]:
-    """Wall time of `n` loop iterations (step, agreement, callbacks), as `fit` runs them."""
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        result = trainer.train_step()
-        end = trainer._agree(result)
-        for cb in trainer.callbacks:
-            cb.on_step_end(trainer, end, end.flags[id(cb)])
-        out.append(time.perf_counter() - t0)
-    return out
+def timed_step(trainer) -> float:
+    """Wall time of one loop iteration (step, agreement, callbacks: the commit), as `fit` runs it."""
+    t0 = time.perf_counter()
+    result = trainer.train_step()
+    end = trainer._agree(result)
+    for cb in trainer.callbacks:
+        cb.on_step_end(trainer, end, end.flags[id(cb)])
+    return time.perf_counter() - t0
 
 
 def checkpoint_gb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e9
 
 
-def bench(topo, size: str, rounds: int) -> dict[str, float]:
+def async_round(t, gap: int) -> dict[str, float]:
+    """One async save `gap` steps after the previous save, and the `gap` steps after it."""
+    ckpt = t.checkpointer
+    before = [timed_step(t) for _ in range(gap)]
+    t0 = time.perf_counter()
+    ckpt.save(t.state.step, background=True)
+    copy_s = time.perf_counter() - t0
+    beside, after, started = [], [], time.perf_counter()
+    for _ in range(gap):  # the commit comes in the callbacks of the first step after the writer is done
+        (beside if ckpt.has_pending() else after).append(timed_step(t))
+    writer_s = time.perf_counter() - started if ckpt.has_pending() else None
+    t0 = time.perf_counter()
+    ckpt.finish_pending()  # the next save would wait here for a writer still busy
+    wait_s = time.perf_counter() - t0
+    base = statistics.median(before + after)
+    extra_s = sum(beside) - len(beside) * base
+    return {"copy_s": copy_s, "extra_s": extra_s, "wait_s": wait_s, "stall_s": copy_s + extra_s + wait_s,
+            "beside": len(beside), "step_s": base, "still_writing": writer_s is not None}
+
+
+def sync_save(t) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    path = t.checkpointer.save(t.state.step)
+    return time.perf_counter() - t0, checkpoint_gb(path)
+
+
+def bench(topo, size: str, rounds: int, gap_factor: float) -> dict[str, float]:
     from inprocess import make_trainer
 
     root = Path(tempfile.mkdtemp(prefix=f"ckpt_stall_{size}_"))
@@ -66,25 +101,23 @@ def bench(topo, size: str, rounds: int) -> dict[str, float]:
     cb.checkpoint = dataclasses.replace(cb.checkpoint, every=0)  # the benchmark decides when to save
     for c in t.callbacks:  # as `fit` starts them (stop handlers, the heartbeat)
         c.on_fit_start(t)
-    base = timed_steps(t, 3)[1:]  # the first step warms up
-    sync_s, stall_s, copy_stalls, gbs = [], [], [], []
+    timed_step(t)  # warm-up
+    steps = [timed_step(t) for _ in range(2)]
+    t0 = time.perf_counter()
+    t.checkpointer.save(t.state.step, background=True)  # a run's first async save allocates the host buffers
+    first_copy_s = time.perf_counter() - t0
+    t.checkpointer.finish_pending()
+    steps.append(timed_step(t))
+    sync_s, gb = sync_save(t)
+    gap = max(MIN_GAP, math.ceil(gap_factor * sync_s / statistics.median(steps)))
+    print(f"{size}: step {statistics.median(steps):.2f}s, sync save {sync_s:.2f}s -> saves {gap} steps apart "
+          f"(--gap-factor {gap_factor:g}); the first async save's copy (allocating) {first_copy_s:.2f}s", flush=True)
+    syncs, gbs, asyncs = [sync_s], [gb], []
     for _ in range(rounds):
-        base += timed_steps(t, GAP)
-        t0 = time.perf_counter()
-        path = t.checkpointer.save(t.state.step)  # synchronous
-        sync_s.append(time.perf_counter() - t0)
-        gbs.append(checkpoint_gb(path))
-        base += timed_steps(t, GAP)
-        t0 = time.perf_counter()
-        t.checkpointer.save(t.state.step, background=True)
-        copy_s = time.perf_counter() - t0
-        after = timed_steps(t, GAP)  # the writer runs beside these; the commit comes at one of them
-        t0 = time.perf_counter()
-        t.checkpointer.finish_pending()  # still writing after GAP steps: the wait is a stall too
-        # signed: the writer's share of the cores shows as slower steps; noise averages out
-        slowdown = sum(after) - GAP * statistics.median(base)
-        copy_stalls.append(copy_s)
-        stall_s.append(copy_s + slowdown + time.perf_counter() - t0)
+        asyncs.append(async_round(t, gap))  # ends `gap` steps after the async save: the sync save is due
+        s, g = sync_save(t)
+        syncs.append(s)
+        gbs.append(g)
     loaded = t.checkpointer.committed_steps()[-1]
     t0 = time.perf_counter()
     t.restore(loaded)
@@ -92,28 +125,42 @@ def bench(topo, size: str, rounds: int) -> dict[str, float]:
     for c in t.callbacks:
         c.close(t)
     gb = statistics.median(gbs)
-    return {"params_m": sum(p.numel() for p in t.engine.module.parameters()) / 1e6, "gb": gb,
-            "step_s": statistics.median(base), "sync_save_s": statistics.median(sync_s),
-            "async_stall_s": statistics.median(stall_s), "async_copy_s": statistics.median(copy_stalls), "save_s_per_gb": statistics.median(sync_s) / gb,
-            "load_s_per_gb": load_s / gb}
+    med = {k: statistics.median(r[k] for r in asyncs) for k in ("copy_s", "extra_s", "wait_s", "stall_s", "step_s")}
+    return {"params_m": sum(p.numel() for p in t.engine.module.parameters()) / 1e6, "gb": gb, "gap": gap,
+            "sync_save_s": statistics.median(syncs), "save_s_per_gb": statistics.median(syncs) / gb,
+            "load_s_per_gb": load_s / gb, "rounds": asyncs, **med}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=sorted(SIZES), choices=sorted(SIZES))
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--gap-factor", type=float, default=4.0,
+                   help="training between two saves, in sync save times (default 4; a run saving every "
+                        "checkpoint.every=50 steps leaves far more)")
+    p.add_argument("--writer-nice", type=int, default=None,
+                   help="the background writer's nice (default: checkpoint.WRITER_NICE)")
     args = p.parse_args(argv)
     from memgpt_dist.parallel.dist import init_distributed
+    from memgpt_dist.train import checkpoint
+
+    if args.writer_nice is not None:
+        checkpoint.WRITER_NICE = args.writer_nice
+    print(f"writer nice {checkpoint.WRITER_NICE}", flush=True)
 
     topo = init_distributed()
     for size in args.sizes:
-        r = bench(topo, size, args.rounds)
-        ratio = r["async_stall_s"] / r["sync_save_s"]
-        print(f"{size}: {r['params_m']:.1f}M params, checkpoint {r['gb']:.3f} GB, step {r['step_s']:.3f}s | "
-              f"sync save {r['sync_save_s']:.2f}s ({r['save_s_per_gb']:.2f} s/GB), async stall "
-              f"{r['async_stall_s']:.2f}s = {ratio:.0%} of sync (target <= 20%; of it the copy at the boundary "
-              f"{r['async_copy_s']:.2f}s) | load {r['load_s_per_gb']:.2f} s/GB",
-              flush=True)
+        r = bench(topo, size, args.rounds, args.gap_factor)
+        for i, a in enumerate(r["rounds"]):
+            print(f"  round {i}: copy {a['copy_s']:.2f}s + extra step time {a['extra_s']:+.2f}s over {a['beside']} "
+                  f"step(s) beside the writer (step {a['step_s']:.2f}s) + wait {a['wait_s']:.2f}s = {a['stall_s']:.2f}s"
+                  + (" (still writing at the next save)" if a["still_writing"] else ""), flush=True)
+        ratio = r["stall_s"] / r["sync_save_s"]
+        print(f"{size}: {r['params_m']:.1f}M params, checkpoint {r['gb']:.3f} GB, step {r['step_s']:.2f}s, saves "
+              f"{r['gap']} steps apart | sync save {r['sync_save_s']:.2f}s ({r['save_s_per_gb']:.2f} s/GB) | async "
+              f"stall {r['stall_s']:.2f}s = {ratio:.0%} of sync (target <= 20%): copy {r['copy_s']:.2f}s, extra step "
+              f"time {r['extra_s']:+.2f}s, wait {r['wait_s']:.2f}s (medians over {len(r['rounds'])} rounds) | load "
+              f"{r['load_s_per_gb']:.2f} s/GB", flush=True)
     return 0
 
 

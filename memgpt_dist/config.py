@@ -376,8 +376,9 @@ class CheckpointConfig:
     keep_last: int = doc_field(3, "checkpoints kept; older ones are deleted, the newest never")
     save_at_end: bool = doc_field(True, "save a checkpoint after the last step (a run stopped early always saves)")
     # The step boundary only copies each rank's state to host memory (RAM for one more copy of the
-    # rank's share); a thread writes the files and the ranks commit at a later boundary once all
-    # are written. The next save, a stop and the end wait for a pending one; they save synchronously.
+    # rank's share, kept for the run: every save copies into the same buffers); a low-priority thread
+    # writes the files and the ranks commit at a later boundary once all are written. The next save,
+    # a stop and the end wait for a pending one; they save synchronously.
     async_save: bool = doc_field(False, "write periodic checkpoints in the background while training continues "
                                         "(same files and commit marker)")
     export_hf_at_end: bool = doc_field(False, "after the last checkpoint, write its Hugging Face export (memgpt-export) "

@@ -40,6 +40,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ TAG_RE = re.compile(r"^step_(\d{8})$")
 ASIDE_RE = re.compile(r"^step_(\d{8})\.(partial|superseded|uncommitted)-\d+$")
 # How much larger than the previous checkpoint the free space must be before a save starts.
 FREE_SPACE_FACTOR = 1.1
+RANK_STATE_COPY = "rank_state"  # the key of this rank's own state among the reused host copies
 
 
 class CheckpointError(RuntimeError):
@@ -158,10 +160,51 @@ def committed_step_dirs(root: Path) -> dict[int, Path]:
             if (m := TAG_RE.match(c.name)) and c.is_dir() and is_committed(c)}
 
 
+# The background writer's CPU priority (nice, Linux). Where training keeps every core busy, a
+# writer at normal priority takes its slices from the training threads, and each parallel region
+# of a step then waits for the thread it displaced; at the lowest priority it runs in the time
+# training leaves idle, and takes longer. It only lowers its own thread, never the trainer's.
+WRITER_NICE = 19
+
+
+@contextlib.contextmanager
+def _without_zip_crc32():
+    """torch.save's zip CRC32 is a second pass over every byte (~0.8 s of CPU per GB here) that the
+    marker's sha256 makes redundant; torch.load reads files without it. The option is process-wide:
+    a torch.save elsewhere meanwhile also skips it, which is harmless for the same reason."""
+    before = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(before)
+
+
+def _atomic_torch_save_hashed(obj: Any, path: Path) -> dict[str, Any]:
+    """`_atomic_torch_save` without the zip CRC32, returning the file's sha256 and size as the
+    marker records them. Saved to a path name: torch's own writer then needs no GIL for the
+    tensor bytes (a Python file object would be called back for every record)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with _without_zip_crc32():
+        torch.save(obj, str(tmp))
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def _lower_thread_priority(nice: int) -> None:
+    """Lower the calling thread's CPU priority (Linux schedules threads apart; elsewhere
+    setpriority would lower the whole process, so it is left alone)."""
+    if nice and sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+
+
 class AsyncWrite(threading.Thread):
     """Writes captured host copies to their files in the background (tmp, fsync, rename), hashing
-    each as it goes so the commit need not read them again. Never runs a collective: the commit
-    (`CheckpointDir.finish_pending`) is the main thread's, at a later step boundary."""
+    each as it goes so the commit need not read them again. Never runs a
+    collective: the commit (`CheckpointDir.finish_pending`) is the main thread's, at a later step
+    boundary. Runs at `WRITER_NICE`."""
 
     def __init__(self, path: Path, files: list[tuple[Path, Any]]):
         super().__init__(name=f"async-save-{path.name}", daemon=True)
@@ -171,16 +214,15 @@ class AsyncWrite(threading.Thread):
         self.error: Optional[BaseException] = None
 
     def run(self) -> None:
+        _lower_thread_priority(WRITER_NICE)
         try:
             for target, obj in self.files:
                 target.parent.mkdir(parents=True, exist_ok=True)
-                _atomic_torch_save(obj, target)
-                self.hashed[str(target.relative_to(self.path))] = {"sha256": sha256_file(target),
-                                                                    "bytes": target.stat().st_size}
+                self.hashed[str(target.relative_to(self.path))] = _atomic_torch_save_hashed(obj, target)
         except BaseException as exc:  # reported by every rank together at the commit
             self.error = exc
         finally:
-            self.files = []  # the host copies are no longer needed
+            self.files = []  # the host copies stay with CheckpointDir, for the next save to reuse
 
 
 @dataclass
@@ -202,6 +244,10 @@ class CheckpointDir:
         self.topo = topo
         self.keep_last = max(int(keep_last), 1)  # the newest committed checkpoint is never deleted
         self.pending: Optional[PendingSave] = None  # an asynchronous save not yet committed
+        # The host copies of the last asynchronous save, by file name: the next one copies into
+        # them (same shapes every save) rather than allocating a checkpoint's worth of memory.
+        # Overwritten only once their writer is done (`write_async` commits the pending save first).
+        self._host_copies: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ discovery
     def committed_steps(self) -> list[int]:
@@ -263,20 +309,26 @@ class CheckpointDir:
     def write_async(self, engine, step: int, client_state: dict[str, Any], rank_state: dict[str, Any],
                     meta: Optional[dict[str, Any]] = None) -> Path:
         """Start checkpoint `step` (every rank): copy this rank's state to host memory now, write it
-        in a background thread while training goes on; `finish_pending` commits it later.
+        in a background thread while training goes on; `finish_pending` commits it later. A save
+        still pending is committed first (collective: every rank has one, saves are at agreed steps).
 
-        The stall is the copy only (and DeepSpeed's own bookkeeping, barriers included). Until the
-        commit nothing counts: a kill while writing leaves the previous committed checkpoint the
-        newest, and the uncommitted directory is set aside by the next save or resume."""
+        The stall is the copy (into the previous save's host buffers, kept for the run: RAM for
+        one more copy of the rank's share) and DeepSpeed's own bookkeeping, barriers included, plus
+        what the writer takes from training. Until the commit nothing counts: a kill while writing
+        leaves the previous committed checkpoint the newest, and the uncommitted directory is set
+        aside by the next save or resume."""
+        self.finish_pending()  # the host copies below reuse the previous save's: its writer must be done
         path = self.root / tag_for(step)
         self._preflight(path)
         try:
-            with captured_checkpoint_writes(engine) as captured:
+            with captured_checkpoint_writes(engine, reuse=self._host_copies) as captured:
                 engine.save_checkpoint(str(self.root), tag=path.name, client_state=client_state, save_latest=False)
         except (OSError, RuntimeError) as exc:
             raise CheckpointError(f"could not write checkpoint {path}: {exc}. {self._untouched_note()}") from exc
+        rank_file = path / "rank_state" / f"rank_{self.topo.rank:05d}.pt"
         files = [(Path(p), obj) for p, obj in captured]
-        files.append((path / "rank_state" / f"rank_{self.topo.rank:05d}.pt", host_copy(rank_state)))
+        files.append((rank_file, host_copy(rank_state, into=self._host_copies.get(RANK_STATE_COPY))))
+        self._host_copies = {p.name: obj for p, obj in files[:-1]} | {RANK_STATE_COPY: files[-1][1]}
         self.pending = PendingSave(step, path, meta or {}, AsyncWrite(path, files))
         self.pending.writer.start()
         return path

@@ -1,7 +1,8 @@
 """Asynchronous checkpoints (`checkpoint.async_save`): the files of an async save equal a sync
 save's tensor for tensor, a resume from one continues with the losses of an uninterrupted run,
 nothing counts before the commit (a crash while writing leaves the previous checkpoint the newest),
-the next save and the end of `fit` wait for a pending save."""
+the next save and the end of `fit` wait for a pending save, and the host buffers a save reuses are
+not overwritten while the previous writer still reads them."""
 from __future__ import annotations
 
 import threading
@@ -9,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from inprocess import make_trainer
+from inprocess import flatten, make_trainer
 from memgpt_dist.parallel.dist import init_distributed
 from memgpt_dist.train.checkpoint import AsyncWrite, CheckpointDir, tag_for
 from test_exact_resume import assert_same
@@ -69,8 +70,68 @@ def test_a_failed_background_write_is_reported_at_the_commit_and_commits_nothing
     def full_disk(obj, path):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("memgpt_dist.train.checkpoint._atomic_torch_save", full_disk)
+    monkeypatch.setattr("memgpt_dist.train.checkpoint._atomic_torch_save_hashed", full_disk)
     t.checkpointer.save(2, background=True)
     with pytest.raises(CheckpointError, match=r"step_00000002: .*No space left on device.*previous checkpoint"):
         t.checkpointer.finish_pending()
     assert t.checkpointer.committed_steps() == [1]
+
+
+def tensors_of(host_copies) -> dict:
+    """{path: clone} of the tensors in the host copies."""
+    return {k: v for k, v in flatten(host_copies).items() if torch.is_tensor(v)}
+
+
+def storages_of(obj, prefix: str = "") -> dict:
+    """{path: data_ptr} of the tensors themselves (no clones)."""
+    if torch.is_tensor(obj):
+        return {prefix: obj.data_ptr()}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return {k2: v2 for k, v in items for k2, v2 in storages_of(v, f"{prefix}/{k}").items()}
+
+
+def test_host_buffers_are_reused_but_not_before_the_previous_writer_is_done(topo, tmp_path, monkeypatch):
+    gate = threading.Event()
+    run = AsyncWrite.run
+    monkeypatch.setattr(AsyncWrite, "run", lambda self: (gate.wait(60), run(self)))
+    t = make_trainer(topo, tmp_path, extra=("checkpoint.async_save=true",))
+    t.fit(stop_after=2)
+    t.checkpointer.save(3, background=True)  # its writer is held up
+    first, first_ptrs = tensors_of(t.checkpointer.files._host_copies), storages_of(t.checkpointer.files._host_copies)
+    assert sum(v.numel() for v in first.values()) > 1000
+    t.train_step()  # training goes on beside the writer and changes the engine's state
+    assert t.checkpointer.writing()
+    nxt = threading.Thread(target=t.checkpointer.save, args=(5,), kwargs={"background": True})
+    nxt.start()  # the next save waits for the step-3 writer before copying anything into its buffers
+    nxt.join(1.0)
+    assert nxt.is_alive()
+    for k, v in tensors_of(t.checkpointer.files._host_copies).items():
+        assert torch.equal(v, first[k]), f"{k} was overwritten while the step-3 writer had not read it"
+    gate.set()
+    nxt.join(60)
+    t.checkpointer.finish_pending()
+    files = CheckpointDir(tmp_path / "checkpoints", topo, keep_last=5)
+    assert files.verify(3) is None and files.verify(5) is None
+    step3 = tmp_path / "checkpoints" / tag_for(3)
+    saved = {p.name: torch.load(p, weights_only=False) for p in step3.glob("*.pt")}
+    on_disk = {k.split("/", 2)[2]: v for k, v in tensors_of(saved).items()}  # keys without the file name
+    captured = {k.split("/", 2)[2]: v for k, v in first.items() if not k.startswith("/rank_state")}
+    assert captured.keys() <= on_disk.keys()
+    assert all(torch.equal(on_disk[k], v) for k, v in captured.items())  # step 3's files hold step 3's state
+    last = tensors_of(t.checkpointer.files._host_copies)
+    big = [k for k, v in first.items() if v.numel() > 100]
+    last_ptrs = storages_of(t.checkpointer.files._host_copies)
+    assert big and all(last_ptrs[k] == first_ptrs[k] for k in big)  # copied into, not reallocated
+    assert any(not torch.equal(last[k], first[k]) for k in big)  # ... with step 5's values
+
+
+def test_host_copy_copies_tied_tensors_once_and_fills_each_reused_buffer_once():
+    from memgpt_dist.parallel.ds_compat import host_copy
+
+    w = torch.randn(4, 3)
+    first = host_copy({"wte": w.detach(), "lm_head": w.detach()})  # tied: one storage, two keys
+    assert first["wte"] is first["lm_head"] and first["wte"].data_ptr() != w.data_ptr()
+    u = torch.randn(4, 3)
+    again = host_copy({"wte": w, "lm_head": u}, into=first)  # no longer tied: the shared buffer serves one key
+    assert torch.equal(again["wte"], w) and torch.equal(again["lm_head"], u)
+    assert again["wte"].data_ptr() == first["wte"].data_ptr()
