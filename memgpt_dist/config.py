@@ -309,8 +309,10 @@ class ParallelConfig:
     precision: Precision = doc_field("auto", "'auto': bf16 on GPUs that have it, else fp32")
     activation_checkpointing: bool = doc_field(False, "recompute each block's activations in the backward pass")
     # ZeRO-3 only: without it every rank builds the whole fp32 model before DeepSpeed partitions it
+    # With bf16/fp16, zero.Init creates the parameters in that dtype, so the fp32 master copy starts
+    # from the rounded init (as Hugging Face's ZeRO-3 loading does); off keeps an fp32 init.
     zero_init: bool = doc_field(True, "with zero_stage 3 and tp 1: build the model partitioned (deepspeed.zero.Init), "
-                                      "so no rank holds all the weights; the same weights as a whole build")
+                                      "so no rank holds all the weights; in fp32 the same weights as a whole build")
     # The process-group timeout (torch.distributed / deepspeed init_distributed): how long a rank
     # waits in a collective for a peer that died or hangs before it fails. Long enough for the
     # slowest legitimate wait on a cluster (a rank saving or evaluating while the others wait).

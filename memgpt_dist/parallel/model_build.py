@@ -11,7 +11,10 @@ the weights of a whole build:
   `GPT.init_weights` and the Hugging Face import (`memgpt_dist.hf.convert`) then set one module
   (or one tensor) at a time inside `GatheredParameters(modifier_rank=0)`, every rank drawing the
   same values in the same order; on leaving, rank 0's values are partitioned again. (AutoTP splits
-  whole Linear layers inside `deepspeed.initialize`, so TP layouts build whole.)
+  whole Linear layers inside `deepspeed.initialize`, so TP layouts build whole.) With bf16 or fp16
+  zero.Init creates the parameters in that dtype: the weights are the whole build's rounded, and
+  the fp32 master copy starts from them (Hugging Face's ZeRO-3 loading does the same); in fp32 they
+  are the whole build's exactly.
 * **Stage only (meta device)**, pipelines: the model is built on the meta device and only the
   parameters of the rank's stage (`shares.stage_parameter_names`, the split DeepSpeed's
   PipelineModule makes) get storage. `init_weights` gives every other module storage for the
