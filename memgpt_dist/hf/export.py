@@ -71,6 +71,7 @@ def hf_config(cfg: TrainConfig, eos_id: int, pad_id: int):
                           mem_nu=mem.nu, mem_eps=mem.eps, mem_conv=mem.conv, eos_token_id=eos_id, pad_token_id=pad_id,
                           n_kv_head=m.kv_heads, norm=m.norm, norm_eps=m.norm_eps, mlp=m.mlp,
                           mlp_hidden=m.mlp_hidden_size, tie_word_embeddings=m.tie_embeddings,
+                          attention=m.attention, mem_decay=mem.enabled and mem.decay,
                           architectures=["MemGPTForCausalLM"])
     config.auto_map = dict(AUTO_MAP)
     return config

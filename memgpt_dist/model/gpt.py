@@ -30,7 +30,7 @@ from torch import Tensor
 from memgpt_dist.config import MemoryConfig, ModelConfig
 from memgpt_dist.model.decode import DecodeCache, LayerCache, empty_cache
 from memgpt_dist.model.memory import LayerState, MemoryState, delta_scan, memory_read, memory_scan
-from memgpt_dist.model.window import WindowCache, check_decodable, gqa_kwargs, window_attention, with_window
+from memgpt_dist.model.window import WindowCache, gqa_kwargs, shift_keys, window_attention, with_window
 
 # A context factory: inside `materialize(module)` the module's own parameters are whole
 Materialize = Callable[[nn.Module], ContextManager]
@@ -198,16 +198,24 @@ class Attention(nn.Module):
         return q, k, v
 
     # -------------------------------------------------------------- incremental decoding
-    def step(self, x: Tensor, rope: Optional[Rope], slots: Tensor, lc: LayerCache) -> Tensor:
-        """m new tokens of each row's open segment at `slots` (B, m): they attend to the segment's
-        cached keys and read the memory before it. x: (B, m, C) -> (B, m, C)."""
+    def step(self, x: Tensor, rope: Optional[Rope], slots: Tensor, at: Tensor, lc: LayerCache) -> Tensor:
+        """m new tokens of each row's open segment at `slots` (B, m): they attend to the cached
+        keys at or before them (the segment's; with 'window' also the previous segment's; with
+        'full' every token's, cached at positions `at` (B, m) in the row) and read the memory
+        before the segment. x: (B, m, C) -> (B, m, C)."""
         B, m, _ = x.shape
         q, k, v = self._qkv(x, rope)  # (B, m, H, hd), (B, m, Hkv, hd) twice
-        index = slots.view(B, m, 1, 1).expand_as(k)
+        where = at if self.attention == "full" else slots  # (B, m): the new keys' places in lc.k
+        lc.reserve(int(where.max()) + 1)
+        index = where.view(B, m, 1, 1).expand_as(k)
         lc.k.scatter_(1, index, k)
         lc.v.scatter_(1, index, v)
-        visible = torch.arange(lc.k.shape[1], device=x.device).view(1, 1, -1) <= slots.unsqueeze(-1)  # (B, m, N)
-        q, ck, cv = q.transpose(1, 2), lc.k.transpose(1, 2), lc.v.transpose(1, 2)  # (B, H or Hkv, m or N, hd)
+        keys, values = lc.k, lc.v  # (B, L, Hkv, hd)
+        visible = torch.arange(keys.shape[1], device=x.device).view(1, 1, -1) <= where.unsqueeze(-1)  # (B, m, L)
+        if self.attention == "window":  # the previous segment first, as window_attention orders them
+            keys, values = torch.cat([lc.prev_k, keys], dim=1), torch.cat([lc.prev_v, values], dim=1)
+            visible = torch.cat([lc.prev_valid.unsqueeze(1).expand(B, m, -1), visible], dim=-1)  # (B, m, N + L)
+        q, ck, cv = q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)  # (B, H or Hkv, m or L, hd)
         y = F.scaled_dot_product_attention(q, ck, cv, attn_mask=visible.unsqueeze(1),
                                            **gqa_kwargs(q, ck)).transpose(1, 2)  # (B, m, H, hd)
         if self.mem is not None:
@@ -228,6 +236,8 @@ class Attention(nn.Module):
         lc.mem_v.scatter_(1, slots.unsqueeze(-1).expand(B, m, C), v)
         write_logit = self.mem_write_gate(x)  # (B, m, H)
         lc.write_logit.scatter_(1, slots.unsqueeze(-1).expand_as(write_logit), write_logit)
+        if self.mem.decay:
+            lc.decay_logit.scatter_(1, slots.unsqueeze(-1).expand_as(write_logit), self.mem_decay_gate(x))
         return memory_read(q.view(B, m, -1, self.head_dim), lc.state, self.mem.kind, self.mem.nu, self.mem.eps)
 
     def _conv_step(self, mem_in: Tensor, slots: Tensor, lc: LayerCache) -> tuple[Tensor, Tensor, Tensor]:
@@ -247,12 +257,21 @@ class Attention(nn.Module):
         return y.chunk(3, dim=-1)
 
     def close_segment(self, rows: Tensor, lc: LayerCache) -> None:
-        """Write the full open segment of `rows` into their memory with the training scan."""
+        """The open segment of `rows` is full: write it into their memory with the training scan,
+        and (window) make its keys and values the previous segment of the next one."""
+        if self.attention == "window":
+            k = lc.k[rows]  # (r, N, Hkv, hd), rotated at in-segment positions
+            lc.prev_k[rows] = shift_keys(k, self.segment_len, self.rope_theta) if self.rope_theta is not None else k
+            lc.prev_v[rows] = lc.v[rows]
+            lc.prev_valid[rows] = True
+        if self.mem is None:
+            return
         k, v = (t[rows].view(len(rows), self.segment_len, -1, self.head_dim) for t in (lc.mem_k, lc.mem_v))
         state = LayerState(lc.state.A[rows], lc.state.z[rows])
+        decay = lc.decay_logit[rows] if self.mem.decay else None
         # q only shapes the scan's reads, which are not needed here
         _, new = SCANS[self.mem.kind](k, k, v, lc.write_logit[rows], state, None, self.segment_len, self.mem.nu,
-                                      self.mem.eps)
+                                      self.mem.eps, decay)
         lc.state.A[rows] = new.A
         lc.state.z[rows] = new.z
 
@@ -328,9 +347,9 @@ class Block(nn.Module):
         x = x + self.mlp(self.ln2(x))
         return x, state, self._stats(read)
 
-    def step(self, x: Tensor, rope: Optional[Rope], slots: Tensor, lc: LayerCache) -> Tensor:
+    def step(self, x: Tensor, rope: Optional[Rope], slots: Tensor, at: Tensor, lc: LayerCache) -> Tensor:
         """`forward` for m new tokens of the open segment (incremental decoding)."""
-        x = x + self.attn.step(self.ln1(x), rope, slots, lc)
+        x = x + self.attn.step(self.ln1(x), rope, slots, at, lc)
         return x + self.mlp(self.ln2(x))
 
     @torch.no_grad()
@@ -451,18 +470,21 @@ class GPT(nn.Module):
     # -------------------------------------------------------------- incremental decoding
     def prefill(self, input_ids: Tensor) -> tuple[Tensor, DecodeCache]:
         """Read prompts (B, T) of one length as training does: the whole segments before the one
-        holding the last token by `forward`, the rest (1..N tokens) into the open segment.
+        holding the last token by `forward`, the rest (1..N tokens) into the open segment ('full'
+        attention: every segment through `step`, which keeps the keys of all of them).
         Returns the logits (B, T, vocab) and the cache to `step` from."""
         B, T = input_ids.shape
         N = self.cfg.segment_len
-        check_decodable(self.cfg.attention, self.mem_cfg.decay)
-        done = ((T - 1) // N) * N  # tokens written to memory: whole segments before the last token's
+        done = 0 if self.cfg.attention == "full" else ((T - 1) // N) * N  # tokens read by forward
         out = self(input_ids[:, :done]) if done else None
         cfg = self.cfg
         cache = empty_cache(cfg.n_layer, B, cfg.n_head, cfg.kv_heads, cfg.n_embd, N, self.mem_cfg.nu,
-                            out.state if out is not None else None, self.wte.weight.device, self.wte.weight.dtype)
-        rest = self.step(input_ids[:, done:], cache)
-        return (rest if out is None else torch.cat([out.logits, rest], dim=1)), cache
+                            out.state if out is not None else None, cfg.rope_theta if cfg.position == "rope" else None,
+                            self.wte.weight.device, self.wte.weight.dtype)
+        cache.pos += done
+        logits = [out.logits] if out is not None else []
+        logits += [self.step(input_ids[:, t:t + N], cache) for t in range(done, T, N)]
+        return torch.cat(logits, dim=1), cache
 
     def step(self, input_ids: Tensor, cache: DecodeCache) -> Tensor:
         """m tokens (B, m) into each row's open segment, which none may overrun; a segment whose
@@ -471,19 +493,23 @@ class GPT(nn.Module):
         N = self.cfg.segment_len
         if int(cache.fill.max()) + m > N:
             raise ValueError(f"{m} tokens overrun an open segment holding {int(cache.fill.max())} of {N}; step fewer")
-        slots = cache.fill.unsqueeze(1) + torch.arange(m, device=input_ids.device)  # (B, m): positions in segments
+        new = torch.arange(m, device=input_ids.device)
+        slots = cache.fill.unsqueeze(1) + new  # (B, m): positions in segments
+        at = cache.pos.unsqueeze(1) + new  # (B, m): positions in the text (full attention's)
         x = self.wte(input_ids)  # (B, m, C)
         if self.wpe is not None:
             x = x + self.wpe(slots)
-        rope = build_rope(slots, self.cfg.head_dim, self.cfg.rope_theta) if self.cfg.position == "rope" else None
+        rope = None
+        if self.cfg.position == "rope":
+            rope = build_rope(at if self.cfg.attention == "full" else slots, self.cfg.head_dim, self.cfg.rope_theta)
         for block, lc in zip(self.blocks.values(), cache.layers):
-            x = block.step(x, rope, slots, lc)
+            x = block.step(x, rope, slots, at, lc)
         cache.fill = cache.fill + m
+        cache.pos = cache.pos + m
         rows = (cache.fill == N).nonzero().flatten()
         if len(rows):
-            if self.mem_cfg.enabled:
-                for block, lc in zip(self.blocks.values(), cache.layers):
-                    block.attn.close_segment(rows, lc)
+            for block, lc in zip(self.blocks.values(), cache.layers):
+                block.attn.close_segment(rows, lc)
             cache.fill[rows] = 0
         return lm_head(self.ln_f, self.head, x)
 

@@ -7,11 +7,13 @@ blind at a segment start. Keys are rotated at their position inside their own se
 at j of the previous segment are i + N - j apart, the relative distance RoPE sees in one
 continuous sequence. Inside a forward the previous segment is the one before in the same
 sample; before the first segment of a forward it is the `WindowCache` carried from the last
-forward (stream training, streaming evaluation, generation), like the memory state. Where
-`reset` says a segment starts a document it sees no previous segment.
+forward (stream training, streaming evaluation), like the memory state; in generation the
+cache of `decode.py` holds it. Where `reset` says a segment starts a document it sees no
+previous segment.
 
 `full` (ordinary causal attention over the whole sample with continuous positions, the plain GPT
-a user would otherwise train) is `gpt.full_attention`: nothing is carried between forwards.
+a user would otherwise train) is `gpt.full_attention`: nothing is carried between forwards;
+generation keeps every token's keys and values (`decode.py`).
 
 Imports torch only.
 """
@@ -143,11 +145,3 @@ def with_window(memory: Optional["LayerState"], window: WindowCache) -> "LayerSt
     A, z = (memory.A, memory.z) if memory is not None else (None, None)
     return LayerState(A, z, window.k, window.v, window.valid)
 
-
-def check_decodable(attention: str, decay: bool) -> None:
-    """Incremental decoding (`GPT.prefill` / `step`) covers model.attention='segment' without
-    memory.decay; a clear error for the rest instead of a wrong continuation."""
-    if attention != "segment" or decay:
-        raise ValueError(f"incremental decoding supports model.attention='segment' without memory.decay (got "
-                         f"attention={attention!r}, decay={decay}); score such a model with GPT.forward, carrying "
-                         f"`state` between calls")

@@ -136,9 +136,11 @@ def activation_bytes(cfg: TrainConfig, n_blocks: int, has_head: bool, tp: int, p
     width h_kv = Hkv * hd), MLP width I, tp shards, a = 2 bytes (bf16/fp16) or 4 (fp32). A block
     keeps (in a bytes) 4bTh replicated tensors (the two norms' inputs and outputs),
     (3bTh + 2bTh_kv)/tp (q, attention output, o_proj input; k, v), 2bTI/tp (MLP up output and GELU
-    output; SwiGLU 3bTI: gate, up and their product), and b(H/tp)*T*N attention probabilities: attention is
-    causal inside a segment of N tokens, so the score matrix is T x N, not T x T (flash kernels
-    keep less). The memory adds 3bTh/tp + bTH/tp (its projections and write gates) in a bytes
+    output; SwiGLU 3bTI: gate, up and their product), and b(H/tp)*T*L attention probabilities: with
+    `model.attention: segment` attention is causal inside a segment of N tokens, so the score matrix
+    is T x N (L = N), not T x T; `window` adds the previous segment's keys (L = 2N), `full` is T x T
+    (L = T) (flash kernels keep less). The memory adds 3bTh/tp + bTH/tp (its projections and write
+    gates; bTH/tp more for the forgetting gate) in a bytes
     and, in fp32, 2bT(H/tp)dk DPFP features, 2bTh/tp values and reads, and K per-segment states of
     b(H/tp)dk(hd+1) (gradients flow through all K segments). With activation checkpointing a block
     keeps only its input bTh, plus one block's full set while it is recomputed. The stage holding
@@ -150,10 +152,11 @@ def activation_bytes(cfg: TrainConfig, n_blocks: int, has_head: bool, tp: int, p
     T, inner, hd = K * N, m.mlp_hidden_size, m.head_dim
     mlp_tensors = 3 if m.mlp == "swiglu" else 2
     qkv = 3 * b * T * h + 2 * b * T * m.kv_heads * hd
-    block = a * (4 * b * T * h + (qkv + mlp_tensors * b * T * inner + b * H * T * N) // tp)
+    keys = {"segment": N, "window": 2 * N, "full": T}[m.attention]  # keys each query's scores cover
+    block = a * (4 * b * T * h + (qkv + mlp_tensors * b * T * inner + b * H * T * keys) // tp)
     if mem.enabled:
         dk = feature_dim(hd, mem.nu)
-        block += a * (3 * b * T * h + b * T * H) // tp
+        block += a * (3 * b * T * h + b * T * H * (2 if mem.decay else 1)) // tp
         block += 4 * (2 * b * T * H * dk + 2 * b * T * h + K * b * H * dk * (hd + 1)) // tp
     if n_blocks == 0:
         stored = 0
@@ -165,10 +168,17 @@ def activation_bytes(cfg: TrainConfig, n_blocks: int, has_head: bool, tp: int, p
 
 
 def memory_state_bytes(cfg: TrainConfig, n_blocks: int, tp: int) -> int:
-    """fp32 memory state of one micro-batch on the rank: per block and held head, A (dk, hd) and
-    z (dk,) for each of micro_batch_size streams."""
-    if not cfg.memory.enabled:
-        return 0
-    hd = cfg.model.head_dim
-    dk = feature_dim(hd, cfg.memory.nu)
-    return 4 * cfg.parallel.micro_batch_size * n_blocks * (cfg.model.n_head // tp) * (dk * hd + dk)
+    """The carried state of one micro-batch on the rank, per block, for each of micro_batch_size
+    streams: the fp32 memory, A (dk, hd) and z (dk,) per held head, and with `model.attention:
+    window` the last segment's keys and values, N x hd each per held key/value head (counted at 4
+    bytes), and their N-slot mask."""
+    m, b = cfg.model, cfg.parallel.micro_batch_size
+    hd = m.head_dim
+    total = 0
+    if cfg.memory.enabled:
+        dk = feature_dim(hd, cfg.memory.nu)
+        total += 4 * b * n_blocks * (m.n_head // tp) * (dk * hd + dk)
+    if m.attention == "window":
+        kv_heads = max(1, m.kv_heads // tp)
+        total += b * n_blocks * kv_heads * m.segment_len * (2 * 4 * hd + 1)
+    return total

@@ -7,10 +7,13 @@ hd, Hkv key/value heads (C_kv = Hkv hd), F = `mlp_hidden_size`, V = vocab_size):
     attention projections  q, o; k, v          2 * 2 T C^2 + 2 * 2 T C C_kv
     attention scores       Q K^T and P V        2 * 2 n^2 C per segment (the whole n x n square:
                                                 the causal half is computed and masked, and this
-                                                is what FlopCounterMode and PaLM's MFU count)
+                                                is what FlopCounterMode and PaLM's MFU count);
+                                                'window': 2 * 2 N (2N) C per (padded) segment, its
+                                                queries over its own and the previous segment's
+                                                keys; 'full': 2 * 2 T^2 C, one causal square
     MLP                    up, down            2 * 2 T C F (SwiGLU: gate, up, down: 3 * 2 T C F)
     memory projections     q, k, v             3 * 2 T C^2
-    memory write gate      (C -> H)            2 T C H
+    memory write gate      (C -> H)            2 T C H (and as much for the forgetting gate, memory.decay)
     memory convolution     3 depthwise, taps   3 * 2 T C taps
     memory read + write    ('head')            per head, dk = 2 nu hd features: the read of q and the
                                                 retrieval of k share one (2n, dk) x (dk, hd + 1) matmul
@@ -84,7 +87,7 @@ def count_flops(model: ModelConfig, memory: MemoryConfig, T: int, carried: bool 
     mlp_matrices = 3 if model.mlp == "swiglu" else 2
     matmul = {
         "attn_proj": 2 * 2 * T * C * C + 2 * 2 * T * C * C_kv,
-        "attn_scores": sum(2 * 2 * n * n * C for n in lengths),
+        "attn_scores": _score_flops(model, T, lengths),
         "mlp": mlp_matrices * 2 * T * C * model.mlp_hidden_size,
     }
     other: dict[str, int] = {}
@@ -97,12 +100,24 @@ def count_flops(model: ModelConfig, memory: MemoryConfig, T: int, carried: bool 
     return FlopCount(matmul=matmul, other=other, tokens=T)
 
 
+def _score_flops(model: ModelConfig, T: int, lengths: list[int]) -> int:
+    """One layer's Q K^T and P V over one sample, by `model.attention` (gpt.py, window.py)."""
+    C, N = model.n_embd, model.segment_len
+    if model.attention == "full":
+        return 2 * 2 * T * T * C
+    if model.attention == "window":  # every segment padded to N queries, over 2N keys
+        return len(lengths) * 2 * 2 * N * (2 * N) * C
+    return sum(2 * 2 * n * n * C for n in lengths)
+
+
 def _memory_flops(model: ModelConfig, memory: MemoryConfig, T: int, lengths: list[int],
                   carried: bool) -> tuple[dict[str, int], dict[str, int]]:
     """(matmul terms, other terms) of one layer's memory over one sample."""
     C, H, hd = model.n_embd, model.n_head, model.head_dim
     dk = 2 * memory.nu * hd if memory.nu > 0 else hd  # memory.feature_dim, without importing torch
     matmul = {"mem_proj": 3 * 2 * T * C * C, "mem_write_gate": 2 * T * C * H}
+    if memory.decay:
+        matmul["mem_decay_gate"] = 2 * T * C * H
     if memory.conv >= 2:
         # conv1d runs over whole padded segments: a ragged last one costs a full one
         matmul["mem_conv"] = 3 * 2 * len(lengths) * model.segment_len * C * memory.conv

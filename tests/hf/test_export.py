@@ -30,6 +30,12 @@ OPTIONS = [{}, {"position": "learned"}, {"memory_kwargs": {"kind": "delta"}}, {"
            {"norm": "rmsnorm", "mlp": "swiglu", "mlp_multiple_of": 16, "n_kv_head": 2, "tie_embeddings": False,
             "bias": False, "rope_theta": 500000.0}, {"n_kv_head": 1, "mlp": "swiglu", "mlp_hidden": 40}]
 LLAMA_STYLE = OPTIONS[-2]
+# issue 15's attention modes and the forgetting gate (alpha from sigmoid(0) = 0.5: a decay left out shows)
+ATTENTION = [{"attention": "window"}, {"attention": "window", "memory": False, "n_kv_head": 2},
+             {"attention": "window", "position": "learned"}, {"attention": "full"},
+             {"attention": "full", "memory": False}, {"memory_kwargs": {"decay": True, "decay_bias_init": 0.0}},
+             {"attention": "window", "memory_kwargs": {"decay": True, "decay_bias_init": 0.0, "kind": "delta"}}]
+OPTIONS += ATTENTION
 
 
 def build_tiny(memory: bool = True, memory_kwargs: dict | None = None, **model_kwargs) -> GPT:
@@ -63,7 +69,7 @@ def test_remote_code_logits_equal_the_model(options):
     assert (prefilled - ref).abs().max() <= TOL
 
 
-@pytest.mark.parametrize("options", OPTIONS[:4] + [LLAMA_STYLE], ids=lambda o: json.dumps(o))
+@pytest.mark.parametrize("options", OPTIONS[:4] + [LLAMA_STYLE] + ATTENTION, ids=lambda o: json.dumps(o))
 def test_cached_decoding_equals_the_full_forward(options):
     """A prompt, then one token at a time through the cache across three segment ends."""
     model = build_tiny(**options)
@@ -81,6 +87,27 @@ def test_cached_decoding_equals_the_full_forward(options):
 
 # ------------------------------------------------------------------------------ exported runs
 SEG = 16  # tiny_args' model.segment_len
+
+
+@pytest.mark.parametrize("attention", ["segment", "window", "full"])
+def test_cached_rows_of_a_left_padded_batch_equal_each_row_alone(attention):
+    """Rows of different lengths (the second left-padded by 5) read together through the cache
+    over two segment ends: each row's logits equal the model's forward of that row alone."""
+    model = build_tiny(attention=attention)
+    remote = _remote(model)
+    ids = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        out = remote(ids[:, :13], attention_mask=mask[:, :13], use_cache=True)
+        logits, cache = [out.logits], out.cache
+        for t in range(13, ids.shape[1]):
+            out = remote(ids[:, t:t + 1], cache=cache)
+            logits.append(out.logits)
+            cache = out.cache
+        got = torch.cat(logits, dim=1)
+        assert (got[0] - model(ids[:1]).logits[0]).abs().max() <= TOL
+        assert (got[1, 5:] - model(ids[1:, 5:]).logits[0]).abs().max() <= TOL
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,13 @@ from conftest import VOCAB
 
 OPTIONS = [{}, {"position": "learned"}, {"memory_kwargs": {"kind": "delta"}}, {"memory": False},
            {"memory_kwargs": {"conv": 0}}, {"n_kv_head": 2}, {"n_kv_head": 1, "memory": False},
-           {"norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2, "tie_embeddings": False, "bias": False}]
+           {"norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2, "tie_embeddings": False, "bias": False},
+           # issue 15's attention modes and the forgetting gate (alpha starting at sigmoid(0) = 0.5,
+           # far from 1, so a decay left out of the cached write would show)
+           {"attention": "window"}, {"attention": "window", "memory": False}, {"attention": "window", "n_kv_head": 2},
+           {"attention": "window", "position": "learned"}, {"attention": "full"}, {"attention": "full", "memory": False},
+           {"memory_kwargs": {"decay": True, "decay_bias_init": 0.0}},
+           {"attention": "window", "memory_kwargs": {"decay": True, "decay_bias_init": 0.0, "kind": "delta"}}]
 TOL = 1e-5
 
 
@@ -29,20 +35,22 @@ def test_token_by_token_equals_the_full_forward(make_model, ids, options):
     assert (torch.cat(steps, dim=1) - ref).abs().max() <= TOL
 
 
+@pytest.mark.parametrize("attention", ["segment", "window", "full"])
 @pytest.mark.parametrize("length", [1, N, N + 1, 2 * N])
-def test_prefill_equals_the_full_forward(make_model, ids, length):
-    model = make_model()
+def test_prefill_equals_the_full_forward(make_model, ids, length, attention):
+    model = make_model(attention=attention)
     with torch.no_grad():
         logits, cache = model.prefill(ids[:, :length])
         assert (logits - model(ids[:, :length]).logits).abs().max() <= TOL
-    assert cache.fill.tolist() == [length % N] * 2
+    assert cache.fill.tolist() == [length % N] * 2 and cache.pos.tolist() == [length] * 2
 
 
-def test_rows_at_different_places_in_their_segments(make_model, ids):
+@pytest.mark.parametrize("attention", ["segment", "window", "full"])
+def test_rows_at_different_places_in_their_segments(make_model, ids, attention):
     """Two rows prefilled apart (different lengths) then stepped together, as left-padded batches are."""
     from memgpt_dist.model.decode import DecodeCache
 
-    model = make_model()
+    model = make_model(attention=attention)
     with torch.no_grad():
         (_, a), (_, b) = model.prefill(ids[:1, :N + 2]), model.prefill(ids[1:, :5])
         cache = DecodeCache.cat([a, b])

@@ -252,13 +252,6 @@ def test_grouped_kv_window_cache_relayout_by_kv_heads():
     assert torch.equal(half.memory["layer0.k"], k[[0], 1:2])
 
 
-@pytest.mark.parametrize("attention,decay", [("window", False), ("full", False), ("segment", True)])
-def test_incremental_decoding_refuses_what_it_does_not_cover(attention, decay):
-    model = build_tiny(memory=True, attention=attention, memory_kwargs={"decay": decay})
-    with pytest.raises(ValueError, match="incremental decoding supports model.attention='segment'"):
-        model.prefill(_tokens(2 * N))
-
-
 def test_config_says_what_to_change():
     from memgpt_dist.config import ConfigError, load_config
 

@@ -213,6 +213,23 @@ def test_memory_state_is_split_by_heads_and_layers():
     assert rank0.memory.memory_state == 4 * 3 * 2 * 2 * (dk * hd + dk)
 
 
+def test_window_and_full_attention_in_the_estimate():
+    """The window's carried keys and values per held kv head; scores over 2N keys (window) or T (full)."""
+    def rank0(*extra, world=1):
+        cfg = load_config(None, SMALL + ["parallel.micro_batch_size=3", *extra])
+        return cfg, rank_shares(cfg, validate_layout(cfg, world), "fp32").ranks[0].memory
+
+    cfg, seg = rank0()
+    _, win = rank0("model.attention=window")
+    N, hd = cfg.model.segment_len, 16
+    assert win.memory_state - seg.memory_state == 3 * 4 * 4 * N * (2 * 4 * hd + 1)  # streams x layers x kv heads
+    _, win_tp = rank0("model.attention=window", "parallel.tp=2", world=2)
+    _, seg_tp = rank0("parallel.tp=2", world=2)
+    assert win_tp.memory_state - seg_tp.memory_state == 3 * 4 * 2 * N * (2 * 4 * hd + 1)
+    _, full = rank0("model.attention=full")
+    assert seg.activations < win.activations < full.activations
+
+
 def test_activation_checkpointing_shrinks_activations():
     _, plain = memory_at(3)
     _, ac = memory_at(3, "parallel.activation_checkpointing=true")

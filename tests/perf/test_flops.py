@@ -29,6 +29,14 @@ CONFIGS = {
                     "model.mlp_multiple_of=32", "model.norm=rmsnorm", "model.tie_embeddings=false", "model.bias=false"],
     "gqa-1-memory-off": ["memory.enabled=false", "model.n_embd=64", "model.n_head=4", "model.n_kv_head=1",
                          "model.mlp=swiglu", "model.mlp_hidden=100"],
+    # issue 15's attention modes and the forgetting gate
+    "window-memory-decay": ["model.n_embd=64", "model.n_head=4", "model.attention=window", "memory.decay=true",
+                            "model.segment_len=32", "model.vocab_size=64"],
+    "window-memory-off-gqa": ["memory.enabled=false", "model.n_embd=64", "model.n_head=4", "model.n_kv_head=2",
+                              "model.attention=window", "model.segment_len=32", "model.vocab_size=64"],
+    "full-memory-off": ["memory.enabled=false", "model.n_embd=64", "model.n_head=4", "model.attention=full"],
+    "full-delta-decay": ["model.n_embd=64", "model.n_head=2", "model.attention=full", "memory.kind=delta",
+                         "memory.nu=1", "memory.decay=true"],
 }
 TOLERANCE = 0.05
 

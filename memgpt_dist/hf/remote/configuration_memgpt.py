@@ -14,7 +14,7 @@ class MemGPTConfig(PretrainedConfig):
     def __init__(self, vocab_size=4096, n_layer=2, n_head=4, n_embd=128, segment_len=64, position="rope",
                  rope_theta=10000.0, mlp_ratio=4, bias=True, mem_enabled=True, mem_kind="head", mem_nu=3,
                  mem_eps=1e-5, mem_conv=4, use_cache=True, n_kv_head=None, norm="layernorm", norm_eps=1e-5,
-                 mlp="gelu", mlp_hidden=None, **kwargs):
+                 mlp="gelu", mlp_hidden=None, attention="segment", mem_decay=False, **kwargs):
         self.vocab_size = vocab_size
         self.n_layer = n_layer
         self.n_head = n_head
@@ -36,6 +36,9 @@ class MemGPTConfig(PretrainedConfig):
         self.norm_eps = norm_eps
         self.mlp = mlp
         self.mlp_hidden = mlp_hidden or mlp_ratio * n_embd
+        # issue 15: 'segment' | 'window' | 'full' attention; the memory's forgetting gate
+        self.attention = attention
+        self.mem_decay = mem_decay
         kwargs.setdefault("tie_word_embeddings", True)
         super().__init__(**kwargs)
 

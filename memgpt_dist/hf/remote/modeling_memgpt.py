@@ -1,13 +1,16 @@
 """An exported memgpt-dist model for transformers (remote code; imports torch and transformers only).
 
 The math is a copy of `memgpt_dist.model` (gpt.py, memory.py), kept equal to it by
-tests/hf/test_export.py: attention is causal within a segment of `segment_len` tokens, positions
-restart in every segment, and every head mixes in a read of its associative memory (DPFP features,
-gated delta write), the only path from one segment to a later one.
+tests/hf/test_export.py: attention is causal within a segment of `segment_len` tokens
+(`attention: segment`), also over the previous segment's keys and values (`window`), or over the
+whole text with continuous positions (`full`); positions restart in every segment otherwise, and
+every head mixes in a read of its associative memory (DPFP features, gated delta write, with
+`mem_decay` a forgetting gate), which carries what earlier segments held.
 
 Generation carries everything in a `MemGPTCache` passed as `cache` / `past_key_values` (the way
 Qwen3-Next keeps recurrent states beside its key/value cache): per layer the memory before the open
-segment and the open segment's keys, values and memory inputs, so a new token costs O(segment).
+segment, the open segment's keys, values and memory inputs (`full`: every token's keys and values)
+and, for `window`, the previous segment's, so a new token costs O(segment).
 A prompt is read as in training: its whole segments by the segment-parallel forward, the rest into
 the open segment; a segment is written to memory when its last token has been read. Rows of a
 left-padded batch are segmented from their own first token, so padding changes nothing.
@@ -59,7 +62,14 @@ def _segments(x: Tensor, n: int, S: int) -> Tensor:
     return x.view(B, S, n, H, c).permute(1, 0, 3, 2, 4).contiguous()
 
 
-def memory_scan(q, k, v, write_logit, state, n, nu, eps):
+def _segment_decays(decay_logit: Optional[Tensor], n: int, S: int) -> Optional[Tensor]:
+    """Cumulative log-alphas inside each segment, (S, B, H, n, 1) (None: no decay)."""
+    if decay_logit is None:
+        return None
+    return _segments(F.logsigmoid(decay_logit.float()).unsqueeze(-1), n, S).cumsum(dim=3)
+
+
+def memory_scan(q, k, v, write_logit, state, n, nu, eps, decay_logit=None):
     """memgpt_dist.model.memory.memory_scan without resets: reads (B, T, H, hd), state after."""
     B, T, H, hd = q.shape
     S = -(-T // n)
@@ -69,9 +79,12 @@ def memory_scan(q, k, v, write_logit, state, n, nu, eps):
         b = _segments(torch.sigmoid(write_logit.float()).unsqueeze(-1), n, S)  # (S, B, H, n, 1)
         v_aug = F.pad(_segments(v, n, S), (0, 1), value=1.0)  # (S, B, H, n, hd + 1)
         A = None if state is None else torch.cat([state.A, state.z.unsqueeze(-1)], dim=-1)
+        decays = _segment_decays(decay_logit, n, S)
         reads = []
-        for phi_s, b_s, v_aug_s in zip(phi.unbind(0), b.unbind(0), v_aug.unbind(0)):
+        for s, (phi_s, b_s, v_aug_s) in enumerate(zip(phi.unbind(0), b.unbind(0), v_aug.unbind(0))):
             phi_q, phi_k = phi_s.split(n, dim=2)  # (B, H, n, dk) each
+            if decays is not None:  # later tokens' decay on each write, the whole segment's on A
+                b_s = b_s * torch.exp(decays[s][:, :, -1:] - decays[s])
             if A is None:
                 reads.append(phi.new_zeros(B, H, n, hd))
                 A = phi_k.transpose(-1, -2) @ (b_s * v_aug_s)
@@ -80,12 +93,14 @@ def memory_scan(q, k, v, write_logit, state, n, nu, eps):
             read_s, retrieved = (num / (den + eps)).split(n, dim=2)
             reads.append(read_s)
             delta = b_s * (v_aug_s - F.pad(retrieved, (0, 1)))
+            if decays is not None:
+                A = torch.exp(decays[s][:, :, -1:]) * A
             A = A + phi_k.transpose(-1, -2) @ delta  # (B, H, dk, hd + 1)
         read = torch.cat(reads, dim=2)[:, :, :T].transpose(1, 2)  # (B, T, H, hd)
     return read, LayerState(A[..., :hd].contiguous(), A[..., hd].contiguous())
 
 
-def delta_scan(q, k, v, write_logit, state, n, nu, eps):
+def delta_scan(q, k, v, write_logit, state, n, nu, eps, decay_logit=None):
     """memgpt_dist.model.memory.delta_scan without resets."""
     B, T, H, hd = q.shape
     S = -(-T // n)
@@ -99,14 +114,26 @@ def delta_scan(q, k, v, write_logit, state, n, nu, eps):
         z = phi.new_zeros(B, H, dk) if state is None else state.z
         strictly_lower = torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-1)
         eye = torch.eye(n, device=q.device)
+        decays = _segment_decays(decay_logit, n, S)
         reads = []
-        for phi_s, b_s, v_s in zip(phi.unbind(0), b.unbind(0), vs.unbind(0)):
+        for s, (phi_s, b_s, v_s) in enumerate(zip(phi.unbind(0), b.unbind(0), vs.unbind(0))):
             phi_q, phi_k = phi_s.split(n, dim=2)
             reads.append(phi_q @ A)
-            gram = torch.where(strictly_lower, b_s * (phi_k @ phi_k.transpose(-1, -2)), 0.0)
-            u = torch.linalg.solve_triangular(eye + gram, b_s * (v_s - phi_k @ A), upper=False, unitriangular=True)
+            gram = b_s * (phi_k @ phi_k.transpose(-1, -2))
+            retrieved = phi_k @ A
+            if decays is not None:  # Gated DeltaNet: G_t / G_j on the Gram matrix, G_t on the retrieval
+                cum = decays[s]
+                ratio = torch.where(strictly_lower, cum - cum.transpose(-1, -2), float("-inf")).exp()
+                gram, retrieved = gram * ratio, torch.exp(cum) * retrieved
+            gram = torch.where(strictly_lower, gram, 0.0)
+            u = torch.linalg.solve_triangular(eye + gram, b_s * (v_s - retrieved), upper=False, unitriangular=True)
+            gated_k = b_s * phi_k
+            if decays is not None:
+                later = torch.exp(cum[:, :, -1:] - cum)
+                A, z = torch.exp(cum[:, :, -1:]) * A, torch.exp(cum[:, :, -1]) * z
+                u, gated_k = later * u, later * gated_k
             A = A + phi_k.transpose(-1, -2) @ u
-            z = z + (b_s * phi_k).sum(dim=2)
+            z = z + gated_k.sum(dim=2)
         read = torch.cat(reads, dim=2)[:, :, :T].transpose(1, 2)
     return read, LayerState(A, z)
 
@@ -164,6 +191,46 @@ def segment_local_attention(q: Tensor, k: Tensor, v: Tensor, n: int) -> Tensor:
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
+def shift_keys(k: Tensor, n: int, theta: float) -> Tensor:
+    """Keys (..., hd) rotated at in-segment positions, rotated by -n more: as seen from the next
+    segment's queries (RoPE's relative distance i + n - j)."""
+    hd = k.shape[-1]
+    inv_freq = theta ** (-torch.arange(0, hd, 2, device=k.device, dtype=torch.float32) / hd)
+    angle = -float(n) * inv_freq
+    cos, sin = angle.cos(), angle.sin()
+    k1, k2 = k.float().chunk(2, dim=-1)
+    return torch.cat([k1 * cos - k2 * sin, k1 * sin + k2 * cos], dim=-1).to(k.dtype)
+
+
+def window_attention(q: Tensor, k: Tensor, v: Tensor, n: int, theta: Optional[float]) -> Tensor:
+    """memgpt_dist.model.window.window_attention from a document start (no carried window):
+    each segment attends causally to itself and to all of the segment before it."""
+    B, T, H, hd = q.shape
+    S = -(-T // n)
+    pad = S * n - T
+    q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)).view(B, S, n, -1, hd) for t in (q, k, v))  # (B, S, n, h, hd)
+    Hk = k.shape[3]
+    pk = torch.cat([k.new_zeros(B, 1, n, Hk, hd), k[:, :-1]], dim=1)  # (B, S, n, Hkv, hd): segment s - 1's
+    pv = torch.cat([v.new_zeros(B, 1, n, Hk, hd), v[:, :-1]], dim=1)
+    if theta is not None:
+        pk = shift_keys(pk, n, theta)
+    keys = torch.cat([pk, k], dim=2).view(B * S, 2 * n, Hk, hd).transpose(1, 2)  # (B*S, Hkv, 2n, hd)
+    values = torch.cat([pv, v], dim=2).view(B * S, 2 * n, Hk, hd).transpose(1, 2)
+    seen = torch.ones(B, S, n, dtype=torch.bool, device=q.device)
+    seen[:, 0] = False  # the first segment has none before it
+    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    mask = torch.cat([seen.view(B * S, 1, n).expand(B * S, n, n), causal.expand(B * S, n, n)], dim=-1)
+    qs = q.reshape(B * S, n, H, hd).transpose(1, 2)  # (B*S, H, n, hd)
+    out = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask.unsqueeze(1), **gqa_kwargs(qs, keys))
+    return out.transpose(1, 2).reshape(B, S * n, H, hd)[:, :T]
+
+
+def full_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention over the whole text: (B, T, H, hd)."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa_kwargs(q, k)).transpose(1, 2)
+
+
 class SegmentConv(nn.Module):
     """Depthwise causal convolution inside each segment (zero history at a segment start)."""
 
@@ -183,21 +250,32 @@ class SegmentConv(nn.Module):
 
 
 class LayerCache:
-    """One layer's part of `MemGPTCache`: the memory before the open segment and the open
-    segment's keys, values (after RoPE) and memory inputs, in slots 0..N-1 of each row."""
+    """One layer's part of `MemGPTCache`: the memory before the open segment, the open segment's
+    keys, values (after RoPE) and memory inputs in slots 0..N-1 of each row (`full`: every
+    token's keys and values), and the previous segment's keys (shifted by -N) and values (`window`)."""
 
     def __init__(self, state: LayerState, k: Tensor, v: Tensor, mem_in: Tensor, mem_k: Tensor, mem_v: Tensor,
-                 write_logit: Tensor):
-        self.state, self.k, self.v = state, k, v  # k, v: (B, N, Hkv, hd)
+                 write_logit: Tensor, decay_logit: Tensor, prev_k: Tensor, prev_v: Tensor, prev_valid: Tensor):
+        self.state, self.k, self.v = state, k, v  # k, v: (B, N or tokens so far, Hkv, hd)
         self.mem_in = mem_in  # (B, N, 3C) memory q|k|v before the convolution
         self.mem_k, self.mem_v, self.write_logit = mem_k, mem_v, write_logit  # (B, N, C), (B, N, C), (B, N, H)
+        self.decay_logit = decay_logit  # (B, N, H)
+        self.prev_k, self.prev_v, self.prev_valid = prev_k, prev_v, prev_valid  # (B, N, Hkv, hd) x 2, (B, N)
 
     def tensors(self) -> list[Tensor]:
-        return [self.state.A, self.state.z, self.k, self.v, self.mem_in, self.mem_k, self.mem_v, self.write_logit]
+        return [self.state.A, self.state.z, self.k, self.v, self.mem_in, self.mem_k, self.mem_v, self.write_logit,
+                self.decay_logit, self.prev_k, self.prev_v, self.prev_valid]
 
     @classmethod
     def of(cls, tensors: list[Tensor]) -> "LayerCache":
         return cls(LayerState(tensors[0], tensors[1]), *tensors[2:])
+
+    def reserve(self, tokens: int) -> None:
+        """Room for `tokens` keys and values (the `full` cache grows, doubling)."""
+        have = self.k.shape[1]
+        if tokens > have:
+            grow = max(tokens, 2 * have) - have
+            self.k, self.v = (F.pad(t, (0, 0, 0, 0, 0, grow)) for t in (self.k, self.v))
 
 
 class Attention(nn.Module):
@@ -211,6 +289,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, d_kv, bias=cfg.bias)
         self.v_proj = nn.Linear(d, d_kv, bias=cfg.bias)
         self.o_proj = nn.Linear(d, d, bias=cfg.bias)
+        self.attention = cfg.attention
+        self.theta = cfg.rope_theta if cfg.position == "rope" else None
         self.mem = cfg.mem_enabled
         if self.mem:
             self.mem_q_proj = nn.Linear(d, d, bias=False)
@@ -218,6 +298,8 @@ class Attention(nn.Module):
             self.mem_v_proj = nn.Linear(d, d, bias=False)
             self.mem_write_gate = nn.Linear(d, cfg.n_head)
             self.mem_beta = nn.Parameter(torch.zeros(cfg.n_head))
+            if cfg.mem_decay:
+                self.mem_decay_gate = nn.Linear(d, cfg.n_head)
             self.conv = cfg.mem_conv >= 2
             if self.conv:
                 self.mem_q_conv, self.mem_k_conv, self.mem_v_conv = (
@@ -234,31 +316,49 @@ class Attention(nn.Module):
         g = torch.sigmoid(self.mem_beta).view(1, 1, -1, 1)
         return g * read.to(y.dtype) + (1 - g) * y
 
-    def forward(self, x: Tensor, rope, state: Optional[LayerState]) -> tuple[Tensor, Optional[LayerState]]:
-        """The training forward over whole segments: (B, T, C) -> (B, T, C), state after."""
+    def forward(self, x: Tensor, rope, state: Optional[LayerState]
+                ) -> tuple[Tensor, Optional[LayerState], tuple[Tensor, Tensor]]:
+        """The training forward over whole segments from a document start: (B, T, C) ->
+        (B, T, C), the memory after, and the last segment's keys and values (B, n, Hkv, hd)."""
         B, T, _ = x.shape
-        y = segment_local_attention(*self._qkv(x, rope), self.segment_len)
+        q, k, v = self._qkv(x, rope)
+        if self.attention == "full":
+            y = full_attention(q, k, v)
+        elif self.attention == "window":
+            y = window_attention(q, k, v, self.segment_len, self.theta)
+        else:
+            y = segment_local_attention(q, k, v, self.segment_len)
+        last = (k[:, -self.segment_len:], v[:, -self.segment_len:])
         if self.mem:
             q, k, v = self.mem_q_proj(x), self.mem_k_proj(x), self.mem_v_proj(x)
             if self.conv:
                 q, k, v = self.mem_q_conv(q), self.mem_k_conv(k), self.mem_v_conv(v)
             q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))
             scan = SCANS[self.cfg.mem_kind]
+            decay = self.mem_decay_gate(x) if self.cfg.mem_decay else None
             read, state = scan(q, k, v, self.mem_write_gate(x), state, self.segment_len, self.cfg.mem_nu,
-                               self.cfg.mem_eps)
+                               self.cfg.mem_eps, decay)
             y = self._mix(y, read)
-        return self.o_proj(y.reshape(B, T, -1)), state
+        return self.o_proj(y.reshape(B, T, -1)), state, last
 
-    def step(self, x: Tensor, rope, slots: Tensor, lc: LayerCache) -> Tensor:
-        """m new tokens of the open segment at `slots` (B, m) (one segment per row): attend to the
-        segment's cached keys and read the memory before it; (B, m, C) -> (B, m, C)."""
+    def step(self, x: Tensor, rope, slots: Tensor, at: Tensor, lc: LayerCache) -> Tensor:
+        """m new tokens of the open segment at `slots` (B, m) (one segment per row; `at`: their
+        positions in the text): attend to the cached keys at or before them (`window`: and the
+        previous segment's; `full`: every token's) and read the memory before the segment;
+        (B, m, C) -> (B, m, C)."""
         B, m, _ = x.shape
         q, k, v = self._qkv(x, rope)
-        index = slots.view(B, m, 1, 1).expand_as(k)
+        where = at if self.attention == "full" else slots
+        lc.reserve(int(where.max()) + 1)
+        index = where.view(B, m, 1, 1).expand_as(k)
         lc.k.scatter_(1, index, k)
         lc.v.scatter_(1, index, v)
-        visible = torch.arange(lc.k.shape[1], device=x.device).view(1, 1, -1) <= slots.unsqueeze(-1)  # (B, m, N)
-        q, ck, cv = q.transpose(1, 2), lc.k.transpose(1, 2), lc.v.transpose(1, 2)
+        keys, values = lc.k, lc.v
+        visible = torch.arange(keys.shape[1], device=x.device).view(1, 1, -1) <= where.unsqueeze(-1)  # (B, m, L)
+        if self.attention == "window":
+            keys, values = torch.cat([lc.prev_k, keys], dim=1), torch.cat([lc.prev_v, values], dim=1)
+            visible = torch.cat([lc.prev_valid.unsqueeze(1).expand(B, m, -1), visible], dim=-1)
+        q, ck, cv = q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
         y = F.scaled_dot_product_attention(q, ck, cv, attn_mask=visible.unsqueeze(1),
                                            **gqa_kwargs(q, ck)).transpose(1, 2)  # (B, m, H, hd)
         if self.mem:
@@ -270,6 +370,8 @@ class Attention(nn.Module):
             lc.mem_v.scatter_(1, slots.unsqueeze(-1).expand(B, m, C), mv)
             wl = self.mem_write_gate(x)  # (B, m, H)
             lc.write_logit.scatter_(1, slots.unsqueeze(-1).expand_as(wl), wl)
+            if self.cfg.mem_decay:
+                lc.decay_logit.scatter_(1, slots.unsqueeze(-1).expand_as(wl), self.mem_decay_gate(x))
             read = memory_read(mq.view(B, m, -1, self.head_dim), lc.state, self.cfg.mem_kind, self.cfg.mem_nu,
                                self.cfg.mem_eps)
             y = self._mix(y, read)
@@ -288,11 +390,20 @@ class Attention(nn.Module):
         return y.chunk(3, dim=-1)
 
     def close(self, rows: Tensor, lc: LayerCache) -> None:
-        """Write the full open segment of `rows` into their memory (as the training scan does)."""
+        """The open segment of `rows` is full: write it into their memory (as the training scan
+        does) and make it the window's previous segment."""
+        if self.attention == "window":
+            k = lc.k[rows]
+            lc.prev_k[rows] = shift_keys(k, self.segment_len, self.theta) if self.theta is not None else k
+            lc.prev_v[rows] = lc.v[rows]
+            lc.prev_valid[rows] = True
+        if not self.mem:
+            return
         k, v = (t[rows].view(len(rows), self.segment_len, -1, self.head_dim) for t in (lc.mem_k, lc.mem_v))
         state = LayerState(lc.state.A[rows], lc.state.z[rows])
+        decay = lc.decay_logit[rows] if self.cfg.mem_decay else None
         _, new = SCANS[self.cfg.mem_kind](k, k, v, lc.write_logit[rows], state, self.segment_len, self.cfg.mem_nu,
-                                          self.cfg.mem_eps)  # q only shapes the reads, which are not used
+                                          self.cfg.mem_eps, decay)  # q only shapes the reads, which are not used
         lc.state.A[rows] = new.A
         lc.state.z[rows] = new.z
 
@@ -337,12 +448,12 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, rope, state):
-        a, state = self.attn(self.ln1(x), rope, state)
+        a, state, last = self.attn(self.ln1(x), rope, state)
         x = x + a
-        return x + self.mlp(self.ln2(x)), state
+        return x + self.mlp(self.ln2(x)), state, last
 
-    def step(self, x, rope, slots, lc):
-        x = x + self.attn.step(self.ln1(x), rope, slots, lc)
+    def step(self, x, rope, slots, at, lc):
+        x = x + self.attn.step(self.ln1(x), rope, slots, at, lc)
         return x + self.mlp(self.ln2(x))
 
 
@@ -351,10 +462,11 @@ class MemGPTCache(Cache):
     """The recurrent state of generation: per layer a `LayerCache`, and per row the tokens in its
     open segment (`fill`, (B,)). `get_seq_length` counts the positions seen, padding included."""
 
-    def __init__(self, layers: list[LayerCache], fill: Tensor, seen: int):
+    def __init__(self, layers: list[LayerCache], fill: Tensor, pos: Tensor, seen: int):
         super().__init__(layers=[])
         self.memgpt_layers = layers
-        self.fill = fill
+        self.fill = fill  # (B,) tokens in each row's open segment
+        self.pos = pos  # (B,) tokens each row has read (its own, padding excluded)
         self.seen = seen
 
     def __len__(self) -> int:
@@ -380,7 +492,7 @@ class MemGPTCache(Cache):
 
     def _map_rows(self, fn) -> None:
         self.memgpt_layers = [LayerCache.of([fn(t) for t in lc.tensors()]) for lc in self.memgpt_layers]
-        self.fill = fn(self.fill)
+        self.fill, self.pos = fn(self.fill), fn(self.pos)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -399,9 +511,14 @@ class MemGPTCache(Cache):
 
     @staticmethod
     def cat(caches: list["MemGPTCache"], seen: int) -> "MemGPTCache":
-        layers = [LayerCache.of([torch.cat(ts) for ts in zip(*(c.memgpt_layers[i].tensors() for c in caches))])
+        def join(ts):  # `full` key caches of different lengths are padded to the longest
+            longest = max(t.shape[1] for t in ts)
+            return torch.cat([t if t.shape[1] == longest else F.pad(t, (0, 0) * (t.dim() - 2) + (0, longest - t.shape[1]))
+                              for t in ts])
+
+        layers = [LayerCache.of([join(ts) for ts in zip(*(c.memgpt_layers[i].tensors() for c in caches))])
                   for i in range(len(caches[0]))]
-        return MemGPTCache(layers, torch.cat([c.fill for c in caches]), seen)
+        return MemGPTCache(layers, torch.cat([c.fill for c in caches]), torch.cat([c.pos for c in caches]), seen)
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -446,58 +563,76 @@ class MemGPTModel(MemGPTPreTrainedModel):
             rope = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
         return x, rope
 
-    def whole(self, ids: Tensor) -> tuple[Tensor, list[LayerState]]:
-        """The training forward from an empty memory: hidden (B, T, C), memory after the last segment."""
-        positions = torch.arange(ids.shape[1], device=ids.device) % self.config.segment_len
+    def whole(self, ids: Tensor) -> tuple[Tensor, list[tuple]]:
+        """The training forward from a document start: hidden (B, T, C) and per layer the memory
+        after the last segment and that segment's keys and values."""
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        if self.config.attention != "full":
+            positions = positions % self.config.segment_len
         x, rope = self._embed(ids, positions)
         states = []
         for block in self.blocks.values():
-            x, state = block(x, rope, None)
-            states.append(state)
+            x, state, last = block(x, rope, None)
+            states.append((state, last))
         return self.ln_f(x), states
 
     def step(self, ids: Tensor, cache: MemGPTCache) -> Tensor:
         """m tokens into each row's open segment (none may cross its end); closes the segments
         that become full. Returns hidden (B, m, C)."""
         B, m = ids.shape
-        slots = cache.fill.unsqueeze(1) + torch.arange(m, device=ids.device)  # (B, m)
-        x, rope = self._embed(ids, slots)
+        new = torch.arange(m, device=ids.device)
+        slots = cache.fill.unsqueeze(1) + new  # (B, m): places in the open segments
+        at = cache.pos.unsqueeze(1) + new  # (B, m): places in the texts
+        x, rope = self._embed(ids, at if self.config.attention == "full" else slots)
         for block, lc in zip(self.blocks.values(), cache.memgpt_layers):
-            x = block.step(x, rope, slots, lc)
+            x = block.step(x, rope, slots, at, lc)
         cache.fill = cache.fill + m
+        cache.pos = cache.pos + m
         rows = (cache.fill == self.config.segment_len).nonzero().flatten()
         if len(rows):
-            if self.config.mem_enabled:
-                for block, lc in zip(self.blocks.values(), cache.memgpt_layers):
-                    block.attn.close(rows, lc)
+            for block, lc in zip(self.blocks.values(), cache.memgpt_layers):
+                block.attn.close(rows, lc)
             cache.fill[rows] = 0
         cache.seen += m
         return self.ln_f(x)
 
-    def empty_cache(self, batch: int, states: Optional[list[LayerState]]) -> MemGPTCache:
+    def empty_cache(self, batch: int, states: Optional[list[tuple]]) -> MemGPTCache:
+        """A cache after `states` (`whole`'s: memory and last segment per layer; None: none)."""
         c, n, H, hd = self.config.n_embd, self.config.segment_len, self.config.n_head, self.config.head_dim
         Hkv = self.config.n_kv_head
         dev, dt = self.wte.weight.device, self.wte.weight.dtype
         dk = feature_dim(hd, self.config.mem_nu)
+        theta = self.config.rope_theta if self.config.position == "rope" else None
         layers = []
         for i in range(self.config.n_layer):
-            state = states[i] if states and states[i] is not None else LayerState(
+            memory, last = states[i] if states else (None, None)
+            memory = memory if memory is not None else LayerState(
                 torch.zeros(batch, H, dk, hd, device=dev), torch.zeros(batch, H, dk, device=dev))
             z = lambda *shape: torch.zeros(batch, *shape, device=dev, dtype=dt)  # noqa: E731
-            layers.append(LayerCache(state, z(n, Hkv, hd), z(n, Hkv, hd), z(n, 3 * c), z(n, c), z(n, c), z(n, H)))
-        return MemGPTCache(layers, torch.zeros(batch, dtype=torch.long, device=dev), 0)
+            prev_k, prev_v = z(n, Hkv, hd), z(n, Hkv, hd)
+            prev_valid = torch.zeros(batch, n, dtype=torch.bool, device=dev)
+            if last is not None and self.config.attention == "window":
+                prev_k = shift_keys(last[0], n, theta) if theta is not None else last[0].clone()
+                prev_v, prev_valid = last[1].clone(), ~prev_valid
+            layers.append(LayerCache(memory, z(n, Hkv, hd), z(n, Hkv, hd), z(n, 3 * c), z(n, c), z(n, c), z(n, H),
+                                     z(n, H), prev_k, prev_v, prev_valid))
+        zero = torch.zeros(batch, dtype=torch.long, device=dev)
+        return MemGPTCache(layers, zero, zero.clone(), 0)
 
     def prefill(self, ids: Tensor) -> tuple[Tensor, MemGPTCache]:
         """Read a prompt (B, T) of one length: its whole segments but the last token's by the
         training forward, the rest (1..N tokens) into the open segment."""
         B, T = ids.shape
         n = self.config.segment_len
-        done = ((T - 1) // n) * n
+        # `full` reads every segment through step, which keeps all keys and values
+        done = 0 if self.config.attention == "full" else ((T - 1) // n) * n
         hidden, states = self.whole(ids[:, :done]) if done else (None, None)
         cache = self.empty_cache(B, states)
-        rest = self.step(ids[:, done:], cache)
+        cache.pos += done
+        parts = [hidden] if hidden is not None else []
+        parts += [self.step(ids[:, t:t + n], cache) for t in range(done, T, n)]
         cache.seen = T
-        return (rest if hidden is None else torch.cat([hidden, rest], dim=1)), cache
+        return torch.cat(parts, dim=1), cache
 
 
 def _rows(attention_mask: Optional[Tensor], B: int) -> Optional[list[Tensor]]:
