@@ -47,9 +47,15 @@ GATE_SUFFIX = "mem_beta"  # name suffix of the per-head mix-gate logits (own opt
 class ModelOutput(NamedTuple):
     """What `GPT.forward` returns; a NamedTuple so DeepSpeed ZeRO-3 can rebuild it."""
 
-    logits: Tensor  # (B, T, vocab_size)
+    logits: Optional[Tensor]  # (B, T, vocab_size); None when a loss_fn computed the loss instead
     state: Optional[MemoryState]  # memory after the last segment; None when memory is disabled
     stats: dict[str, Tensor]  # detached scalars for logging; empty when memory is disabled
+    loss_sum: Optional[Tensor] = None  # loss_fn(final hidden, LM head weight, labels), when one was given
+
+
+# (final normed hidden (B, T, C), LM head weight (vocab, C), labels (B, T)) -> summed loss: a fused
+# linear cross-entropy (memgpt_dist/perf/kernels.py) that never materialises the logits
+LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 class Rope(NamedTuple):
@@ -450,11 +456,14 @@ class GPT(nn.Module):
                         getattr(attn, name).reset_parameters()
 
     def forward(self, input_ids: Tensor, state: Optional[MemoryState] = None, reset: Optional[Tensor] = None,
-                read_memory: bool = True) -> ModelOutput:
+                read_memory: bool = True, labels: Optional[Tensor] = None,
+                loss_fn: Optional[LossFn] = None) -> ModelOutput:
         """input_ids: (B, T); state: memory before the first segment (None: document start);
         reset: (B, ceil(T / N)) bool, True where segment s starts a new document (the memory is
         zeroed before s reads it); read_memory=False zeroes every memory read (ablation; writes
-        still happen)."""
+        still happen). With `loss_fn` (and labels (B, T)) the output holds
+        loss_fn(final hidden, head weight, labels) instead of the logits: computed here, where
+        ZeRO-3 has gathered the head weight, so a fused kernel sees the whole of it."""
         self._check_inputs(input_ids, state, reset)
         x = embed_tokens(self.wte, self.wpe, self.drop, input_ids, self.cfg.segment_len)  # (B, T, C)
         rope = rope_tables(self.cfg, input_ids.shape[1], input_ids.device)
@@ -464,8 +473,12 @@ class GPT(nn.Module):
             x, layer_state, block_stats = block(x, rope, layer_states[int(i)], reset, read_memory)
             new_states.append(layer_state)
             stats.update({f"{key}/layer{i}": value for key, value in block_stats.items()})
-        logits = lm_head(self.ln_f, self.head, x)  # (B, T, vocab)
-        return ModelOutput(logits, tuple(new_states) if self.carries_state else None, stats)
+        carried = tuple(new_states) if self.carries_state else None
+        if loss_fn is not None:
+            if labels is None:
+                raise ValueError("GPT.forward: loss_fn needs labels")
+            return ModelOutput(None, carried, stats, loss_fn(self.ln_f(x), self.head.weight, labels))
+        return ModelOutput(lm_head(self.ln_f, self.head, x), carried, stats)  # logits (B, T, vocab)
 
     # -------------------------------------------------------------- incremental decoding
     def prefill(self, input_ids: Tensor) -> tuple[Tensor, DecodeCache]:

@@ -5,7 +5,8 @@ The one kernel so far is liger-kernel's fused linear cross-entropy: the LM head'
 loss in chunks, so the (B, T, vocab) logits are never materialised (at vocab 50K and 8K tokens per
 micro-batch they are 1.6 GB in fp32, plus their gradient). It runs on CUDA only (triton);
 install it with `pip install 'memgpt-dist[fused]'`. The model imports only torch: this is
-applied from outside, to the final hidden state and the tied embedding.
+passed in from outside (`train/run.py: fused_loss_fn`, `GPT.forward(loss_fn=)`) and applied to
+the final hidden state and the LM head's weight inside the model's forward.
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ everything else is here so that it can be tested without a launcher. The path of
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import shutil
 import sys
@@ -27,6 +28,7 @@ from memgpt_dist.parallel.plan import apply_plan
 from memgpt_dist.parallel.model_build import (builds_partitioned, held_share, hold_only, on_host_while,
                                               partitioned_construction, require_held, whole_module, whole_parameters)
 from memgpt_dist.parallel.shares import stage_parameter_names
+from memgpt_dist.perf.kernels import linear_cross_entropy_sum, select_linear_cross_entropy
 from memgpt_dist.train.batch import Batch, StatefulBatches, scaled_token_loss
 from memgpt_dist.train.callbacks import Callback, default_callbacks
 from memgpt_dist.train.checkpoint import CheckpointDir
@@ -138,7 +140,17 @@ def build_step(cfg: TrainConfig, topo: Topology, load_universal: bool = False, f
         engine, _ = build_engine(module, cfg, topo, load_universal=load_universal)
         return PipelineStep(engine, topo, carry, cfg.data.n_segments)
     engine, _ = build_engine(model, cfg, topo, load_universal=load_universal)
-    return DenseStep(engine, topo, MemoryCarry(cfg.train.carry_memory), cfg.data.n_segments, cfg.model.n_layer)
+    return DenseStep(engine, topo, MemoryCarry(cfg.train.carry_memory), cfg.data.n_segments, cfg.model.n_layer,
+                     loss_fn=fused_loss_fn(topo.device.type))
+
+
+def fused_loss_fn(device_type: str) -> Optional[Callable]:
+    """The training step's fused linear cross-entropy where one is installed and passes its check
+    (liger-kernel on CUDA); None, the logits and token_loss_sum, elsewhere. Logged either way.
+    Pipelines keep the logits: their last stage computes the loss (parallel/pipeline.py)."""
+    choice = select_linear_cross_entropy(device_type)
+    log.info("loss: %s", choice.reason)
+    return functools.partial(linear_cross_entropy_sum, kernel=choice.name) if choice.name != "torch" else None
 
 
 def build_trainer(cfg: TrainConfig, topo: Topology, step, train_batches: StatefulBatches,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -82,23 +82,35 @@ class _Step:
 class DenseStep(_Step):
     """ZeRO-0..3 (and TP) over the whole model: forward, backward and step per micro-batch."""
 
-    def __init__(self, engine, topo: Topology, carry: MemoryCarry, n_segments: int, n_layer: int):
+    def __init__(self, engine, topo: Topology, carry: MemoryCarry, n_segments: int, n_layer: int,
+                 loss_fn: Optional[Callable] = None):
         super().__init__(engine, topo, carry, n_segments)
         self.n_layer = n_layer
+        # a fused linear cross-entropy run inside the model's forward (perf/kernels.py); None: the
+        # logits and token_loss_sum
+        self.loss_fn = loss_fn
 
-    def forward(self, batch: Batch, read_memory: bool = True, state=None):
+    def forward(self, batch: Batch, read_memory: bool = True, state=None, loss: bool = False):
+        """The engine's forward of a micro-batch; `loss`: with the step's loss_fn, whose summed
+        loss the output then holds instead of the logits."""
         dev = self.topo.device
+        fused = {"labels": batch["labels"].to(dev), "loss_fn": self.loss_fn} if loss and self.loss_fn else {}
         return self.engine(batch["input_ids"].to(dev), state=state, reset=batch["reset"].to(dev),
-                           read_memory=read_memory)
+                           read_memory=read_memory, **fused)
+
+    def _loss_sum(self, batch: Batch, out) -> torch.Tensor:
+        if out.loss_sum is not None:
+            return out.loss_sum
+        return token_loss_sum(out.logits, batch["labels"].to(self.topo.device))
 
     def train(self, batches: list[Batch], scale: float, n_global: float) -> StepOutput:
         self.engine.train()
         before = self.carry.snapshot()
         loss_sums, grad_norm, stats = [], None, {}
         for batch in batches:
-            out = self.forward(batch, state=self.carry.state(self.n_layer))
+            out = self.forward(batch, state=self.carry.state(self.n_layer), loss=True)
             self.carry.keep(out.state)  # the next sample of each stream continues its document
-            loss_sum = token_loss_sum(out.logits, batch["labels"].to(self.topo.device))
+            loss_sum = self._loss_sum(batch, out)
             # NaN-poison a non-finite loss so that its gradient, and hence the all-reduced gradient
             # norm, is NaN on every rank: the ZeRO optimizer then skips the step everywhere. A
             # select, not a host sync: multiplying a finite loss by 1.0 changes no bit.
