@@ -29,7 +29,8 @@ from memgpt_dist.config import MemoryConfig, ModelConfig
 class StreamCost:
     """One model reading one document."""
 
-    kind: str  # "memory": streamed with the memory; "full": full causal attention, one pass
+    kind: str  # "memory": streamed with the memory; "off": same shape, memory off, streamed alike;
+    # "full": full causal attention, one pass
     length: int  # document tokens
     tokens_per_s: float
     seconds: float
@@ -50,11 +51,13 @@ def measure(model_cfg: ModelConfig, mem_cfg: MemoryConfig, kind: str, length: in
     torch.manual_seed(0)
     if kind == "full":
         model_cfg, mem_cfg = full_attention_twin(model_cfg, length)
+    if kind == "off":
+        mem_cfg = MemoryConfig(enabled=False)
     model = GPT(model_cfg, mem_cfg).to(device)
     model.init_weights()
     model.eval()
     ids = torch.randint(0, model_cfg.vocab_size, (1, length), device=device)
-    chunk = model_cfg.segment_len * segments_per_call if kind == "memory" else length
+    chunk = length if kind == "full" else model_cfg.segment_len * segments_per_call
     _read(model, ids[:, :min(chunk, model_cfg.segment_len)], chunk)  # warm-up: allocations, kernel choice
     times = []
     for _ in range(repeats):  # short documents take a fraction of a second
@@ -100,42 +103,69 @@ def measure_in_subprocess(model_cfg: ModelConfig, mem_cfg: MemoryConfig, kind: s
 
 
 def streaming_costs(model_cfg: ModelConfig, mem_cfg: MemoryConfig, lengths: list[int], full_max: int,
-                    **kw) -> list[StreamCost]:
-    """The memory model at every length, full attention up to `full_max` tokens."""
+                    memory_off: bool = False, **kw) -> list[StreamCost]:
+    """The memory model at every length, full attention up to `full_max` tokens; with
+    `memory_off` also the same model without memory, streamed in the same chunks."""
     rows = []
     for length in lengths:
         rows.append(measure_in_subprocess(model_cfg, mem_cfg, "memory", length, **kw))
+        if memory_off:
+            rows.append(measure_in_subprocess(model_cfg, mem_cfg, "off", length, **kw))
         if length <= full_max:
             rows.append(measure_in_subprocess(model_cfg, mem_cfg, "full", length, **kw))
     return rows
 
 
-def summary(rows: list[StreamCost]) -> dict[str, Optional[float]]:
-    """Flatness (memory tok/s at the longest / at the shortest length) and the speed-up over full
-    attention at the longest length it ran."""
-    mem = {r.length: r for r in rows if r.kind == "memory"}
-    full = {r.length: r for r in rows if r.kind == "full"}
+def summary(rows: list[StreamCost]) -> dict:
+    """Flatness (memory tok/s at the longest / at the shortest length), the speed-up over full
+    attention at the longest length it ran and at every length (`vs_full`), and the memory
+    model's tok/s over the memory-off model's at every length where both ran (`vs_off`)."""
+    mem, full, off = ({r.length: r.tokens_per_s for r in rows if r.kind == k} for k in ("memory", "full", "off"))
     lo, hi = min(mem), max(mem)
-    out: dict[str, Optional[float]] = {"flatness": mem[hi].tokens_per_s / mem[lo].tokens_per_s,
-                                       "shortest": lo, "longest": hi, "full_longest": None, "speedup_vs_full": None}
-    if full:
-        top = max(full)
-        out.update(full_longest=top, speedup_vs_full=mem[top].tokens_per_s / full[top].tokens_per_s)
+    vs_full = {n: mem[n] / full[n] for n in sorted(full) if n in mem}
+    out = {"flatness": mem[hi] / mem[lo], "shortest": lo, "longest": hi, "full_longest": None,
+           "speedup_vs_full": None, "vs_full": vs_full, "vs_off": {n: mem[n] / off[n] for n in sorted(off) if n in mem}}
+    if vs_full:
+        top = max(vs_full)
+        out.update(full_longest=top, speedup_vs_full=vs_full[top])
+    return out
+
+
+def targets(rows: list[StreamCost], off_ratio: float = 0.7, flat: float = 0.85,
+            beat_full_from: int = 16384) -> list[tuple[bool, str]]:
+    """Issue 16's targets, each (passed, line): at the shortest length the memory model reads
+    >= `off_ratio` x the memory-off model's tok/s; its tok/s at the longest length is within
+    1 - `flat` of the shortest; it reads more tok/s than full attention at every length from
+    `beat_full_from` on (where full attention ran)."""
+    s = summary(rows)
+    out = []
+    if s["shortest"] in s["vs_off"]:
+        r = s["vs_off"][s["shortest"]]
+        out.append((r >= off_ratio, f"at {s['shortest']:,} tokens memory on / memory off = {r:.2f} (>= {off_ratio})"))
+    out.append((s["flatness"] >= flat, f"memory tok/s at {s['longest']:,} / at {s['shortest']:,} = "
+                                       f"{s['flatness']:.2f} (>= {flat})"))
+    beat = {n: r for n, r in s["vs_full"].items() if n >= beat_full_from}
+    if beat:
+        cells = ", ".join(f"{n:,}: {r:.2f}x" for n, r in beat.items())
+        out.append((min(beat.values()) > 1, f"memory / full attention tok/s from {beat_full_from:,} on: {cells} (> 1)"))
     return out
 
 
 def format_streaming_table(rows: list[StreamCost]) -> str:
-    """One line per document length: memory model and full attention side by side."""
+    """One line per document length: memory model, memory-off model (where run) and full
+    attention side by side."""
     lengths = sorted({r.length for r in rows})
     by = {(r.kind, r.length): r for r in rows}
-    head = f"{'tokens':>8s}  {'memory, streamed':>26s}  {'full causal attention':>26s}"
+    kinds = ["memory"] + (["off"] if any(r.kind == "off" for r in rows) else []) + ["full"]
+    titles = {"memory": "memory, streamed", "off": "memory off, streamed", "full": "full causal attention"}
+    head = f"{'tokens':>8s}" + "".join(f"  {titles[k]:>26s}" for k in kinds)
     lines = [head, "-" * len(head)]
     for n in lengths:
         cells = []
-        for kind in ("memory", "full"):
+        for kind in kinds:
             r = by.get((kind, n))
             cells.append(f"{r.tokens_per_s:>10,.0f} tok/s {r.peak_mb:>7,.0f} MB" if r else f"{'(not run)':>26s}")
-        lines.append(f"{n:>8,d}  {cells[0]:>26s}  {cells[1]:>26s}")
+        lines.append(f"{n:>8,d}" + "".join(f"  {c:>26s}" for c in cells))
     s = summary(rows)
     lines.append(f"memory model tok/s at {s['longest']:,} / at {s['shortest']:,} tokens = {s['flatness']:.2f}")
     if s["full_longest"]:

@@ -131,9 +131,13 @@ class SegmentConv(nn.Module):
         B, T, C = x.shape
         n = self.segment_len
         S = -(-T // n)
-        x = F.pad(x, (0, 0, 0, S * n - T)).view(B * S, n, C).transpose(1, 2)  # (B*S, C, n)
-        y = F.conv1d(F.pad(x, (self.taps - 1, 0)), self.weight.to(x.dtype), groups=C)  # (B*S, C, n)
-        return y.transpose(1, 2).reshape(B, S * n, C)[:, :T]  # (B, T, C)
+        if S * n != T:
+            x = F.pad(x, (0, 0, 0, S * n - T))  # (B, S * n, C)
+        # one copy: each segment's zero history padded on in the (tokens, channels) layout
+        x = F.pad(x.view(B * S, n, C), (0, 0, self.taps - 1, 0)).transpose(1, 2)  # (B*S, C, taps - 1 + n)
+        y = F.conv1d(x, self.weight.to(x.dtype), groups=C)  # (B*S, C, n)
+        y = y.transpose(1, 2).reshape(B, S * n, C)  # (B, S * n, C)
+        return y if S * n == T else y[:, :T]
 
 
 class Attention(nn.Module):

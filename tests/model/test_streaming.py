@@ -39,3 +39,16 @@ def test_measurement_runs_in_its_own_process():
     cfg = ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, segment_len=8)
     r = measure_in_subprocess(cfg, MemoryConfig(), "memory", 128, threads=1, repeats=1)
     assert r.kind == "memory" and r.length == 128 and r.tokens_per_s > 0 and r.peak_mb > 50
+
+
+def test_targets_pass_and_fail_on_the_figures():
+    from streaming import StreamCost, targets
+
+    def rows(mem_2k, off_2k, mem_64k, full_16k, mem_16k):
+        return [StreamCost("memory", 2048, mem_2k, 1.0, 1.0), StreamCost("off", 2048, off_2k, 1.0, 1.0),
+                StreamCost("memory", 16384, mem_16k, 1.0, 1.0), StreamCost("full", 16384, full_16k, 1.0, 1.0),
+                StreamCost("full", 2048, 10 * mem_2k, 1.0, 1.0),  # full attention below 16K is not a target
+                StreamCost("memory", 65536, mem_64k, 1.0, 1.0)]
+
+    assert [ok for ok, _ in targets(rows(700, 1000, 600, 500, 650))] == [True, True, True]
+    assert [ok for ok, _ in targets(rows(690, 1000, 580, 700, 650))] == [False, False, False]
