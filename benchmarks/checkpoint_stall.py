@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -125,6 +126,7 @@ def bench(topo, size: str, rounds: int, gap_factor: float) -> dict[str, float]:
     load_s = time.perf_counter() - t0
     for c in t.callbacks:
         c.close(t)
+    shutil.rmtree(root, ignore_errors=True)  # its checkpoints: a few GB per size
     gb = statistics.median(gbs)
     med = {k: statistics.median(r[k] for r in asyncs)
            for k in ("copy_s", "extra_s", "wait_s", "stall_s", "step_s", "cpu_s", "hash_cpu_s", "wall_s")}

@@ -32,6 +32,7 @@ with a message naming the file, falling back to the previous one. Loading reads 
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import hashlib
@@ -285,15 +286,70 @@ class HashingFile:
             self._close_fds()
 
 
-def _atomic_torch_save_hashed(obj: Any, path: Path, profile: Optional[dict[str, float]] = None) -> dict[str, Any]:
-    """`_atomic_torch_save` through a `HashingFile` (no zip CRC32, records aligned for O_DIRECT),
-    returning the file's sha256 and size as the marker records them, computed while writing.
-    `profile`: where to add the writer's time per part (`HashingFile.profile`)."""
+def _storage_ranges(obj, out: Optional[list] = None) -> list[tuple[int, int]]:
+    """(start, end) addresses of the storages of every tensor in a state dict."""
+    out = [] if out is None else out
+    if torch.is_tensor(obj):
+        storage = obj.untyped_storage()
+        out.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _storage_ranges(v, out)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _storage_ranges(v, out)
+    return out
+
+
+class _Recorder:
+    """The file object of `record_torch_save`: keeps the pieces torch.save writes, in order."""
+
+    def __init__(self, ranges: list[tuple[int, int]]):
+        self.ranges = sorted(ranges)
+        self.starts = [a for a, _ in self.ranges]
+        self.parts: list[Any] = []
+
+    def _in_storage(self, view: memoryview) -> bool:
+        addr = _address(view)
+        i = bisect.bisect_right(self.starts, addr) - 1
+        return i >= 0 and addr + len(view) <= self.ranges[i][1]
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if len(view) >= DIRECT_MIN_BYTES and self._in_storage(view):
+            self.parts.append(view)  # a host copy's bytes: valid until the writer is done
+        elif self.parts and isinstance(self.parts[-1], bytearray):
+            self.parts[-1] += view  # torch's own buffer (headers, the pickle), reused after this call
+        else:
+            self.parts.append(bytearray(view))
+        return len(view)
+
+    def flush(self) -> None:
+        pass
+
+
+def record_torch_save(obj: Any) -> list[Any]:
+    """The bytes `torch.save(obj)` would write (no zip CRC32, records aligned for O_DIRECT: see
+    `_writer_serialization`), as pieces in file order: tensor bytes as views of `obj`'s own storages
+    (no copy; `obj` must outlive the pieces and not change), the rest copied. Runs torch.save's
+    pickling here, at the step boundary, so that the writer thread is left with hashing and write
+    calls, which release the GIL: a writer starved of CPU at nice 19 then cannot hold the GIL the
+    training thread waits for."""
+    recorder = _Recorder(_storage_ranges(obj))
+    with _writer_serialization():
+        torch.save(obj, recorder)
+    return recorder.parts
+
+
+def _write_recorded(parts: list[Any], path: Path, profile: Optional[dict[str, float]] = None) -> dict[str, Any]:
+    """Write `record_torch_save`'s pieces to `path` crash-safely (tmp, fsync, rename) through a
+    `HashingFile`, returning the file's sha256 and size as the marker records them, computed while
+    writing. `profile`: where to add the writer's time per part (`HashingFile.profile`)."""
     tmp = path.with_name(path.name + ".tmp")
     out = HashingFile(tmp)
     try:
-        with _writer_serialization():
-            torch.save(obj, out)
+        for part in parts:
+            out.write(part)
         hashed = out.close()
     finally:
         out.abort()
@@ -305,6 +361,11 @@ def _atomic_torch_save_hashed(obj: Any, path: Path, profile: Optional[dict[str, 
     return hashed
 
 
+def _atomic_torch_save_hashed(obj: Any, path: Path, profile: Optional[dict[str, float]] = None) -> dict[str, Any]:
+    """`_atomic_torch_save` as the background writer does it (`record_torch_save`, `_write_recorded`)."""
+    return _write_recorded(record_torch_save(obj), path, profile)
+
+
 def _lower_thread_priority(nice: int) -> None:
     """Lower the calling thread's CPU priority (Linux schedules threads apart; elsewhere
     setpriority would lower the whole process, so it is left alone)."""
@@ -314,8 +375,9 @@ def _lower_thread_priority(nice: int) -> None:
 
 
 class AsyncWrite(threading.Thread):
-    """Writes captured host copies to their files in the background (tmp, fsync, rename), hashing
-    each as it goes so the commit need not read them again. Never runs a
+    """Writes captured host copies, recorded at the step boundary (`record_torch_save`), to their
+    files in the background (tmp, fsync, rename), hashing each as it goes so the commit need not
+    read them again. Never runs a
     collective: the commit (`CheckpointDir.finish_pending`) is the main thread's, at a later step
     boundary. Runs at `WRITER_NICE`. `profile`: its CPU time (`cpu_s`, of which hashing and the
     write calls), fsync and wall time, once done (benchmarks)."""
@@ -332,9 +394,9 @@ class AsyncWrite(threading.Thread):
         _lower_thread_priority(WRITER_NICE)
         wall, cpu = time.perf_counter(), time.thread_time()
         try:
-            for target, obj in self.files:
+            for target, parts in self.files:
                 target.parent.mkdir(parents=True, exist_ok=True)
-                self.hashed[str(target.relative_to(self.path))] = _atomic_torch_save_hashed(obj, target, self.profile)
+                self.hashed[str(target.relative_to(self.path))] = _write_recorded(parts, target, self.profile)
         except BaseException as exc:  # reported by every rank together at the commit
             self.error = exc
         finally:
@@ -445,8 +507,10 @@ class CheckpointDir:
         rank_file = path / "rank_state" / f"rank_{self.topo.rank:05d}.pt"
         files = [(Path(p), obj) for p, obj in captured]
         files.append((rank_file, host_copy(rank_state, into=self._host_copies.get(RANK_STATE_COPY))))
+        # kept until the next save: the recorded pieces are views of these copies' storages
         self._host_copies = {p.name: obj for p, obj in files[:-1]} | {RANK_STATE_COPY: files[-1][1]}
-        self.pending = PendingSave(step, path, meta or {}, AsyncWrite(path, files))
+        recorded = [(p, record_torch_save(obj)) for p, obj in files]
+        self.pending = PendingSave(step, path, meta or {}, AsyncWrite(path, recorded))
         self.pending.writer.start()
         return path
 
