@@ -8,14 +8,17 @@ async writer has time to finish before the next save, as it has in a run that sa
 hundred steps. The stall of an async save is everything training loses to it, in three parts:
 
 * copy: the step boundary, where each rank's state is copied into host buffers (DeepSpeed's
-  `save_checkpoint` through the capturing engine, barriers included);
+  `save_checkpoint` through the capturing engine, barriers included) and torch.save's pickling of
+  each file is recorded (`checkpoint.record_torch_save`: tensor bytes stay views of the buffers);
 * extra step time: the wall time of the steps that run beside the writer (the commit comes at the
   first boundary after it is done) over the median step without a writer of the same round,
   signed: noise averages out, the writer's share of the cores shows as slower steps;
 * wait: what is left of the writer when the next save is due (that save waits for it).
 
 The first async save of a run allocates its host buffers (later saves copy into them); its copy
-time is printed apart and not in the per-save figures. Also the save time per GB of the
+time is printed apart and not in the per-save figures. Each round prints the writer thread's CPU
+time (sha256, write calls), fsync and wall time: on a machine whose cores training keeps busy, the
+stall is about the copy plus the writer's CPU. Also the save time per GB of the
 synchronous save and the load time per GB (`Checkpointer.load`). Target: async stall <= 20% of
 the sync save time.
 
@@ -160,7 +163,7 @@ def main(argv=None) -> int:
                   f"step(s) beside the writer (step {a['step_s']:.2f}s) + wait {a['wait_s']:.2f}s = {a['stall_s']:.2f}s"
                   + (" (still writing at the next save)" if a["still_writing"] else ""), flush=True)
             print(f"    writer: CPU {a['cpu_s']:.2f}s (sha256 {a['hash_cpu_s']:.2f}s, write calls "
-                  f"{a['write_cpu_s']:.2f}s, the rest torch.save's pickling), fsync {a['fsync_s']:.2f}s, wall "
+                  f"{a['write_cpu_s']:.2f}s, the rest opening, fsync and renaming), fsync {a['fsync_s']:.2f}s, wall "
                   f"{a['wall_s']:.2f}s, {a['direct_bytes'] / 1e9:.3f} GB with O_DIRECT", flush=True)
         ratio = r["stall_s"] / r["sync_save_s"]
         print(f"{size}: {r['params_m']:.1f}M params, checkpoint {r['gb']:.3f} GB, step {r['step_s']:.2f}s, saves "
