@@ -219,8 +219,9 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
 
 
 class HashingFile:
-    """The file object the background writer hands to torch.save. torch passes every tensor's bytes
-    as a view of the host copy itself (no serialization copy); each byte is hashed as it passes
+    """Where the background writer writes a file: the pieces `record_torch_save` kept (or torch.save
+    itself, as a file object), tensor bytes as views of the host copies (no serialization copy);
+    each byte is hashed as it passes
     (one read of memory, no read-back of the file), and a tensor's bytes that start on a page in
     memory and in the file go to disk with O_DIRECT: no copy into the page cache, no writeback
     later. The rest (zip headers, pickle, padding, small tensors, the tail of each tensor that does
