@@ -8,14 +8,17 @@ async writer has time to finish before the next save, as it has in a run that sa
 hundred steps. The stall of an async save is everything training loses to it, in three parts:
 
 * copy: the step boundary, where each rank's state is copied into host buffers (DeepSpeed's
-  `save_checkpoint` through the capturing engine, barriers included);
+  `save_checkpoint` through the capturing engine, barriers included) and torch.save's pickling of
+  each file is recorded (`checkpoint.record_torch_save`: tensor bytes stay views of the buffers);
 * extra step time: the wall time of the steps that run beside the writer (the commit comes at the
   first boundary after it is done) over the median step without a writer of the same round,
   signed: noise averages out, the writer's share of the cores shows as slower steps;
 * wait: what is left of the writer when the next save is due (that save waits for it).
 
 The first async save of a run allocates its host buffers (later saves copy into them); its copy
-time is printed apart and not in the per-save figures. Also the save time per GB of the
+time is printed apart and not in the per-save figures. Each round prints the writer thread's CPU
+time (sha256, write calls), fsync and wall time: on a machine whose cores training keeps busy, the
+stall is about the copy plus the writer's CPU. Also the save time per GB of the
 synchronous save and the load time per GB (`Checkpointer.load`). Target: async stall <= 20% of
 the sync save time.
 
@@ -28,6 +31,7 @@ import argparse
 import dataclasses
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -73,6 +77,7 @@ def async_round(t, gap: int) -> dict[str, float]:
     t0 = time.perf_counter()
     ckpt.save(t.state.step, background=True)
     copy_s = time.perf_counter() - t0
+    writer = ckpt.files.pending.writer
     beside, after, started = [], [], time.perf_counter()
     for _ in range(gap):  # the commit comes in the callbacks of the first step after the writer is done
         (beside if ckpt.has_pending() else after).append(timed_step(t))
@@ -83,7 +88,7 @@ def async_round(t, gap: int) -> dict[str, float]:
     base = statistics.median(before + after)
     extra_s = sum(beside) - len(beside) * base
     return {"copy_s": copy_s, "extra_s": extra_s, "wait_s": wait_s, "stall_s": copy_s + extra_s + wait_s,
-            "beside": len(beside), "step_s": base, "still_writing": writer_s is not None}
+            "beside": len(beside), "step_s": base, "still_writing": writer_s is not None, **writer.profile}
 
 
 def sync_save(t) -> tuple[float, float]:
@@ -124,8 +129,10 @@ def bench(topo, size: str, rounds: int, gap_factor: float) -> dict[str, float]:
     load_s = time.perf_counter() - t0
     for c in t.callbacks:
         c.close(t)
+    shutil.rmtree(root, ignore_errors=True)  # its checkpoints: a few GB per size
     gb = statistics.median(gbs)
-    med = {k: statistics.median(r[k] for r in asyncs) for k in ("copy_s", "extra_s", "wait_s", "stall_s", "step_s")}
+    med = {k: statistics.median(r[k] for r in asyncs)
+           for k in ("copy_s", "extra_s", "wait_s", "stall_s", "step_s", "cpu_s", "hash_cpu_s", "wall_s")}
     return {"params_m": sum(p.numel() for p in t.engine.module.parameters()) / 1e6, "gb": gb, "gap": gap,
             "sync_save_s": statistics.median(syncs), "save_s_per_gb": statistics.median(syncs) / gb,
             "load_s_per_gb": load_s / gb, "rounds": asyncs, **med}
@@ -155,12 +162,16 @@ def main(argv=None) -> int:
             print(f"  round {i}: copy {a['copy_s']:.2f}s + extra step time {a['extra_s']:+.2f}s over {a['beside']} "
                   f"step(s) beside the writer (step {a['step_s']:.2f}s) + wait {a['wait_s']:.2f}s = {a['stall_s']:.2f}s"
                   + (" (still writing at the next save)" if a["still_writing"] else ""), flush=True)
+            print(f"    writer: CPU {a['cpu_s']:.2f}s (sha256 {a['hash_cpu_s']:.2f}s, write calls "
+                  f"{a['write_cpu_s']:.2f}s, the rest opening, fsync and renaming), fsync {a['fsync_s']:.2f}s, wall "
+                  f"{a['wall_s']:.2f}s, {a['direct_bytes'] / 1e9:.3f} GB with O_DIRECT", flush=True)
         ratio = r["stall_s"] / r["sync_save_s"]
         print(f"{size}: {r['params_m']:.1f}M params, checkpoint {r['gb']:.3f} GB, step {r['step_s']:.2f}s, saves "
               f"{r['gap']} steps apart | sync save {r['sync_save_s']:.2f}s ({r['save_s_per_gb']:.2f} s/GB) | async "
               f"stall {r['stall_s']:.2f}s = {ratio:.0%} of sync (target <= 20%): copy {r['copy_s']:.2f}s, extra step "
-              f"time {r['extra_s']:+.2f}s, wait {r['wait_s']:.2f}s (medians over {len(r['rounds'])} rounds) | load "
-              f"{r['load_s_per_gb']:.2f} s/GB", flush=True)
+              f"time {r['extra_s']:+.2f}s, wait {r['wait_s']:.2f}s (medians over {len(r['rounds'])} rounds) | writer "
+              f"CPU {r['cpu_s'] / r['gb']:.2f} s/GB (sha256 {r['hash_cpu_s'] / r['gb']:.2f}), wall "
+              f"{r['wall_s'] / r['gb']:.2f} s/GB | load {r['load_s_per_gb']:.2f} s/GB", flush=True)
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,6 +252,27 @@ def pipeline_grid(net):
     return net._grid
 
 
+# Host copies at least this large are page-aligned (`aligned_host_empty`): the background writer
+# sends their bytes to disk with O_DIRECT (`train.checkpoint.HashingFile`). Smaller ones are not
+# worth an mmap each.
+ALIGNED_COPY_MIN_BYTES = 1 << 16
+
+
+def aligned_host_empty(like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised contiguous host tensor of `like`'s shape and dtype whose data starts on a
+    page boundary (its own anonymous mmap, freed with the tensor), and whose storage holds exactly
+    its bytes, as a clone's does: torch.save writes it the same way."""
+    numel = like.numel()
+    buf = mmap.mmap(-1, numel * like.element_size())
+    return torch.frombuffer(buf, dtype=like.dtype, count=numel).view(like.shape)
+
+
+def _fresh_host_copy(src: torch.Tensor) -> torch.Tensor:
+    if src.is_contiguous() and src.numel() * src.element_size() >= ALIGNED_COPY_MIN_BYTES:
+        return aligned_host_empty(src).copy_(src)
+    return src.to("cpu", copy=True)
+
+
 def host_copy(obj, into=None, _memo: Optional[dict] = None):
     """A copy of a state dict whose tensors are host tensors of their own (clones), so training can
     go on changing the originals while a thread writes the copy. Non-tensor leaves (DeepSpeed's
@@ -259,7 +281,8 @@ def host_copy(obj, into=None, _memo: Optional[dict] = None):
 
     `into`: an earlier copy of the same structure whose tensors may be overwritten (nobody reads
     them any more): a tensor of the same shape, dtype and strides there is filled with `copy_`
-    instead of a fresh allocation, which saves the page faults of ~1 GB of new memory per save."""
+    instead of a fresh allocation, which saves the page faults of ~1 GB of new memory per save.
+    Fresh copies of large contiguous tensors are page-aligned (`aligned_host_empty`)."""
     import copy
 
     memo = {} if _memo is None else _memo
@@ -273,7 +296,7 @@ def host_copy(obj, into=None, _memo: Optional[dict] = None):
                         and into.data_ptr() != src.data_ptr() and ("into", into.data_ptr()) not in memo)
             if reusable:
                 memo["into", into.data_ptr()] = True
-            memo[key] = into.copy_(src) if reusable else src.to("cpu", copy=True)
+            memo[key] = into.copy_(src) if reusable else _fresh_host_copy(src)
         return memo[key]
     if isinstance(obj, dict):
         old = into if isinstance(into, dict) else {}

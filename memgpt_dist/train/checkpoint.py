@@ -32,6 +32,7 @@ with a message naming the file, falling back to the previous one. Loading reads 
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import hashlib
@@ -167,29 +168,203 @@ def committed_step_dirs(root: Path) -> dict[int, Path]:
 WRITER_NICE = 19
 
 
+# The file offset and memory alignment O_DIRECT needs (the page size covers the block sizes of
+# common devices); the writer aligns every record of its files to it (torch's storage_alignment).
+DIRECT_ALIGN = 4096
+# Records smaller than this go through the page cache with the zip headers around them.
+DIRECT_MIN_BYTES = 1 << 16
+
+
 @contextlib.contextmanager
-def _without_zip_crc32():
-    """torch.save's zip CRC32 is a second pass over every byte (~0.8 s of CPU per GB here) that the
-    marker's sha256 makes redundant; torch.load reads files without it. The option is process-wide:
-    a torch.save elsewhere meanwhile also skips it, which is harmless for the same reason."""
-    before = torch.serialization.get_crc32_options()
+def _writer_serialization():
+    """torch.save settings of the background writer: no zip CRC32 (a second pass over every byte,
+    ~0.8 s of CPU per GB here, that the marker's sha256 makes redundant; torch.load reads files
+    without it) and every record aligned to `DIRECT_ALIGN` (64 by default), so that tensor bytes
+    can go to disk with O_DIRECT; torch.load reads the alignment from the file's
+    `.storage_alignment` record. Both options are process-wide: a torch.save elsewhere meanwhile
+    also skips the CRC and pads, which is harmless for the same reasons."""
+    from torch.utils.serialization import config
+
+    before = torch.serialization.get_crc32_options(), config.save.storage_alignment
     torch.serialization.set_crc32_options(False)
+    config.save.storage_alignment = DIRECT_ALIGN
     try:
         yield
     finally:
-        torch.serialization.set_crc32_options(before)
+        torch.serialization.set_crc32_options(before[0])
+        config.save.storage_alignment = before[1]
 
 
-def _atomic_torch_save_hashed(obj: Any, path: Path) -> dict[str, Any]:
-    """`_atomic_torch_save` without the zip CRC32, returning the file's sha256 and size as the
-    marker records them. Saved to a path name: torch's own writer then needs no GIL for the
-    tensor bytes (a Python file object would be called back for every record)."""
+def _open_direct(path: Path) -> Optional[int]:
+    """A second, O_DIRECT descriptor of `path`, or None where the file system refuses it (tmpfs)."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | flag)
+    except OSError:
+        return None
+
+
+def _address(view: memoryview) -> int:
+    import numpy as np  # a dependency of torch's; reads the address of a read-only buffer
+
+    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+class HashingFile:
+    """Where the background writer writes a file: the pieces `record_torch_save` kept (or torch.save
+    itself, as a file object), tensor bytes as views of the host copies (no serialization copy);
+    each byte is hashed as it passes
+    (one read of memory, no read-back of the file), and a tensor's bytes that start on a page in
+    memory and in the file go to disk with O_DIRECT: no copy into the page cache, no writeback
+    later. The rest (zip headers, pickle, padding, small tensors, the tail of each tensor that does
+    not fill a block) is written through the page cache. `close` fsyncs (the data and the file's
+    size and blocks) and returns the sha256 and size, as `sha256_file` would compute them."""
+
+    def __init__(self, path: Path, direct: bool = True):
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.direct_fd = _open_direct(path) if direct else None
+        self.sha = hashlib.sha256()
+        self.pos = 0
+        self.direct_bytes = 0
+        self.profile = {"hash_cpu_s": 0.0, "write_cpu_s": 0.0, "fsync_s": 0.0}  # this thread's CPU; fsync wall
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        n = len(view)
+        t0 = time.thread_time()
+        self.sha.update(view)  # releases the GIL for large buffers
+        t1 = time.thread_time()
+        self.profile["hash_cpu_s"] += t1 - t0
+        head = 0
+        if (self.direct_fd is not None and n >= DIRECT_MIN_BYTES and self.pos % DIRECT_ALIGN == 0
+                and _address(view) % DIRECT_ALIGN == 0):
+            head = n - n % DIRECT_ALIGN
+            try:
+                _pwrite_all(self.direct_fd, view[:head], self.pos)
+                self.direct_bytes += head
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:  # EINVAL: this device wants another alignment
+                    raise
+                os.close(self.direct_fd)
+                self.direct_fd, head = None, 0  # the page cache for the rest of the file
+        _pwrite_all(self.fd, view[head:], self.pos + head)
+        self.profile["write_cpu_s"] += time.thread_time() - t1
+        self.pos += n
+        return n
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> dict[str, Any]:
+        try:
+            t0 = time.perf_counter()
+            os.fsync(self.fd)
+            self.profile["fsync_s"] += time.perf_counter() - t0
+            size = os.fstat(self.fd).st_size
+        finally:
+            self._close_fds()
+        if size != self.pos:
+            raise OSError(errno.EIO, f"{self.path} has {size} bytes after writing {self.pos}")
+        return {"sha256": self.sha.hexdigest(), "bytes": size}
+
+    def _close_fds(self) -> None:
+        for fd in (self.fd, self.direct_fd):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self.direct_fd = None
+
+    def abort(self) -> None:
+        if self.fd is not None:
+            self._close_fds()
+
+
+def _storage_ranges(obj, out: Optional[list] = None) -> list[tuple[int, int]]:
+    """(start, end) addresses of the storages of every tensor in a state dict."""
+    out = [] if out is None else out
+    if torch.is_tensor(obj):
+        storage = obj.untyped_storage()
+        out.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _storage_ranges(v, out)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _storage_ranges(v, out)
+    return out
+
+
+class _Recorder:
+    """The file object of `record_torch_save`: keeps the pieces torch.save writes, in order."""
+
+    def __init__(self, ranges: list[tuple[int, int]]):
+        self.ranges = sorted(ranges)
+        self.starts = [a for a, _ in self.ranges]
+        self.parts: list[Any] = []
+
+    def _in_storage(self, view: memoryview) -> bool:
+        addr = _address(view)
+        i = bisect.bisect_right(self.starts, addr) - 1
+        return i >= 0 and addr + len(view) <= self.ranges[i][1]
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if len(view) >= DIRECT_MIN_BYTES and self._in_storage(view):
+            self.parts.append(view)  # a host copy's bytes: valid until the writer is done
+        elif self.parts and isinstance(self.parts[-1], bytearray):
+            self.parts[-1] += view  # torch's own buffer (headers, the pickle), reused after this call
+        else:
+            self.parts.append(bytearray(view))
+        return len(view)
+
+    def flush(self) -> None:
+        pass
+
+
+def record_torch_save(obj: Any) -> list[Any]:
+    """The bytes `torch.save(obj)` would write (no zip CRC32, records aligned for O_DIRECT: see
+    `_writer_serialization`), as pieces in file order: tensor bytes as views of `obj`'s own storages
+    (no copy; `obj` must outlive the pieces and not change), the rest copied. Runs torch.save's
+    pickling here, at the step boundary, so that the writer thread is left with hashing and write
+    calls, which release the GIL: a writer starved of CPU at nice 19 then cannot hold the GIL the
+    training thread waits for."""
+    recorder = _Recorder(_storage_ranges(obj))
+    with _writer_serialization():
+        torch.save(obj, recorder)
+    return recorder.parts
+
+
+def _write_recorded(parts: list[Any], path: Path, profile: Optional[dict[str, float]] = None) -> dict[str, Any]:
+    """Write `record_torch_save`'s pieces to `path` crash-safely (tmp, fsync, rename) through a
+    `HashingFile`, returning the file's sha256 and size as the marker records them, computed while
+    writing. `profile`: where to add the writer's time per part (`HashingFile.profile`)."""
     tmp = path.with_name(path.name + ".tmp")
-    with _without_zip_crc32():
-        torch.save(obj, str(tmp))
-    _fsync_file(tmp)
+    out = HashingFile(tmp)
+    try:
+        for part in parts:
+            out.write(part)
+        hashed = out.close()
+    finally:
+        out.abort()
+        if profile is not None:
+            for k, v in out.profile.items():
+                profile[k] = profile.get(k, 0.0) + v
+            profile["direct_bytes"] = profile.get("direct_bytes", 0) + out.direct_bytes
     os.replace(tmp, path)
-    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return hashed
+
+
+def _atomic_torch_save_hashed(obj: Any, path: Path, profile: Optional[dict[str, float]] = None) -> dict[str, Any]:
+    """`_atomic_torch_save` as the background writer does it (`record_torch_save`, `_write_recorded`)."""
+    return _write_recorded(record_torch_save(obj), path, profile)
 
 
 def _lower_thread_priority(nice: int) -> None:
@@ -201,10 +376,12 @@ def _lower_thread_priority(nice: int) -> None:
 
 
 class AsyncWrite(threading.Thread):
-    """Writes captured host copies to their files in the background (tmp, fsync, rename), hashing
-    each as it goes so the commit need not read them again. Never runs a
+    """Writes captured host copies, recorded at the step boundary (`record_torch_save`), to their
+    files in the background (tmp, fsync, rename), hashing each as it goes so the commit need not
+    read them again. Never runs a
     collective: the commit (`CheckpointDir.finish_pending`) is the main thread's, at a later step
-    boundary. Runs at `WRITER_NICE`."""
+    boundary. Runs at `WRITER_NICE`. `profile`: its CPU time (`cpu_s`, of which hashing and the
+    write calls), fsync and wall time, once done (benchmarks)."""
 
     def __init__(self, path: Path, files: list[tuple[Path, Any]]):
         super().__init__(name=f"async-save-{path.name}", daemon=True)
@@ -212,17 +389,20 @@ class AsyncWrite(threading.Thread):
         self.files = files
         self.hashed: dict[str, dict[str, Any]] = {}
         self.error: Optional[BaseException] = None
+        self.profile: dict[str, float] = {}
 
     def run(self) -> None:
         _lower_thread_priority(WRITER_NICE)
+        wall, cpu = time.perf_counter(), time.thread_time()
         try:
-            for target, obj in self.files:
+            for target, parts in self.files:
                 target.parent.mkdir(parents=True, exist_ok=True)
-                self.hashed[str(target.relative_to(self.path))] = _atomic_torch_save_hashed(obj, target)
+                self.hashed[str(target.relative_to(self.path))] = _write_recorded(parts, target, self.profile)
         except BaseException as exc:  # reported by every rank together at the commit
             self.error = exc
         finally:
             self.files = []  # the host copies stay with CheckpointDir, for the next save to reuse
+            self.profile.update(cpu_s=time.thread_time() - cpu, wall_s=time.perf_counter() - wall)
 
 
 @dataclass
@@ -328,8 +508,10 @@ class CheckpointDir:
         rank_file = path / "rank_state" / f"rank_{self.topo.rank:05d}.pt"
         files = [(Path(p), obj) for p, obj in captured]
         files.append((rank_file, host_copy(rank_state, into=self._host_copies.get(RANK_STATE_COPY))))
+        # kept until the next save: the recorded pieces are views of these copies' storages
         self._host_copies = {p.name: obj for p, obj in files[:-1]} | {RANK_STATE_COPY: files[-1][1]}
-        self.pending = PendingSave(step, path, meta or {}, AsyncWrite(path, files))
+        recorded = [(p, record_torch_save(obj)) for p, obj in files]
+        self.pending = PendingSave(step, path, meta or {}, AsyncWrite(path, recorded))
         self.pending.writer.start()
         return path
 

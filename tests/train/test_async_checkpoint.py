@@ -5,6 +5,8 @@ the next save and the end of `fit` wait for a pending save, and the host buffers
 not overwritten while the previous writer still reads them."""
 from __future__ import annotations
 
+import errno
+import os
 import threading
 
 import pytest
@@ -67,10 +69,10 @@ def test_a_failed_background_write_is_reported_at_the_commit_and_commits_nothing
     t = make_trainer(topo, tmp_path, extra=("checkpoint.async_save=true",))
     t.fit(stop_after=1)
 
-    def full_disk(obj, path):
+    def full_disk(parts, path, profile=None):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("memgpt_dist.train.checkpoint._atomic_torch_save_hashed", full_disk)
+    monkeypatch.setattr("memgpt_dist.train.checkpoint._write_recorded", full_disk)
     t.checkpointer.save(2, background=True)
     with pytest.raises(CheckpointError, match=r"step_00000002: .*No space left on device.*previous checkpoint"):
         t.checkpointer.finish_pending()
@@ -135,3 +137,77 @@ def test_host_copy_copies_tied_tensors_once_and_fills_each_reused_buffer_once():
     again = host_copy({"wte": w, "lm_head": u}, into=first)  # no longer tied: the shared buffer serves one key
     assert torch.equal(again["wte"], w) and torch.equal(again["lm_head"], u)
     assert again["wte"].data_ptr() == first["wte"].data_ptr()
+
+
+def test_the_writer_hashes_while_writing_and_sends_aligned_tensor_bytes_direct(tmp_path):
+    """The background writer's files: torch.save's bytes recorded at the step boundary without
+    copying a tensor, then written: loadable (also memory-mapped) with every tensor equal, their
+    sha256 and size computed while writing equal to a read-back of the file, the page-aligned host
+    copies' bytes written with O_DIRECT where the file system allows it, an unaligned tensor and
+    the page cache only (direct=False) giving the same result."""
+    from memgpt_dist.parallel.ds_compat import host_copy
+    from memgpt_dist.train.checkpoint import (DIRECT_ALIGN, HashingFile, _address, _open_direct, record_torch_save,
+                                              sha256_file)
+
+    w = torch.randn(300, 1001)
+    state = {"w": w, "tied": w, "small": torch.randn(5), "bf16": torch.randn(999, 77).to(torch.bfloat16),
+             "nested": [torch.arange(70_000), 3, "x"], "step": torch.tensor(7.0)}
+    host = host_copy(state)
+    assert host["w"].data_ptr() % DIRECT_ALIGN == 0 and host["tied"] is host["w"]
+    host["unaligned"] = torch.randn(50_000)[1:]  # a view one element into its storage
+    probe = tmp_path / "probe"
+    probe.touch()
+    direct_fd = _open_direct(probe)
+    if direct_fd is not None:
+        os.close(direct_fd)
+    parts = record_torch_save(host)  # at the step boundary: the pickle and headers copied, tensor bytes not
+    assert sum(isinstance(p, memoryview) for p in parts) == 4  # w (once, for both keys), bf16, arange, unaligned
+    assert any(isinstance(p, memoryview) and _address(p) == host["w"].data_ptr() for p in parts)
+    for direct in (True, False):
+        path = tmp_path / f"direct_{direct}.pt"
+        out = HashingFile(path, direct=direct)
+        for part in parts:
+            out.write(part)
+        hashed = out.close()
+        assert hashed == {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        if direct and direct_fd is not None:
+            assert out.direct_bytes >= 300 * 1001 * 4 // DIRECT_ALIGN * DIRECT_ALIGN
+        else:
+            assert out.direct_bytes == 0
+        for loaded in (torch.load(path, weights_only=True), torch.load(path, weights_only=True, mmap=True)):
+            assert loaded.keys() == host.keys() and loaded["nested"][1:] == [3, "x"]
+            for k in ("w", "tied", "small", "bf16", "step", "unaligned"):
+                assert torch.equal(loaded[k], host[k]) and loaded[k].dtype == host[k].dtype, k
+            assert torch.equal(loaded["nested"][0], state["nested"][0])
+    assert torch.serialization.get_crc32_options()  # the process-wide options are back
+    from torch.utils.serialization import config
+    assert config.save.storage_alignment == 64
+
+
+def test_the_writer_falls_back_to_the_page_cache_where_o_direct_is_refused(tmp_path, monkeypatch):
+    from memgpt_dist.parallel.ds_compat import host_copy
+    from memgpt_dist.train import checkpoint
+    from memgpt_dist.train.checkpoint import HashingFile, _writer_serialization, sha256_file
+
+    host = host_copy({"a": torch.randn(200, 500), "b": torch.randn(100, 700)})
+    path = tmp_path / "x.pt"
+    out = HashingFile(path)
+    refused = []
+    pwrite_all = checkpoint._pwrite_all
+
+    def pwrite(fd, view, offset):
+        if fd == out.direct_fd:  # a device that wants another alignment
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        pwrite_all(fd, view, offset)
+
+    monkeypatch.setattr(checkpoint, "_pwrite_all", pwrite)
+    with _writer_serialization():
+        torch.save(host, out)
+    hashed = out.close()
+    if out.direct_bytes == 0 and not refused:
+        pytest.skip("this file system refuses O_DIRECT at open: nothing to fall back from")
+    assert len(refused) == 1 and out.direct_bytes == 0  # refused once, then the page cache for the rest
+    assert hashed == {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    loaded = torch.load(path, weights_only=True)
+    assert all(torch.equal(loaded[k], host[k]) for k in host)
