@@ -15,16 +15,17 @@ hd, Hkv key/value heads (C_kv = Hkv hd), F = `mlp_hidden_size`, V = vocab_size):
     memory projections     q, k, v             3 * 2 T C^2
     memory write gate      (C -> H)            2 T C H (and as much for the forgetting gate, memory.decay)
     memory convolution     3 depthwise, taps   3 * 2 T C taps
-    memory read + write    ('head')            per head, dk = 2 nu hd features: the read of q and the
-                                                retrieval of k share one (2n, dk) x (dk, hd + 1) matmul
-                                                in every segment that has a memory before it; the write
-                                                is one (dk, n) x (n, hd + 1) matmul in every segment
+    memory read + write    ('head')            per head and (padded) segment, dk = 2 nu hd features:
+                                                the read of q, the retrieval of k (n, dk) x (dk, hd)
+                                                each, the write (dk, n) x (n, hd), and the key sums of
+                                                the normaliser (1, n) x (n, dk): 2 n dk (3 hd + 1)
     memory read + write    ('delta')           phi(q) A, phi(k) A, the (n, n) Gram matrix of the keys
                                                 and the update K^T U: 2 n dk (3 hd + n) per segment
     LM head                (tied or not)       2 T C V
 
-Two more terms are counted but are not matmuls (torch's FlopCounterMode does not see them):
-the DPFP features (one multiply per feature of q and k) and, for 'delta', the triangular solve
+More terms are counted but are not matmuls (torch's FlopCounterMode does not see them):
+the DPFP features (one multiply per feature of q and k), for 'head' the denominators phi . z
+(a multiply and an add per feature of q and k) and, for 'delta', the triangular solve
 (n^2 hd per segment and head). Norms, softmax, GELU, rotary and the gates' mixing are not counted,
 as is the convention (Kaplan et al. 2020; PaLM's MFU).
 
@@ -32,9 +33,10 @@ Training is 3x the forward (the backward computes a gradient for the input and o
 weight of every matmul). That is model FLOPs, the numerator of MFU: the recomputation of
 activation checkpointing is not added (that would be hardware FLOPs, HFU).
 
-The first segment of a sample that starts from an empty memory has nothing to read (`memory_scan`
-skips the matmul), so the FLOPs per token depend on the number of segments K and on whether a
-memory is carried in (`train.carry_memory`). Pure arithmetic on the config: no torch.
+Every segment reads, the first one of a sample too (from an empty memory unless one is carried
+in: `memory_scan` runs the same batched read either way), so the count does not depend on
+`train.carry_memory`; the padding of a ragged last segment is computed and counted. Pure
+arithmetic on the config: no torch.
 """
 from __future__ import annotations
 
@@ -78,9 +80,8 @@ def segment_lengths(T: int, segment_len: int) -> list[int]:
     return [segment_len] * full + ([rest] if rest else [])
 
 
-def count_flops(model: ModelConfig, memory: MemoryConfig, T: int, carried: bool = False) -> FlopCount:
-    """Forward FLOPs of one sample of T tokens; `carried`: the sample starts from a carried memory
-    (its first segment reads too)."""
+def count_flops(model: ModelConfig, memory: MemoryConfig, T: int) -> FlopCount:
+    """Forward FLOPs of one sample of T tokens."""
     C, V = model.n_embd, model.vocab_size
     C_kv = model.kv_heads * model.head_dim
     lengths = segment_lengths(T, model.segment_len)
@@ -92,7 +93,7 @@ def count_flops(model: ModelConfig, memory: MemoryConfig, T: int, carried: bool 
     }
     other: dict[str, int] = {}
     if memory.enabled:
-        mem_matmul, other = _memory_flops(model, memory, T, lengths, carried)
+        mem_matmul, other = _memory_flops(model, memory, T, lengths)
         matmul.update(mem_matmul)
     matmul = {k: v * model.n_layer for k, v in matmul.items()}
     other = {k: v * model.n_layer for k, v in other.items()}
@@ -110,8 +111,8 @@ def _score_flops(model: ModelConfig, T: int, lengths: list[int]) -> int:
     return sum(2 * 2 * n * n * C for n in lengths)
 
 
-def _memory_flops(model: ModelConfig, memory: MemoryConfig, T: int, lengths: list[int],
-                  carried: bool) -> tuple[dict[str, int], dict[str, int]]:
+def _memory_flops(model: ModelConfig, memory: MemoryConfig, T: int,
+                  lengths: list[int]) -> tuple[dict[str, int], dict[str, int]]:
     """(matmul terms, other terms) of one layer's memory over one sample."""
     C, H, hd = model.n_embd, model.n_head, model.head_dim
     dk = 2 * memory.nu * hd if memory.nu > 0 else hd  # memory.feature_dim, without importing torch
@@ -123,10 +124,10 @@ def _memory_flops(model: ModelConfig, memory: MemoryConfig, T: int, lengths: lis
         matmul["mem_conv"] = 3 * 2 * len(lengths) * model.segment_len * C * memory.conv
     other = {"mem_dpfp": 2 * T * H * dk} if memory.nu > 0 else {}
     if memory.kind == "head":
-        # padded to whole segments too (memory._segments); reads need a memory before the segment
+        # padded to whole segments too (memory._segments)
         n, S = model.segment_len, len(lengths)
-        reads = S if carried else S - 1
-        matmul["mem_read_write"] = H * (reads * 2 * (2 * n) * dk * (hd + 1) + S * 2 * n * dk * (hd + 1))
+        matmul["mem_read_write"] = H * S * 2 * n * dk * (3 * hd + 1)
+        other["mem_denominators"] = H * S * 2 * (2 * n) * dk
     else:
         n, S = model.segment_len, len(lengths)
         matmul["mem_read_write"] = H * S * 2 * n * dk * (3 * hd + n)
@@ -136,9 +137,9 @@ def _memory_flops(model: ModelConfig, memory: MemoryConfig, T: int, lengths: lis
 
 def train_flops_per_token(cfg: TrainConfig, n_segments: int | None = None) -> float:
     """Training FLOPs per input token of a sample of K = `n_segments` segments (default
-    data.n_segments), with the memory carried in when `train.carry_memory` is on."""
+    data.n_segments)."""
     K = n_segments if n_segments is not None else cfg.data.n_segments
-    count = count_flops(cfg.model, cfg.memory, K * cfg.model.segment_len, carried=cfg.train.carry_memory)
+    count = count_flops(cfg.model, cfg.memory, K * cfg.model.segment_len)
     return count.train_per_token
 
 
