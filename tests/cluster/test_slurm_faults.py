@@ -72,16 +72,19 @@ def reached(run_dir: Path, step: int):
 
 
 def stepping_again(run_dir: Path, timeout_s: float) -> None:
-    """Wait (polling the run's files every 0.1 s) until the requeued run has resumed and logged a
-    step after its resume point: both of its ranks are then training."""
+    """Wait (polling the run's files every 0.1 s) until the requeued run has resumed and committed
+    a checkpoint after its resume point: both of its ranks are then training, and the node loss
+    that follows must resume from that newer checkpoint (on a quiet machine a loss injected at the
+    first step after the resume came before the next save, and the run resumed where it had)."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         log = run_dir / "train.log"
         resumed = re.findall(r"resumed from .* at step (\d+)", log.read_text()) if log.is_file() else []
-        if resumed and max(read_metrics(run_dir), default=0) > int(resumed[0]):
+        committed = [int(p.parent.name.split("_")[-1]) for p in (run_dir / "checkpoints").glob("step_*/COMMITTED.json")]
+        if resumed and max(committed, default=0) > int(resumed[0]):
             return
         time.sleep(0.1)
-    raise AssertionError(f"the requeued run did not step within {timeout_s} s")
+    raise AssertionError(f"the requeued run did not commit a checkpoint within {timeout_s} s")
 
 
 def signal_all(processes: list[psutil.Process], sig: int) -> None:

@@ -37,8 +37,8 @@ def _poisoned_train_step(self):
         POISON["on"] = False
 
 
-def _poisoned_forward(self, batch, read_memory=True, state=None):
-    out = _forward(self, batch, read_memory, state)
+def _poisoned_forward(self, batch, read_memory=True, state=None, loss=False):
+    out = _forward(self, batch, read_memory, state, loss)  # on CPU the step keeps the logits, poisoned here
     if self.engine.training and POISON["on"]:
         return out._replace(logits=out.logits * float("nan"))
     return out

@@ -30,8 +30,8 @@ def inject_nan(trainer, steps: set[int], monkeypatch, gradient_only: bool = Fals
     """NaN logits (or, with `gradient_only`, finite logits whose gradient is NaN) at 1-based `steps`."""
     forward = trainer.step.forward
 
-    def poisoned(batch, read_memory=True, state=None):
-        out = forward(batch, read_memory, state)
+    def poisoned(batch, read_memory=True, state=None, loss=False):
+        out = forward(batch, read_memory, state, loss)  # on CPU the logits path: the logits are poisoned
         if not (trainer.engine.training and trainer.state.step + 1 in steps):
             return out
         if gradient_only:
