@@ -28,6 +28,7 @@ the sync save time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -97,10 +98,25 @@ def sync_save(t) -> tuple[float, float]:
     return time.perf_counter() - t0, checkpoint_gb(path)
 
 
+@contextlib.contextmanager
+def scratch_dir(size: str):
+    """A fresh directory this benchmark creates for its checkpoints (a few GB per size), removed
+    on exit with everything in it: only ever the directory `mkdtemp` just made, never a path given."""
+    root = Path(tempfile.mkdtemp(prefix=f"ckpt_stall_{size}_"))
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def bench(topo, size: str, rounds: int, gap_factor: float) -> dict[str, float]:
+    with scratch_dir(size) as root:
+        return _bench(topo, root, size, rounds, gap_factor)
+
+
+def _bench(topo, root: Path, size: str, rounds: int, gap_factor: float) -> dict[str, float]:
     from inprocess import make_trainer
 
-    root = Path(tempfile.mkdtemp(prefix=f"ckpt_stall_{size}_"))
     t = make_trainer(topo, root, stage=0, extra=overrides(size, steps=10_000) + ("checkpoint.async_save=true",))
     cb = next(c for c in t.callbacks if type(c).__name__ == "CheckpointCallback")
     cb.checkpoint = dataclasses.replace(cb.checkpoint, every=0)  # the benchmark decides when to save
@@ -129,7 +145,6 @@ def bench(topo, size: str, rounds: int, gap_factor: float) -> dict[str, float]:
     load_s = time.perf_counter() - t0
     for c in t.callbacks:
         c.close(t)
-    shutil.rmtree(root, ignore_errors=True)  # its checkpoints: a few GB per size
     gb = statistics.median(gbs)
     med = {k: statistics.median(r[k] for r in asyncs)
            for k in ("copy_s", "extra_s", "wait_s", "stall_s", "step_s", "cpu_s", "hash_cpu_s", "wall_s")}

@@ -70,9 +70,9 @@ class DecodeCache:
     @staticmethod
     def cat(caches: list["DecodeCache"]) -> "DecodeCache":
         """The rows of several caches in one (full attention's key caches padded to the longest)."""
-        def join(ts: tuple[Tensor, ...]) -> Tensor:
-            longest = max(t.shape[1] for t in ts) if ts[0].dim() > 1 else 0
-            return torch.cat([t if t.dim() < 2 or t.shape[1] == longest else
+        def join(ts: tuple[Tensor, ...]) -> Tensor:  # every cache tensor is (B, L, ...)
+            longest = max(t.shape[1] for t in ts)
+            return torch.cat([t if t.shape[1] == longest else
                               F.pad(t, (0, 0) * (t.dim() - 2) + (0, longest - t.shape[1])) for t in ts])
 
         layers = [LayerCache.of([join(ts) for ts in zip(*(c.layers[i].tensors() for c in caches))])
