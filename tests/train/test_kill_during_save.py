@@ -3,9 +3,7 @@ checkpoint, a write failure during a save. The 20+ point version is tests/stress
 from __future__ import annotations
 
 import random
-import resource
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -30,9 +28,9 @@ def test_sigkill_during_saves_resumes_from_newest_committed_and_matches(tiny_dat
     assert len(kills) == 3  # each restart was checked against the newest committed step, the end bitwise
 
 
-def resume(tiny_data, run_dir, *extra, preexec_fn=None) -> subprocess.CompletedProcess:
-    return subprocess.run(train_cmd(train_args(tiny_data, run_dir, "--resume", "auto", *extra), 1), cwd=ROOT,
-                          env=cli_env(), capture_output=True, text=True, timeout=600, preexec_fn=preexec_fn)
+def resume(tiny_data, run_dir, *extra, wrap=lambda cmd: cmd) -> subprocess.CompletedProcess:
+    return subprocess.run(wrap(train_cmd(train_args(tiny_data, run_dir, "--resume", "auto", *extra), 1)), cwd=ROOT,
+                          env=cli_env(), capture_output=True, text=True, timeout=600)
 
 
 def test_damaged_newest_checkpoint_is_refused_by_name_and_resume_falls_back(tiny_data, reference, tmp_path):
@@ -50,11 +48,18 @@ def test_damaged_newest_checkpoint_is_refused_by_name_and_resume_falls_back(tiny
     assert any(".superseded-" in p.name for p in (run_dir / "checkpoints").iterdir())  # kept, out of the way
 
 
-def limit_file_size():
+# Sets the limit, then execs the command: an ignored SIGXFSZ and the rlimit survive exec. Not a
+# preexec_fn: that makes subprocess fork() the whole pytest process instead of vfork, and late in
+# the suite (torch, DeepSpeed, gloo mapped) the kernel's overcommit check refuses that fork (ENOMEM).
+FSIZE_SHIM = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+              "n = int(sys.argv[1]); resource.setrlimit(resource.RLIMIT_FSIZE, (n, n)); "
+              "os.execv(sys.argv[2], sys.argv[2:])")
+
+
+def limit_file_size(cmd: list[str], limit: int = 256 * 1024) -> list[str]:
     """A real write failure from the kernel in the middle of torch.save: files may not grow past
     256 KiB (EFBIG, the same failure path as a full disk), small logs are unaffected."""
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+    return [sys.executable, "-c", FSIZE_SHIM, str(limit), *cmd]
 
 
 def build_deepspeed_comm_op() -> None:
@@ -67,7 +72,7 @@ def test_write_failure_during_save_names_the_directory_and_keeps_the_previous(ti
     build_deepspeed_comm_op()
     run_dir = tmp_path / "run"
     shutil.copytree(reference[0], run_dir)
-    proc = resume(tiny_data, run_dir, f"--train.max_steps={MAX_STEPS + 2}", preexec_fn=limit_file_size)
+    proc = resume(tiny_data, run_dir, f"--train.max_steps={MAX_STEPS + 2}", wrap=limit_file_size)
     failed = run_dir / "checkpoints" / f"step_{MAX_STEPS + 2:08d}"
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"error: could not write checkpoint {failed}" in proc.stderr
