@@ -17,7 +17,7 @@ hundred steps. The stall of an async save is everything training loses to it, in
 
 The first async save of a run allocates its host buffers (later saves copy into them); its copy
 time is printed apart and not in the per-save figures. Each round prints the writer thread's CPU
-time (sha256, write calls), fsync and wall time: on a machine whose cores training keeps busy, the
+time (checksum, write calls), fsync and wall time: on a machine whose cores training keeps busy, the
 stall is about the copy plus the writer's CPU. Also the save time per GB of the
 synchronous save and the load time per GB (`Checkpointer.load`). Target: async stall <= 20% of
 the sync save time.
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
             print(f"  round {i}: copy {a['copy_s']:.2f}s + extra step time {a['extra_s']:+.2f}s over {a['beside']} "
                   f"step(s) beside the writer (step {a['step_s']:.2f}s) + wait {a['wait_s']:.2f}s = {a['stall_s']:.2f}s"
                   + (" (still writing at the next save)" if a["still_writing"] else ""), flush=True)
-            print(f"    writer: CPU {a['cpu_s']:.2f}s (sha256 {a['hash_cpu_s']:.2f}s, write calls "
+            print(f"    writer: CPU {a['cpu_s']:.2f}s (checksum {a['hash_cpu_s']:.2f}s, write calls "
                   f"{a['write_cpu_s']:.2f}s, the rest opening, fsync and renaming), fsync {a['fsync_s']:.2f}s, wall "
                   f"{a['wall_s']:.2f}s, {a['direct_bytes'] / 1e9:.3f} GB with O_DIRECT", flush=True)
         ratio = r["stall_s"] / r["sync_save_s"]
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
               f"{r['gap']} steps apart | sync save {r['sync_save_s']:.2f}s ({r['save_s_per_gb']:.2f} s/GB) | async "
               f"stall {r['stall_s']:.2f}s = {ratio:.0%} of sync (target <= 20%): copy {r['copy_s']:.2f}s, extra step "
               f"time {r['extra_s']:+.2f}s, wait {r['wait_s']:.2f}s (medians over {len(r['rounds'])} rounds) | writer "
-              f"CPU {r['cpu_s'] / r['gb']:.2f} s/GB (sha256 {r['hash_cpu_s'] / r['gb']:.2f}), wall "
+              f"CPU {r['cpu_s'] / r['gb']:.2f} s/GB (checksum {r['hash_cpu_s'] / r['gb']:.2f}), wall "
               f"{r['wall_s'] / r['gb']:.2f} s/GB | load {r['load_s_per_gb']:.2f} s/GB", flush=True)
     return 0
 

@@ -253,6 +253,9 @@ class CheckpointCallback(Callback):
             trainer.save_once()  # still under the stop handlers: a signal now cannot cut the save short
         trainer.checkpointer.finish_pending()  # an asynchronous save still writing is committed before fit returns
 
+    def close(self, trainer: "Trainer") -> None:
+        trainer.checkpointer.wait_for_deletions()  # local, no collective: also after an error
+
 
 def default_callbacks(cfg: TrainConfig, metrics: MetricsLogger, make_val_batches) -> list[Callback]:
     """The documented order (see the module docstring)."""

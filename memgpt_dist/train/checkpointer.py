@@ -117,6 +117,10 @@ class Checkpointer:
             self.last_commit_stall_s = time.perf_counter() - t0
         return path
 
+    def wait_for_deletions(self) -> None:
+        """Join the background deletion of pruned checkpoints (an asynchronous commit's), if any."""
+        self.files.wait_for_deletions()
+
     # ------------------------------------------------------------------ load
     def load(self, point: Optional[ResumePoint]) -> Optional[int]:
         """Restore every registered part from `point`; returns its step (None: nothing to load)."""

@@ -15,7 +15,7 @@ import json
 import pytest
 
 from relayout import SAVE_AT, Runs, assert_log_says, assert_losses_continue, assert_samples_continue
-from memgpt_dist.train.checkpoint import sha256_file
+from memgpt_dist.train.checkpoint import FILE_DIGEST, file_digest
 
 CARRY = "--train.carry_memory=true"
 SOURCES = {"dp2_zero3": (2, ["--parallel.micro_batch_size=2", CARRY]),
@@ -50,7 +50,7 @@ def test_the_original_checkpoint_is_untouched(runs):
     step_dir = runs.resumed("dp2_to_dp1")[1] / "checkpoints" / f"step_{SAVE_AT:08d}"
     marker = json.loads((step_dir / "COMMITTED.json").read_text())
     for name, expected in marker["files"].items():
-        assert sha256_file(step_dir / name) == expected["sha256"], name
+        assert file_digest(step_dir / name) == expected[FILE_DIGEST], name
     assert (step_dir / "universal" / "CONVERTED.json").is_file()  # the conversion sits beside them
 
 

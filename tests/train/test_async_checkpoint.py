@@ -63,6 +63,36 @@ def test_nothing_counts_before_the_commit(topo, tmp_path, monkeypatch):
     assert files.committed_steps() == [3, 4] and files.verify(4) is None
 
 
+def test_an_async_commit_deletes_pruned_checkpoints_behind_training(topo, tmp_path, monkeypatch):
+    """The commit uncommits what keep_last drops (marker gone at once: never resumed from) and
+    returns; the files go in a thread, joined before the next save and when fit ends."""
+    from memgpt_dist.train import checkpoint
+
+    gate, started, deleting = threading.Event(), threading.Event(), []
+    delete = checkpoint._delete_dirs
+    monkeypatch.setattr(checkpoint, "_delete_dirs",
+                        lambda paths: (deleting.extend(paths), started.set(), gate.wait(60), delete(paths)))
+    t = make_trainer(topo, tmp_path, extra=("checkpoint.async_save=true",))  # keep_last=2
+    t.fit(stop_after=1)  # a synchronous end save at step 1
+    for step in (2, 3):
+        t.checkpointer.save(step, background=True)
+        t.checkpointer.finish_pending()  # the commit of 3 returns while the deletion of step 1 is held up
+    assert started.wait(10)
+    old = tmp_path / "checkpoints" / tag_for(1)
+    assert deleting == [old] and old.is_dir() and not (old / "COMMITTED.json").exists()
+    assert t.checkpointer.committed_steps() == [2, 3]
+    save = threading.Thread(target=t.checkpointer.save, args=(4,), kwargs={"background": True})
+    save.start()  # the next save waits for the deletion first
+    save.join(1.0)
+    assert save.is_alive() and not (tmp_path / "checkpoints" / tag_for(4)).exists()
+    gate.set()
+    save.join(60)
+    assert not old.exists()
+    t.checkpointer.finish_pending()
+    t.checkpointer.wait_for_deletions()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == [tag_for(3), tag_for(4)]
+
+
 def test_a_failed_background_write_is_reported_at_the_commit_and_commits_nothing(topo, tmp_path, monkeypatch):
     from memgpt_dist.train.checkpoint import CheckpointError
 
@@ -142,12 +172,12 @@ def test_host_copy_copies_tied_tensors_once_and_fills_each_reused_buffer_once():
 def test_the_writer_hashes_while_writing_and_sends_aligned_tensor_bytes_direct(tmp_path):
     """The background writer's files: torch.save's bytes recorded at the step boundary without
     copying a tensor, then written: loadable (also memory-mapped) with every tensor equal, their
-    sha256 and size computed while writing equal to a read-back of the file, the page-aligned host
+    checksum and size computed while writing equal to a read-back of the file, the page-aligned host
     copies' bytes written with O_DIRECT where the file system allows it, an unaligned tensor and
     the page cache only (direct=False) giving the same result."""
     from memgpt_dist.parallel.ds_compat import host_copy
     from memgpt_dist.train.checkpoint import (DIRECT_ALIGN, HashingFile, _address, _open_direct, record_torch_save,
-                                              sha256_file)
+                                              FILE_DIGEST, file_digest)
 
     w = torch.randn(300, 1001)
     state = {"w": w, "tied": w, "small": torch.randn(5), "bf16": torch.randn(999, 77).to(torch.bfloat16),
@@ -169,7 +199,7 @@ def test_the_writer_hashes_while_writing_and_sends_aligned_tensor_bytes_direct(t
         for part in parts:
             out.write(part)
         hashed = out.close()
-        assert hashed == {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        assert hashed == {FILE_DIGEST: file_digest(path), "bytes": path.stat().st_size}
         if direct and direct_fd is not None:
             assert out.direct_bytes >= 300 * 1001 * 4 // DIRECT_ALIGN * DIRECT_ALIGN
         else:
@@ -187,7 +217,7 @@ def test_the_writer_hashes_while_writing_and_sends_aligned_tensor_bytes_direct(t
 def test_the_writer_falls_back_to_the_page_cache_where_o_direct_is_refused(tmp_path, monkeypatch):
     from memgpt_dist.parallel.ds_compat import host_copy
     from memgpt_dist.train import checkpoint
-    from memgpt_dist.train.checkpoint import HashingFile, _writer_serialization, sha256_file
+    from memgpt_dist.train.checkpoint import FILE_DIGEST, HashingFile, _writer_serialization, file_digest
 
     host = host_copy({"a": torch.randn(200, 500), "b": torch.randn(100, 700)})
     path = tmp_path / "x.pt"
@@ -209,6 +239,6 @@ def test_the_writer_falls_back_to_the_page_cache_where_o_direct_is_refused(tmp_p
         torch.save(host, out)
     hashed = out.close()
     assert len(refused) == 1 and out.direct_bytes == 0  # refused once, then the page cache for the rest
-    assert hashed == {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    assert hashed == {FILE_DIGEST: file_digest(path), "bytes": path.stat().st_size}
     loaded = torch.load(path, weights_only=True)
     assert all(torch.equal(loaded[k], host[k]) for k in host)

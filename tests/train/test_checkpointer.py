@@ -9,7 +9,8 @@ import torch
 
 from memgpt_dist.parallel.dist import Topology
 from memgpt_dist.train import checkpoint as ckpt_mod
-from memgpt_dist.train.checkpoint import MARKER, CheckpointDir, CheckpointError, tag_for
+from memgpt_dist.train.checkpoint import FILE_DIGEST, MARKER, CheckpointDir, CheckpointError, file_digest, sha256_file, \
+    tag_for
 
 
 class FakeEngine:
@@ -36,12 +37,13 @@ def save(ck: CheckpointDir, step: int, value: float = 0.0) -> Path:
     return ck.write(FakeEngine(value), step, {"step": step}, {"cursor": step}, meta={"config": "{}"})
 
 
-def test_commit_marker_lists_every_file_with_sha256(tmp_path):
+def test_commit_marker_lists_every_file_with_its_checksum(tmp_path):
     ck = CheckpointDir(tmp_path, TOPO, keep_last=3)
     path = save(ck, 5)
     marker = json.loads((path / MARKER).read_text())
     assert set(marker["files"]) == {"mp_rank_00_model_states.pt", "rank_state/rank_00000.pt"}
-    assert all(len(v["sha256"]) == 64 for v in marker["files"].values())
+    assert all(v[FILE_DIGEST] == file_digest(path / name) and len(v[FILE_DIGEST]) == 32
+               for name, v in marker["files"].items())
     assert ck.verify(5) is None
 
 
@@ -71,7 +73,23 @@ def test_corrupted_bytes_same_size_are_detected(tmp_path):
     data = bytearray(f.read_bytes())
     data[-1] ^= 0xFF
     f.write_bytes(bytes(data))
-    assert "sha256" in ck.verify(1)
+    assert f"does not match its {FILE_DIGEST} checksum" in ck.verify(1)
+
+
+def test_a_marker_written_with_sha256_still_verifies_and_catches_damage(tmp_path):
+    """Markers from before the xxh3 checksum hold sha256: verified by that, damage still named."""
+    ck = CheckpointDir(tmp_path, TOPO, keep_last=3)
+    path = save(ck, 1)
+    marker = json.loads((path / MARKER).read_text())
+    marker["files"] = {name: {"sha256": sha256_file(path / name), "bytes": v["bytes"]}
+                       for name, v in marker["files"].items()}
+    (path / MARKER).write_text(json.dumps(marker))
+    assert ck.verify(1) is None
+    f = path / "rank_state" / "rank_00000.pt"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    assert f"{f} does not match its sha256 checksum" in ck.verify(1)
 
 
 def test_keep_last_k_deletes_only_older_committed(tmp_path):
