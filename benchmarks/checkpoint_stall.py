@@ -22,8 +22,12 @@ stall is about the copy plus the writer's CPU. Also the save time per GB of the
 synchronous save and the load time per GB (`Checkpointer.load`). Target: async stall <= 20% of
 the sync save time.
 
+Each size runs at each of `--threads` training threads: by default all cores but one (the writer
+gets a core, as on a GPU node, whose training leaves most host cores idle) and all cores (training
+saturates the machine: the writer's I/O and its few CPU slices then come out of training's time).
+
     python benchmarks/checkpoint_stall.py                       # ~20M and ~85M parameters
-    python benchmarks/checkpoint_stall.py --sizes 85m --rounds 2
+    python benchmarks/checkpoint_stall.py --sizes 85m --rounds 2 --threads 1
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "train"))
 
 SIZES = {
     # name: (vocab, n_layer, n_head, n_embd)
+    "tiny": (512, 2, 2, 64),  # the smoke test's
     "20m": (8192, 6, 8, 512),
     "85m": (8192, 12, 12, 768),
 }
@@ -155,11 +160,15 @@ def _bench(topo, root: Path, size: str, rounds: int, gap_factor: float) -> dict[
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", nargs="+", default=sorted(SIZES), choices=sorted(SIZES))
+    p.add_argument("--sizes", nargs="+", default=["20m", "85m"], choices=sorted(SIZES))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--gap-factor", type=float, default=4.0,
                    help="training between two saves, in sync save times (default 4; a run saving every "
                         "checkpoint.every=50 steps leaves far more)")
+    cores = os.cpu_count() or 1
+    p.add_argument("--threads", default=f"{max(cores - 1, 1)},{cores}",
+                   help="training threads (torch.set_num_threads), comma-separated: each size runs at each "
+                        "(default: all cores but one, then all cores)")
     p.add_argument("--writer-nice", type=int, default=None,
                    help="the background writer's nice (default: checkpoint.WRITER_NICE)")
     args = p.parse_args(argv)
@@ -171,7 +180,23 @@ def main(argv=None) -> int:
     print(f"writer nice {checkpoint.WRITER_NICE}", flush=True)
 
     topo = init_distributed()
-    for size in args.sizes:
+    import torch
+
+    summary, threads_before = [], torch.get_num_threads()
+    try:
+        _run_all(args, topo, summary)
+    finally:
+        torch.set_num_threads(threads_before)  # as it was (a test calls main in its process)
+    print("\n".join(["summary:", *summary]), flush=True)
+    return 0
+
+
+def _run_all(args, topo, summary: list[str]) -> None:
+    import torch
+
+    for threads, size in [(int(n), size) for n in dict.fromkeys(args.threads.split(",")) for size in args.sizes]:
+        torch.set_num_threads(threads)
+        print(f"== {size}, {threads} training thread(s) of {os.cpu_count()} cores", flush=True)
         r = bench(topo, size, args.rounds, args.gap_factor)
         for i, a in enumerate(r["rounds"]):
             print(f"  round {i}: copy {a['copy_s']:.2f}s + extra step time {a['extra_s']:+.2f}s over {a['beside']} "
@@ -187,7 +212,8 @@ def main(argv=None) -> int:
               f"time {r['extra_s']:+.2f}s, wait {r['wait_s']:.2f}s (medians over {len(r['rounds'])} rounds) | writer "
               f"CPU {r['cpu_s'] / r['gb']:.2f} s/GB (checksum {r['hash_cpu_s'] / r['gb']:.2f}), wall "
               f"{r['wall_s'] / r['gb']:.2f} s/GB | load {r['load_s_per_gb']:.2f} s/GB", flush=True)
-    return 0
+        summary.append(f"{size}, {threads} thread(s): async stall {ratio:.0%} of sync "
+                       f"({'PASS' if ratio <= 0.2 else 'FAIL'}, target <= 20%)")
 
 
 if __name__ == "__main__":

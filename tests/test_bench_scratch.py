@@ -1,4 +1,4 @@
-"""benchmarks/checkpoint_stall.py removes only the scratch directory it created itself."""
+"""benchmarks/checkpoint_stall.py runs end to end, and removes only the scratch directory it created itself."""
 from __future__ import annotations
 
 import sys
@@ -21,3 +21,14 @@ def test_the_scratch_directory_is_new_and_only_it_is_removed(tmp_path, monkeypat
         (root / "step_1" / "model.pt").write_bytes(b"y")
     assert not root.exists()
     assert (neighbour / "keep.pt").read_bytes() == b"x"
+
+
+def test_the_benchmark_runs_at_tiny_size_and_judges_each_thread_count(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert checkpoint_stall.main(["--sizes", "tiny", "--rounds", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "== tiny, 1 training thread(s)" in out and "sync save" in out and "load" in out
+    summary = out.split("summary:")[1].strip().splitlines()
+    assert len(summary) == 1 and summary[0].startswith("tiny, 1 thread(s): async stall ")
+    assert ("PASS" in summary[0]) != ("FAIL" in summary[0])
+    assert not list(tmp_path.glob("ckpt_stall_*"))  # its checkpoints went with the scratch directory
