@@ -637,15 +637,17 @@ class CheckpointDir:
         if not steps:
             return
         newest = steps[-1]
-        doomed = []
+        doomed = {}  # directory -> the files its marker listed
         for step in steps[:-self.keep_last]:
-            doomed.append(_uncommit(self.root / tag_for(step)))
+            path = self.root / tag_for(step)
+            doomed[path] = set(read_marker(path)["files"])
+            _uncommit(path)
         for child in self.root.iterdir():
             tag, aside = TAG_RE.match(child.name), ASIDE_RE.match(child.name)
-            if tag and int(tag.group(1)) < newest and not (child / MARKER).is_file() and child not in doomed:
-                doomed.append(child)  # a save that died before its commit
+            if tag and int(tag.group(1)) < newest and not (child / MARKER).is_file():
+                doomed.setdefault(child, set())  # a save that died before its commit
             elif aside and aside.group(2) == "partial" and int(aside.group(1)) <= newest:
-                doomed.append(child)
+                doomed[child] = set()
         if not doomed:
             return
         if not background:
@@ -787,17 +789,50 @@ def _check_file(file: Path, expected: dict[str, Any]) -> Optional[str]:
     return None
 
 
-def _uncommit(path: Path) -> Path:
+def _uncommit(path: Path) -> None:
     """Remove the marker (durably): from now on `path` is an uncommitted directory."""
     with contextlib.suppress(FileNotFoundError):
         (path / MARKER).unlink()
     fsync_dir(path)
-    return path
 
 
-def _delete_dirs(paths: list[Path]) -> None:
-    for path in paths:
-        shutil.rmtree(path, ignore_errors=True)
+# What a save writes in a step directory besides the files its marker lists (an uncommitted one
+# has no list): DeepSpeed's model/optimizer states (any layout, pipeline layers included), the
+# ranks' own state, the marker, and each one's tmp name while it is written.
+OWN_FILE_RE = re.compile(r"^(COMMITTED\.json|[\w.-]+_(model|optim)_states\.pt|rank_state/rank_\d{5}\.pt)(\.tmp)?$")
+
+
+def _delete_dirs(doomed: dict[Path, set[str]]) -> None:
+    for path, listed in doomed.items():
+        _delete_own(path, listed)
+
+
+def _delete_own(path: Path, listed: set[str]) -> None:
+    """Delete what this project wrote in step directory `path` (the files its marker listed,
+    `listed`; files named as a save names them; a universal conversion of ours, its DONE record
+    present, or a half-done one in its tmp directory), then the directories left empty. Anything else, and the directories
+    holding it, stays and is named: a file a user put there is never deleted. Symlinks are not
+    followed."""
+    from memgpt_dist.train.universal import DONE, UNIVERSAL_DIR
+
+    universal_ours = (path / UNIVERSAL_DIR / DONE).is_file()
+    foreign = []
+    for dirpath, dirnames, filenames in os.walk(path, topdown=False):
+        here = Path(dirpath)
+        foreign += [(here / d).relative_to(path).as_posix() for d in dirnames if (here / d).is_symlink()]
+        for name in filenames:
+            rel = (here / name).relative_to(path).as_posix()
+            if (rel in listed or OWN_FILE_RE.match(rel) or rel.startswith(f"{UNIVERSAL_DIR}.tmp-")
+                    or (universal_ours and rel.startswith(f"{UNIVERSAL_DIR}/"))):
+                with contextlib.suppress(FileNotFoundError):
+                    (here / name).unlink()
+            else:
+                foreign.append(rel)
+        with contextlib.suppress(OSError):
+            here.rmdir()  # only once empty
+    if foreign:
+        log.warning("kept %s: it holds files this project did not write (%s%s); delete it yourself once they are "
+                    "safe", path, ", ".join(sorted(foreign)[:3]), ", ..." if len(foreign) > 3 else "")
 
 
 def _repair(engine, universal_tag_dir: Path) -> None:

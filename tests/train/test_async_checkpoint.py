@@ -79,7 +79,7 @@ def test_an_async_commit_deletes_pruned_checkpoints_behind_training(topo, tmp_pa
         t.checkpointer.finish_pending()  # the commit of 3 returns while the deletion of step 1 is held up
     assert started.wait(10)
     old = tmp_path / "checkpoints" / tag_for(1)
-    assert deleting == [old] and old.is_dir() and not (old / "COMMITTED.json").exists()
+    assert list(deleting) == [old] and old.is_dir() and not (old / "COMMITTED.json").exists()
     assert t.checkpointer.committed_steps() == [2, 3]
     save = threading.Thread(target=t.checkpointer.save, args=(4,), kwargs={"background": True})
     save.start()  # the next save waits for the deletion first

@@ -99,6 +99,49 @@ def test_keep_last_k_deletes_only_older_committed(tmp_path):
     assert ck.committed_steps() == [3, 4]
 
 
+def test_pruning_deletes_only_what_the_project_wrote(tmp_path, caplog):
+    """A pruned checkpoint and a dead uncommitted save lose our files (DeepSpeed's, the ranks',
+    tmp names, a universal conversion of ours, a half-done one); a user's file or a universal
+    directory we did not write stays, with the directories holding it, and is named."""
+    ck = CheckpointDir(tmp_path, TOPO, keep_last=1)
+    first = save(ck, 1)
+    (first / "notes.txt").write_text("mine")  # a user's file beside our checkpoint files
+    (first / "universal" / "step_00000001" / "zero").mkdir(parents=True)
+    (first / "universal" / "CONVERTED.json").write_text("{}")  # a conversion of ours
+    (first / "universal" / "step_00000001" / "zero" / "fp32.pt").write_bytes(b"x")
+    dead = tmp_path / tag_for(2)  # a save killed before its commit: some of our files, a user's subdirectory
+    (dead / "rank_state").mkdir(parents=True)
+    (dead / "rank_state" / "rank_00000.pt.tmp").write_bytes(b"x")
+    (dead / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x")
+    (dead / "universal.tmp-123" / "zero").mkdir(parents=True)  # a conversion killed half-way
+    (dead / "universal.tmp-123" / "zero" / "exp_avg.pt").write_bytes(b"x")
+    (dead / "universal" / "zero").mkdir(parents=True)  # a hand-made universal directory: no DONE record
+    (dead / "universal" / "zero" / "mine.pt").write_bytes(b"y")
+    save(ck, 3)  # prunes 1 (keep_last) and 2 (uncommitted, older than the newest)
+    assert sorted(p.relative_to(first).as_posix() for p in first.rglob("*")) == ["notes.txt"]
+    assert sorted(p.relative_to(dead).as_posix() for p in dead.rglob("*")) == ["universal", "universal/zero",
+                                                                               "universal/zero/mine.pt"]
+    assert (first / "notes.txt").read_text() == "mine" and (dead / "universal" / "zero" / "mine.pt").read_bytes() == b"y"
+    assert f"kept {first}: it holds files this project did not write (notes.txt)" in caplog.text
+    assert f"kept {dead}: it holds files this project did not write (universal/zero/mine.pt)" in caplog.text
+    assert ck.committed_steps() == [3] and ck.verify(3) is None
+    save(ck, 4)  # nothing of ours is left in them to delete; the user's files stay
+    assert (first / "notes.txt").read_text() == "mine" and (dead / "universal" / "zero" / "mine.pt").is_file()
+    assert not (tmp_path / tag_for(3)).exists()  # a checkpoint with only our files goes entirely
+
+
+def test_pruning_does_not_follow_a_symlink(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "mp_rank_00_model_states.pt").write_bytes(b"user")  # named like ours, but elsewhere
+    ck = CheckpointDir(tmp_path / "ck", TOPO, keep_last=1)
+    first = save(ck, 1)
+    (first / "link").symlink_to(outside, target_is_directory=True)
+    save(ck, 2)
+    assert (outside / "mp_rank_00_model_states.pt").read_bytes() == b"user"
+    assert (first / "link").is_symlink() and not (first / "mp_rank_00_model_states.pt").exists()
+
+
 def test_load_restores_engine_and_rank_state(tmp_path):
     ck = CheckpointDir(tmp_path, TOPO, keep_last=2)
     save(ck, 7, value=3.5)
@@ -170,10 +213,10 @@ def test_prune_uncommits_before_deleting(tmp_path, monkeypatch):
     ck = CheckpointDir(tmp_path, TOPO, keep_last=1)
     save(ck, 1)
 
-    def interrupted_rmtree(path, ignore_errors=False):
+    def interrupted_delete(path, listed):
         raise KeyboardInterrupt  # the process dies in the middle of deleting step 1
 
-    monkeypatch.setattr(ckpt_mod.shutil, "rmtree", interrupted_rmtree)
+    monkeypatch.setattr(ckpt_mod, "_delete_own", interrupted_delete)
     with pytest.raises(KeyboardInterrupt):
         save(ck, 2)
     assert ck.committed_steps() == [2]  # step 1 lost its marker first: never a half-deleted "checkpoint"
