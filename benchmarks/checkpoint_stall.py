@@ -161,7 +161,8 @@ def _bench(topo, root: Path, size: str, rounds: int, gap_factor: float) -> dict[
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["20m", "85m"], choices=sorted(SIZES))
-    p.add_argument("--rounds", type=int, default=5, help="async saves per size (medians; one step beside a 20m writer varies by +-0.1 s)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="async saves per size (medians; one step beside a 20m writer varies by +-0.1 s)")
     p.add_argument("--gap-factor", type=float, default=4.0,
                    help="training between two saves, in sync save times (default 4; a run saving every "
                         "checkpoint.every=50 steps leaves far more)")

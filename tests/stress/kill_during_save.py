@@ -107,17 +107,11 @@ def committed(ckpt_root: Path) -> list[int]:
 
 def damaged(ckpt_root: Path, step: int) -> list[str]:
     """Files of committed checkpoint `step` that are missing or differ from its marker."""
-    from memgpt_dist.train.checkpoint import DIGESTS, file_digest
-
-    def matches(file: Path, f: dict) -> bool:
-        algo = next(a for a in DIGESTS if a in f)  # xxh3_128; sha256 in markers written before it
-        return file_digest(file, algo) == f[algo]
+    from memgpt_dist.train.checkpoint import _check_file  # size, then the checksum the marker holds
 
     path = ckpt_root / f"step_{step:08d}"
     files = json.loads((path / MARKER).read_text())["files"]
-    return [name for name, f in files.items()
-            if not (path / name).is_file() or (path / name).stat().st_size != f["bytes"]
-            or not matches(path / name, f)]
+    return [name for name, f in files.items() if _check_file(path / name, f) is not None]
 
 
 def phase_of(path: Path) -> str:
