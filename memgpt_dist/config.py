@@ -163,12 +163,67 @@ class MemoryConfig:
                                    "(Gated DeltaNet), so old associations fade")
     decay_bias_init: float = doc_field(7.0, "initial bias of the forgetting gate's logit: alpha_t starts near "
                                             "sigmoid(decay_bias_init)")
+    # A lever on the memory's cost: the blocks without it are plain segment-local blocks (no mem_*
+    # parameters, no carried memory). A YAML integer or list of integers is taken as this string.
+    layers: str = field(default="", metadata={
+        "doc": "blocks that have the memory: '' every block; 'I,J,...' those indices; 'every:K' blocks "
+               "K-1, 2K-1, ... (n_layer 8, every:4: blocks 3 and 7)", "int_list": True})
+
+    def __post_init__(self) -> None:
+        # parsed once; a plain attribute, not a field (equality and to_json see only the string)
+        object.__setattr__(self, "_layers", _parse_layers(self.layers))
+
+    def has_memory(self, layer: int) -> bool:
+        """Whether block `layer` has the memory: memory.enabled, and memory.layers selects it (the
+        one home of this fact: the model, FLOPs, estimates and export all ask here)."""
+        if not self.enabled:
+            return False
+        selected = self._layers
+        if selected is None:
+            return True
+        if isinstance(selected, int):  # every:K
+            return (layer + 1) % selected == 0
+        return layer in selected
+
+    def memory_layers(self, n_layer: int) -> tuple[int, ...]:
+        """The blocks of an `n_layer` model that have the memory, in order (empty when disabled)."""
+        return tuple(i for i in range(n_layer) if self.has_memory(i))
+
+    def validate_for_model(self, model: ModelConfig) -> None:
+        """memory.layers against model.n_layer: indices in range, at least one block selected."""
+        selected = self._layers
+        if isinstance(selected, tuple):
+            bad = [i for i in selected if i >= model.n_layer]
+            _check(not bad, f"memory.layers={self.layers!r} names block(s) {', '.join(map(str, bad))}; "
+                            f"model.n_layer={model.n_layer} has blocks 0..{model.n_layer - 1}")
+        if isinstance(selected, int):
+            _check(selected <= model.n_layer,
+                   f"memory.layers={self.layers!r} selects no block of model.n_layer={model.n_layer}; use every:K "
+                   f"with K <= {model.n_layer}, or '' for every block")
 
     def validate(self) -> None:
         _check(self.nu >= 1 or (self.kind == "delta" and self.nu == 0),
                "memory.nu must be >= 1 (0, raw unit-length keys, only with memory.kind='delta')")
         _check(self.eps > 0, "memory.eps must be > 0")
         _check(self.conv >= 0, "memory.conv must be >= 0 (0: no convolution)")
+
+
+def _parse_layers(text: str) -> Optional[int | tuple[int, ...]]:
+    """memory.layers: '' -> None (every block); 'every:K' -> K (>= 1); 'I,J,...' -> (I, J, ...),
+    distinct non-negative integers (their range is checked against model.n_layer by TrainConfig)."""
+    text = text.strip()
+    if not text:
+        return None
+    if text.startswith("every:"):
+        k = text[len("every:"):].strip()
+        _check(k.isdigit() and int(k) >= 1, f"memory.layers={text!r}: write every:K with an integer K >= 1")
+        return int(k)
+    items = [x.strip() for x in text.split(",")]
+    _check(all(x.isdigit() for x in items),
+           f"memory.layers={text!r}: write '' (every block), block indices 'I,J,...' (integers >= 0) or every:K")
+    indices = tuple(int(x) for x in items)
+    _check(len(set(indices)) == len(indices), f"memory.layers={text!r} names a block twice")
+    return tuple(sorted(indices))
 
 
 @dataclass(frozen=True)
@@ -504,6 +559,7 @@ class TrainConfig:
         _check(self.optim.warmup_steps < self.train.max_steps or self.train.max_steps == 1,
                f"optim.warmup_steps={self.optim.warmup_steps} must be below train.max_steps={self.train.max_steps}")
         self.parallel.validate_for_model(self.model)
+        self.memory.validate_for_model(self.model)
         self._validate_compile()
 
     def _validate_compile(self) -> None:
@@ -661,8 +717,24 @@ def from_dict(cls: type, data: Any, prefix: str) -> Any:
         where = f"section {prefix.rstrip('.')!r}" if prefix else "the top level"
         raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in unknown)} in {where}; "
                           f"valid keys: {', '.join(sorted(known))}")
-    kwargs = {name: _coerce(hints[name], value, prefix + name) for name, value in data.items()}
+    int_lists = {f.name for f in fields(cls) if f.metadata.get("int_list")}
+    kwargs = {name: _coerce(hints[name], _int_list_text(value) if name in int_lists else value, prefix + name)
+              for name, value in data.items()}
     return cls(**kwargs)
+
+
+def _int_list_text(value: Any) -> Any:
+    """A YAML integer (`--memory.layers=1`) or list of integers (`layers: [3, 7]`) as the string
+    a comma-list field holds ("1", "3,7"); anything else unchanged (a string, or a wrong type
+    that `_coerce` names)."""
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if is_int(value):
+        return str(value)
+    if isinstance(value, list) and value and all(is_int(v) for v in value):
+        return ",".join(str(v) for v in value)
+    return value
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
