@@ -1,10 +1,11 @@
 """The memory a rank carries from one training micro-batch to the next (`train.carry_memory`).
 
 One representation for every layout: the state of each layer this rank computes, keyed by global
-layer index (a whole model holds every layer, a pipeline stage its own), each a `LayerState` of
-the rank's streams and heads, detached (truncated BPTT): the memory (A, z, fp32) and, with
-`model.attention: window`, the last segment's keys and values (k, v in their dtype, kv_valid
-bool). It saves as `{"layer<i>.A", "layer<i>.z", "layer<i>.k", ...}` (the fields that exist), the
+layer index (a whole model holds every layer, a pipeline stage its own; a block without memory,
+`memory.layers`, under segment or full attention carries nothing and has no entry, so saves no
+key), each a `LayerState` of the rank's streams and heads, detached (truncated BPTT): the memory
+(A, z, fp32) and, with `model.attention: window`, the last segment's keys and values (k, v in
+their dtype, kv_valid bool). It saves as `{"layer<i>.A", "layer<i>.z", "layer<i>.k", ...}` (the fields that exist), the
 names `memory.state_to_dict` gives a whole model's state, every tensor with heads in dim 1, so a
 checkpoint of any layout reads back into any other (`train/redistribute.py` slices rows and
 heads of every key alike). Imports torch only.
@@ -33,10 +34,11 @@ class MemoryCarry:
 
     # ------------------------------------------------------------------ use in a forward
     def state(self, n_layer: int) -> Optional[MemoryState]:
-        """The whole model's state to start the next micro-batch from (None: zero memory)."""
+        """The whole model's state to start the next micro-batch from (None: zero memory); None
+        for the layers that carry nothing (blocks without memory, `memory.layers`)."""
         if not (self.enabled and self.layers):
             return None
-        return tuple(self.layers[i] for i in range(n_layer))
+        return tuple(self.layers.get(i) for i in range(n_layer))
 
     def layer(self, index: int) -> Optional[LayerState]:
         return self.layers.get(index) if self.enabled else None
@@ -44,7 +46,7 @@ class MemoryCarry:
     def keep(self, state: Optional[MemoryState]) -> None:
         """Carry a whole model's state after a micro-batch (the graph is cut here)."""
         if self.enabled and state is not None:
-            self.layers = {i: _detached(s) for i, s in enumerate(state)}
+            self.layers = {i: _detached(s) for i, s in enumerate(state) if s is not None}
 
     def keep_layer(self, index: int, state: Optional[LayerState]) -> None:
         if self.enabled and state is not None:

@@ -8,7 +8,10 @@ inside the segment (`memory.conv` taps): the key a token writes can then hold th
 so a fact "key value" is stored under the key where the value is read. Without it the model only
 learns which values a document held, not which key each belonged to (multi-query recall stalls at
 ~38%, the accuracy of guessing among the values not yet asked for; with 4 taps it reaches ~100%). With `memory.enabled: false` the model has no memory
-parameters at all and is the plain segment-local GPT (the baseline).
+parameters at all and is the plain segment-local GPT (the baseline). `memory.layers` puts the memory
+in some blocks only (`MemoryConfig.has_memory`): the others are built as with the memory disabled
+(no `mem_*` parameters) and carry no memory, their entry of the model's state is None (or, with
+`model.attention: window`, a `LayerState` holding only the window's keys and values).
 
 Written to be parallelised from outside (torchtitan style): separate q/k/v/o projections that
 tensor-parallel rules can match by name, `view(B, T, -1, head_dim)` so a rank holding a subset of
@@ -141,9 +144,10 @@ class SegmentConv(nn.Module):
 
 
 class Attention(nn.Module):
-    """Segment-local multi-head attention; with memory, each head mixes in its memory read."""
+    """Segment-local multi-head attention; with memory, each head mixes in its memory read.
+    `layer`: the block's index, which `mem.has_memory` asks whether this block has the memory."""
 
-    def __init__(self, cfg: ModelConfig, mem: MemoryConfig):
+    def __init__(self, cfg: ModelConfig, mem: MemoryConfig, layer: int):
         super().__init__()
         d, d_kv = cfg.n_embd, cfg.kv_heads * cfg.head_dim
         self.head_dim = cfg.head_dim
@@ -156,7 +160,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, d_kv, bias=cfg.bias)
         self.o_proj = nn.Linear(d, d, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
-        self.mem = mem if mem.enabled else None
+        self.mem = mem if mem.has_memory(layer) else None
         if self.mem is not None:
             self.mem_q_proj = nn.Linear(d, d, bias=False)
             self.mem_k_proj = nn.Linear(d, d, bias=False)
@@ -180,8 +184,10 @@ class Attention(nn.Module):
         if self.mem is not None:
             read, state = self._read_write_memory(x, state, reset, read_memory)
             y = self._mix(y, read)
+        else:
+            state = None  # no memory here: nothing carried but (below) the window
         if self.attention == "window":
-            state = with_window(state if self.mem is not None else None, window)
+            state = with_window(state, window)
         y = y.reshape(B, T, -1)  # (B, T, H * hd)
         return self.resid_dropout(self.o_proj(y)), state, read
 
@@ -341,12 +347,13 @@ class LMHead(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+    """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x)). Block `layer` has the
+    memory where `mem.has_memory(layer)`."""
 
-    def __init__(self, cfg: ModelConfig, mem: MemoryConfig):
+    def __init__(self, cfg: ModelConfig, mem: MemoryConfig, layer: int):
         super().__init__()
         self.ln1 = build_norm(cfg)
-        self.attn = Attention(cfg, mem)
+        self.attn = Attention(cfg, mem, layer)
         self.ln2 = build_norm(cfg)
         self.mlp = MLP(cfg)
 
@@ -412,7 +419,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.segment_len, cfg.n_embd) if cfg.position == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleDict({str(i): Block(cfg, mem) for i in range(cfg.n_layer)})
+        self.blocks = nn.ModuleDict({str(i): Block(cfg, mem, i) for i in range(cfg.n_layer)})
         self.ln_f = build_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else LMHead(cfg)
 
@@ -429,7 +436,13 @@ class GPT(nn.Module):
         `materialize(module)`: a context in which `module`'s own parameters are whole (a model
         built partitioned, ZeRO-3's `zero.Init`, passes DeepSpeed's `GatheredParameters`); the
         modules are initialised one at a time, in the same order and with the same random draws
-        as an unpartitioned model, so both get the same weights."""
+        as an unpartitioned model, so both get the same weights.
+
+        Deterministic given the seed and the config: the draws are taken from the global RNG in
+        module order (block 0 to n_layer - 1, each block's modules in their construction order),
+        so with `memory.layers` selecting every block the weights are those of a model without
+        the option, bit for bit; a block left without memory takes no draws for it, so the blocks
+        after it start at another point of the stream than they would with memory everywhere."""
         whole = materialize or _whole
         std = self.cfg.init_std
         for name, module in self.named_modules():
@@ -531,6 +544,11 @@ class GPT(nn.Module):
         return lm_head(self.ln_f, self.head, x)
 
     @property
+    def memory_layers(self) -> tuple[int, ...]:
+        """The blocks that have the memory (`MemoryConfig.memory_layers`; empty when disabled)."""
+        return self.mem_cfg.memory_layers(self.cfg.n_layer)
+
+    @property
     def carries_state(self) -> bool:
         """Whether a forward returns a state for the next one: the memory and/or the window cache."""
         return self.mem_cfg.enabled or self.cfg.attention == "window"
@@ -545,7 +563,13 @@ class GPT(nn.Module):
             raise ValueError("a state was passed but the model carries none (memory.enabled is false and "
                              "model.attention is not 'window'); pass state=None")
         if state is not None and len(state) != len(self.blocks):
-            raise ValueError(f"state has {len(state)} layers; the model has model.n_layer={len(self.blocks)}")
+            raise ValueError(f"state has {len(state)} layers; the model has model.n_layer={len(self.blocks)} (a state "
+                             f"read back from a dict: state_from_dict(tensors, n_layer={len(self.blocks)}))")
+        if state is not None:
+            stray = [i for i, s in enumerate(state) if s is not None and s.A is not None and i not in self.memory_layers]
+            if stray:
+                raise ValueError(f"state holds a memory for block(s) {stray}, which have none (memory.layers="
+                                 f"{self.mem_cfg.layers!r}); pass None for those layers")
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         """Parameter count (a tied LM head is counted once, as the token embedding; an untied one

@@ -32,7 +32,7 @@ with them and needs no communication.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Collection, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +55,10 @@ class LayerState(NamedTuple):
 STATE_FIELDS = ("A", "z", "k", "v", "kv_valid")  # saved as "layer<i>.<field>" where not None
 
 
-MemoryState = tuple[LayerState, ...]  # one LayerState per layer, in layer order
+# One entry per layer, in layer order: a LayerState, or None for a layer that carries nothing (a
+# block without memory, `memory.layers`, under segment or full attention). With window attention
+# such a block's entry is a LayerState with A = z = None and the window's k, v, kv_valid.
+MemoryState = tuple[Optional[LayerState], ...]
 
 
 def feature_dim(head_dim: int, nu: int) -> int:
@@ -86,12 +89,16 @@ def zero_layer_state(batch: int, n_head: int, head_dim: int, nu: int,
 
 
 def zero_state(n_layer: int, batch: int, n_head: int, head_dim: int, nu: int,
-               device: Optional[torch.device] = None) -> MemoryState:
-    """The empty memory of a whole model; equivalent to passing `state=None`."""
-    return tuple(zero_layer_state(batch, n_head, head_dim, nu, device) for _ in range(n_layer))
+               device: Optional[torch.device] = None, layers: Optional[Collection[int]] = None) -> MemoryState:
+    """The empty memory of a whole model; equivalent to passing `state=None`. `layers`: the
+    blocks that have the memory (`GPT.memory_layers`; None: every block); the others get None."""
+    return tuple(zero_layer_state(batch, n_head, head_dim, nu, device) if layers is None or i in layers else None
+                 for i in range(n_layer))
 
 
-def _map_fields(s: LayerState, fn) -> LayerState:
+def _map_fields(s: Optional[LayerState], fn) -> Optional[LayerState]:
+    if s is None:  # a layer that carries nothing
+        return None
     return LayerState(*(None if t is None else fn(name, t) for name, t in zip(STATE_FIELDS, s)))
 
 
@@ -116,19 +123,23 @@ def move_state(state: Optional[MemoryState], device: torch.device | str) -> Opti
 
 def state_to_dict(state: MemoryState) -> dict[str, Tensor]:
     """Flat `{"layer{i}.A": ..., "layer{i}.z": ...}` (and `.k`, `.v`, `.kv_valid` with a window)
-    that `torch.load(weights_only=True)` accepts."""
+    that `torch.load(weights_only=True)` accepts; a layer that carries nothing has no key."""
     out: dict[str, Tensor] = {}
     for i, s in enumerate(state):
-        for name, t in zip(STATE_FIELDS, s):
+        for name, t in zip(STATE_FIELDS, s if s is not None else ()):
             if t is not None:
                 out[f"layer{i}.{name}"] = t
     return out
 
 
-def state_from_dict(tensors: dict[str, Tensor]) -> MemoryState:
-    """Inverse of `state_to_dict`."""
-    layers = sorted({int(key.split(".")[0][len("layer"):]) for key in tensors})
-    return tuple(LayerState(*(tensors.get(f"layer{i}.{name}") for name in STATE_FIELDS)) for i in layers)
+def state_from_dict(tensors: dict[str, Tensor], n_layer: Optional[int] = None) -> MemoryState:
+    """Inverse of `state_to_dict`: `n_layer` entries (None for the layers without a key; without
+    `n_layer`, up to the last layer that has one, which is short when the last blocks carry
+    nothing: `memory.layers`)."""
+    saved = {int(key.split(".")[0][len("layer"):]) for key in tensors}
+    n = n_layer if n_layer is not None else max(saved, default=-1) + 1
+    return tuple(LayerState(*(tensors.get(f"layer{i}.{name}") for name in STATE_FIELDS)) if i in saved else None
+                 for i in range(n))
 
 
 def reset_where(state: LayerState, reset: Tensor) -> LayerState:

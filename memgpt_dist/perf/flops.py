@@ -23,6 +23,8 @@ hd, Hkv key/value heads (C_kv = Hkv hd), F = `mlp_hidden_size`, V = vocab_size):
                                                 and the update K^T U: 2 n dk (3 hd + n) per segment
     LM head                (tied or not)       2 T C V
 
+The memory terms count once per block that has the memory (`memory.layers`), the others once per block.
+
 More terms are counted but are not matmuls (torch's FlopCounterMode does not see them):
 the DPFP features (one multiply per feature of q and k), for 'head' the denominators phi . z
 (a multiply and an add per feature of q and k) and, for 'delta', the triangular solve
@@ -91,12 +93,13 @@ def count_flops(model: ModelConfig, memory: MemoryConfig, T: int) -> FlopCount:
         "attn_scores": _score_flops(model, T, lengths),
         "mlp": mlp_matrices * 2 * T * C * model.mlp_hidden_size,
     }
-    other: dict[str, int] = {}
-    if memory.enabled:
-        mem_matmul, other = _memory_flops(model, memory, T, lengths)
-        matmul.update(mem_matmul)
     matmul = {k: v * model.n_layer for k, v in matmul.items()}
-    other = {k: v * model.n_layer for k, v in other.items()}
+    other: dict[str, int] = {}
+    n_memory = len(memory.memory_layers(model.n_layer))  # memory.layers: the blocks that have it
+    if n_memory:
+        mem_matmul, mem_other = _memory_flops(model, memory, T, lengths)
+        matmul.update({k: v * n_memory for k, v in mem_matmul.items()})
+        other = {k: v * n_memory for k, v in mem_other.items()}
     matmul["lm_head"] = 2 * T * C * V
     return FlopCount(matmul=matmul, other=other, tokens=T)
 

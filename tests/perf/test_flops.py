@@ -37,6 +37,10 @@ CONFIGS = {
     "full-memory-off": ["memory.enabled=false", "model.n_embd=64", "model.n_head=4", "model.attention=full"],
     "full-delta-decay": ["model.n_embd=64", "model.n_head=2", "model.attention=full", "memory.kind=delta",
                          "memory.nu=1", "memory.decay=true"],
+    # memory in some blocks only: its terms count once per block that has it
+    "memory-every-2-of-4": ["model.n_layer=4", "model.n_embd=64", "model.n_head=4", "memory.layers=every:2"],
+    "window-memory-layer-0": ["model.n_embd=64", "model.n_head=4", "model.attention=window", "memory.layers=0",
+                              "model.segment_len=32", "model.vocab_size=64"],
 }
 TOLERANCE = 0.05
 
