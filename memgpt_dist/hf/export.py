@@ -72,6 +72,7 @@ def hf_config(cfg: TrainConfig, eos_id: int, pad_id: int):
                           n_kv_head=m.kv_heads, norm=m.norm, norm_eps=m.norm_eps, mlp=m.mlp,
                           mlp_hidden=m.mlp_hidden_size, tie_word_embeddings=m.tie_embeddings,
                           attention=m.attention, mem_decay=mem.enabled and mem.decay,
+                          mem_layers=list(mem.memory_layers(m.n_layer)),
                           architectures=["MemGPTForCausalLM"])
     config.auto_map = dict(AUTO_MAP)
     return config

@@ -79,7 +79,7 @@ def format_shares(cfg: TrainConfig, plan: LayoutShares) -> list[str]:
     lines.append("# memory per rank: weights and gradients in the training precision, optimizer = fp32 master + "
                  "2 Adam moments, divided by dp as the ZeRO stage partitions them; activations for the micro-batches "
                  "in flight (rough; memgpt_dist/parallel/layout.py:activation_bytes); mem state = fp32 A and z of "
-                 "the rank's layers and heads for micro_batch_size streams")
+                 "the rank's layers that have the memory (memory.layers) and heads for micro_batch_size streams")
     return lines
 
 

@@ -112,9 +112,9 @@ def _rank_share(cfg: TrainConfig, layout: Layout, precision: str, numels: dict[s
     has_head = stage[-1].name == "norm+head"
     # 1F1B: stage s keeps the activations of up to pp - s micro-batches in flight
     in_flight = min(layout.pp - place.pp, layout.grad_accum)
-    act = in_flight * activation_bytes(cfg, len(blocks), has_head, layout.tp, precision)
+    act = in_flight * activation_bytes(cfg, blocks, has_head, layout.tp, precision)
     memory = MemoryEstimate(*_model_state_bytes(n_params, layout, precision), activations=act,
-                            memory_state=memory_state_bytes(cfg, len(blocks), layout.tp))
+                            memory_state=memory_state_bytes(cfg, blocks, layout.tp))
     return RankShare(rank, place, tuple(item.name for item in stage), blocks,
                     head_range(cfg.model.n_head, place.tp, layout.tp), n_params, memory)
 
@@ -129,8 +129,8 @@ def _model_state_bytes(n_params: int, layout: Layout, precision: str) -> tuple[i
             n_params * (master + 8) // (dp if stage >= 1 else 1))
 
 
-def activation_bytes(cfg: TrainConfig, n_blocks: int, has_head: bool, tp: int, precision: str) -> int:
-    """Rough bytes stored for the backward pass of one micro-batch on `n_blocks` blocks.
+def activation_bytes(cfg: TrainConfig, blocks: Sequence[int], has_head: bool, tp: int, precision: str) -> int:
+    """Rough bytes stored for the backward pass of one micro-batch on `blocks` (global indices).
 
     b samples of T = n_segments * segment_len tokens, width h, H heads (Hkv key/value heads of
     width h_kv = Hkv * hd), MLP width I, tp shards, a = 2 bytes (bf16/fp16) or 4 (fp32). A block
@@ -142,7 +142,8 @@ def activation_bytes(cfg: TrainConfig, n_blocks: int, has_head: bool, tp: int, p
     (L = T) (flash kernels keep less). The memory adds 3bTh/tp + bTH/tp (its projections and write
     gates; bTH/tp more for the forgetting gate) in a bytes
     and, in fp32, 2bT(H/tp)dk DPFP features, 2bTh/tp values and reads, and K per-segment states of
-    b(H/tp)dk(hd+1) (gradients flow through all K segments). With activation checkpointing a block
+    b(H/tp)dk(hd+1) (gradients flow through all K segments), in the blocks that have the memory
+    (`memory.layers`). With activation checkpointing a block
     keeps only its input bTh, plus one block's full set while it is recomputed. The stage holding
     the head adds the logits bTV in a bytes, their fp32 copy and fp32 log-softmax (8 bytes).
     """
@@ -154,31 +155,31 @@ def activation_bytes(cfg: TrainConfig, n_blocks: int, has_head: bool, tp: int, p
     qkv = 3 * b * T * h + 2 * b * T * m.kv_heads * hd
     keys = {"segment": N, "window": 2 * N, "full": T}[m.attention]  # keys each query's scores cover
     block = a * (4 * b * T * h + (qkv + mlp_tensors * b * T * inner + b * H * T * keys) // tp)
-    if mem.enabled:
-        dk = feature_dim(hd, mem.nu)
-        block += a * (3 * b * T * h + b * T * H * (2 if mem.decay else 1)) // tp
-        block += 4 * (2 * b * T * H * dk + 2 * b * T * h + K * b * H * dk * (hd + 1)) // tp
-    if n_blocks == 0:
+    dk = feature_dim(hd, mem.nu)
+    memory = (a * (3 * b * T * h + b * T * H * (2 if mem.decay else 1)) // tp
+              + 4 * (2 * b * T * H * dk + 2 * b * T * h + K * b * H * dk * (hd + 1)) // tp)
+    n_memory = sum(mem.has_memory(i) for i in blocks)
+    if not blocks:
         stored = 0
-    elif par.activation_checkpointing:
-        stored = n_blocks * (a * b * T * h) + block
+    elif par.activation_checkpointing:  # the recomputed block: one with memory if any has it
+        stored = len(blocks) * (a * b * T * h) + block + (memory if n_memory else 0)
     else:
-        stored = n_blocks * block
+        stored = len(blocks) * block + n_memory * memory
     return stored + (b * T * m.vocab_size * (a + 8) if has_head else 0)
 
 
-def memory_state_bytes(cfg: TrainConfig, n_blocks: int, tp: int) -> int:
-    """The carried state of one micro-batch on the rank, per block, for each of micro_batch_size
-    streams: the fp32 memory, A (dk, hd) and z (dk,) per held head, and with `model.attention:
-    window` the last segment's keys and values, N x hd each per held key/value head (counted at 4
-    bytes), and their N-slot mask."""
+def memory_state_bytes(cfg: TrainConfig, blocks: Sequence[int], tp: int) -> int:
+    """The carried state of one micro-batch on the rank's `blocks` (global indices), for each of
+    micro_batch_size streams: in each block that has the memory (`memory.layers`) the fp32 memory,
+    A (dk, hd) and z (dk,) per held head, and with `model.attention: window` in every block the
+    last segment's keys and values, N x hd each per held key/value head (counted at 4 bytes), and
+    their N-slot mask."""
     m, b = cfg.model, cfg.parallel.micro_batch_size
     hd = m.head_dim
-    total = 0
-    if cfg.memory.enabled:
-        dk = feature_dim(hd, cfg.memory.nu)
-        total += 4 * b * n_blocks * (m.n_head // tp) * (dk * hd + dk)
+    n_memory = sum(cfg.memory.has_memory(i) for i in blocks)
+    dk = feature_dim(hd, cfg.memory.nu)
+    total = 4 * b * n_memory * (m.n_head // tp) * (dk * hd + dk)
     if m.attention == "window":
         kv_heads = max(1, m.kv_heads // tp)
-        total += b * n_blocks * kv_heads * m.segment_len * (2 * 4 * hd + 1)
+        total += b * len(blocks) * kv_heads * m.segment_len * (2 * 4 * hd + 1)
     return total

@@ -34,7 +34,9 @@ LLAMA_STYLE = OPTIONS[-2]
 ATTENTION = [{"attention": "window"}, {"attention": "window", "memory": False, "n_kv_head": 2},
              {"attention": "window", "position": "learned"}, {"attention": "full"},
              {"attention": "full", "memory": False}, {"memory_kwargs": {"decay": True, "decay_bias_init": 0.0}},
-             {"attention": "window", "memory_kwargs": {"decay": True, "decay_bias_init": 0.0, "kind": "delta"}}]
+             {"attention": "window", "memory_kwargs": {"decay": True, "decay_bias_init": 0.0, "kind": "delta"}},
+             # issue 16: the memory in some blocks only (memory.layers)
+             {"memory_kwargs": {"layers": "1"}}, {"attention": "window", "memory_kwargs": {"layers": "0"}}]
 OPTIONS += ATTENTION
 
 
@@ -83,6 +85,21 @@ def test_cached_decoding_equals_the_full_forward(options):
             logits.append(out.logits)
             cache = out.cache
         assert (torch.cat(logits, dim=1) - model(ids).logits).abs().max() <= TOL
+
+
+def test_config_json_says_which_blocks_have_the_memory(tmp_path):
+    """memory.layers reaches config.json as mem_layers, and a model built from that file alone has
+    the memory's parameters in exactly those blocks (a strict load of the GPT's weights)."""
+    from memgpt_dist.hf.export import hf_config
+    from memgpt_dist.hf.remote.configuration_memgpt import MemGPTConfig
+    from memgpt_dist.hf.remote.modeling_memgpt import MemGPTForCausalLM
+
+    model = build_tiny(memory_kwargs={"layers": "1"})
+    hf_config(TrainConfig(model=model.cfg, memory=model.mem_cfg), 0, 1).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["mem_layers"] == [1]
+    remote = MemGPTForCausalLM(MemGPTConfig.from_pretrained(tmp_path))
+    remote.model.load_state_dict(model.state_dict(), strict=True)
+    assert not hasattr(remote.model.blocks["0"].attn, "mem_q_proj")
 
 
 # ------------------------------------------------------------------------------ exported runs

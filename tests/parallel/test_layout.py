@@ -161,8 +161,9 @@ def test_parameters_per_rank_add_up():
 def test_meta_device_count_equals_the_real_model():
     from memgpt_dist.model import GPT
 
-    cfg = load_config(None, SMALL)
-    assert sum(parameter_numels(cfg).values()) == GPT(cfg.model, cfg.memory).num_params()
+    for extra in ([], ["memory.layers=1,2"]):
+        cfg = load_config(None, SMALL + extra)
+        assert sum(parameter_numels(cfg).values()) == GPT(cfg.model, cfg.memory).num_params()
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -211,6 +212,24 @@ def test_memory_state_is_split_by_heads_and_layers():
                                      "parallel.zero_stage=1"])
     rank0 = rank_shares(cfg, validate_layout(cfg, 4), "fp32").ranks[0]
     assert rank0.memory.memory_state == 4 * 3 * 2 * 2 * (dk * hd + dk)
+
+
+def test_memory_in_some_layers_counts_only_there():
+    """memory.layers: the memory state, its activations and its parameters on the stages of the
+    blocks that have it (uniform split: blocks 0, 1 on stage 0, blocks 2, 3 on stage 1)."""
+    def ranks(layers):
+        cfg = load_config(None, SMALL + ["parallel.micro_batch_size=3", "parallel.pp=2", "parallel.zero_stage=1",
+                                         "parallel.pp_partition=uniform", f"memory.layers={layers}"])
+        return rank_shares(cfg, validate_layout(cfg, 2), "fp32").ranks
+
+    dk, hd = 2 * 3 * 16, 16
+    every, last, everywhere = ranks("every:2"), ranks("3"), ranks("")
+    assert [r.memory.memory_state for r in every] == [4 * 3 * 1 * 4 * (dk * hd + dk)] * 2  # one memory block each
+    assert [r.memory.memory_state for r in last] == [0, 4 * 3 * 1 * 4 * (dk * hd + dk)]
+    assert last[0].memory.activations < every[0].memory.activations < everywhere[0].memory.activations
+    assert last[1].memory.activations == every[1].memory.activations < everywhere[1].memory.activations
+    assert last[0].n_params < every[0].n_params < everywhere[0].n_params
+    assert last[1].n_params == every[1].n_params < everywhere[1].n_params
 
 
 def test_window_and_full_attention_in_the_estimate():

@@ -14,7 +14,7 @@ class MemGPTConfig(PretrainedConfig):
     def __init__(self, vocab_size=4096, n_layer=2, n_head=4, n_embd=128, segment_len=64, position="rope",
                  rope_theta=10000.0, mlp_ratio=4, bias=True, mem_enabled=True, mem_kind="head", mem_nu=3,
                  mem_eps=1e-5, mem_conv=4, use_cache=True, n_kv_head=None, norm="layernorm", norm_eps=1e-5,
-                 mlp="gelu", mlp_hidden=None, attention="segment", mem_decay=False, **kwargs):
+                 mlp="gelu", mlp_hidden=None, attention="segment", mem_decay=False, mem_layers=None, **kwargs):
         self.vocab_size = vocab_size
         self.n_layer = n_layer
         self.n_head = n_head
@@ -39,9 +39,15 @@ class MemGPTConfig(PretrainedConfig):
         # issue 15: 'segment' | 'window' | 'full' attention; the memory's forgetting gate
         self.attention = attention
         self.mem_decay = mem_decay
+        # the blocks that have the memory (memory.layers, resolved to indices); None: every block
+        self.mem_layers = list(mem_layers) if mem_layers is not None else None
         kwargs.setdefault("tie_word_embeddings", True)
         super().__init__(**kwargs)
 
     @property
     def head_dim(self):
         return self.n_embd // self.n_head
+
+    def has_memory(self, layer):
+        """Whether block `layer` has the memory (memgpt_dist's MemoryConfig.has_memory)."""
+        return bool(self.mem_enabled) and (self.mem_layers is None or layer in self.mem_layers)

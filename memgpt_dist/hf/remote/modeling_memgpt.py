@@ -284,7 +284,7 @@ class LayerCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: MemGPTConfig):
+    def __init__(self, cfg: MemGPTConfig, layer: int):
         super().__init__()
         d, d_kv = cfg.n_embd, cfg.n_kv_head * cfg.head_dim
         self.cfg = cfg
@@ -296,7 +296,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(d, d, bias=cfg.bias)
         self.attention = cfg.attention
         self.theta = cfg.rope_theta if cfg.position == "rope" else None
-        self.mem = cfg.mem_enabled
+        self.mem = cfg.has_memory(layer)  # mem_layers: the memory in some blocks only
         if self.mem:
             self.mem_q_proj = nn.Linear(d, d, bias=False)
             self.mem_k_proj = nn.Linear(d, d, bias=False)
@@ -445,10 +445,10 @@ class LMHead(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: MemGPTConfig):
+    def __init__(self, cfg: MemGPTConfig, layer: int):
         super().__init__()
         self.ln1 = build_norm(cfg)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.ln2 = build_norm(cfg)
         self.mlp = MLP(cfg)
 
@@ -548,7 +548,7 @@ class MemGPTModel(MemGPTPreTrainedModel):
         super().__init__(config)
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.segment_len, config.n_embd) if config.position == "learned" else None
-        self.blocks = nn.ModuleDict({str(i): Block(config) for i in range(config.n_layer)})
+        self.blocks = nn.ModuleDict({str(i): Block(config, i) for i in range(config.n_layer)})
         self.ln_f = build_norm(config)
         self.lm_head = None if config.tie_word_embeddings else LMHead(config)
         self.post_init()
