@@ -14,8 +14,8 @@ VOCAB = 50
 def build_tiny(memory: bool = True, position: str = "rope", seed: int = 0, memory_kwargs: dict | None = None,
                **model_kwargs) -> GPT:
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=32, segment_len=SEGMENT_LEN,
-                      position=position, init_std=0.1, **model_kwargs)
+    cfg = ModelConfig(**{"vocab_size": VOCAB, "n_layer": 2, "n_head": 4, "n_embd": 32, "segment_len": SEGMENT_LEN,
+                         "position": position, "init_std": 0.1, **model_kwargs})
     model = GPT(cfg, MemoryConfig(enabled=memory, **(memory_kwargs or {})))
     model.init_weights()
     return model.eval()

@@ -15,7 +15,9 @@ OPTIONS = [{}, {"position": "learned"}, {"memory_kwargs": {"kind": "delta"}}, {"
            {"attention": "window"}, {"attention": "window", "memory": False}, {"attention": "window", "n_kv_head": 2},
            {"attention": "window", "position": "learned"}, {"attention": "full"}, {"attention": "full", "memory": False},
            {"memory_kwargs": {"decay": True, "decay_bias_init": 0.0}},
-           {"attention": "window", "memory_kwargs": {"decay": True, "decay_bias_init": 0.0, "kind": "delta"}}]
+           {"attention": "window", "memory_kwargs": {"decay": True, "decay_bias_init": 0.0, "kind": "delta"}},
+           # issue 16: the memory in some blocks only (the others' cache holds no memory of theirs)
+           {"n_layer": 4, "memory_kwargs": {"layers": "every:2"}}, {"attention": "window", "memory_kwargs": {"layers": "0"}}]
 TOL = 1e-5
 
 

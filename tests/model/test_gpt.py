@@ -95,6 +95,57 @@ def test_memory_with_reads_zeroed_is_the_gated_plain_gpt(make_model, tokens):
     assert (ablated - reference_logits(model, tokens, head_scale=scale)).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("n_layer,layers,have", [(2, "1", [1]), (4, "every:2", [1, 3]), (4, "0,3", [0, 3])])
+def test_memory_in_some_layers_only(make_model, tokens, n_layer, layers, have):
+    """memory.layers: mem_* parameters, state and stats in the selected blocks only; the others
+    are plain blocks (reads zeroed, the selected ones mix in (1 - g_h) of their local output)."""
+    model = make_model(n_layer=n_layer, memory_kwargs={"layers": layers})
+    assert model.memory_layers == tuple(have)
+    assert sorted({int(n.split(".")[1]) for n, _ in model.named_parameters() if ".mem_" in n}) == have
+    plain = make_model(n_layer=n_layer, memory=False)
+    assert all(n in dict(model.named_parameters()) for n, _ in plain.named_parameters())
+    out = model(tokens)
+    assert [s is not None for s in out.state] == [i in have for i in range(n_layer)]
+    assert set(out.stats) == {f"{k}/layer{i}" for k in ("mem_gate", "mem_read_norm") for i in have}
+    out.logits.square().mean().backward()
+    for i in have:
+        grad = model.blocks[str(i)].attn.mem_q_proj.weight.grad
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    with torch.no_grad():
+        scale = torch.stack([1 - torch.sigmoid(b.attn.mem_beta) if b.attn.mem is not None else torch.ones(4)
+                             for b in model.blocks.values()])
+        ablated = model(tokens, read_memory=False).logits
+        assert (ablated - reference_logits(model, tokens, head_scale=scale)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("attention", ["segment", "window"])
+@torch.no_grad()
+def test_memory_in_every_layer_named_is_todays_model(make_model, tokens, attention):
+    """memory.layers naming every block is the model without the option, bit for bit: the same
+    parameter names, the same init draws, the same logits and state."""
+    today = make_model(attention=attention)
+    for layers in ("0,1", "every:1"):
+        named = make_model(attention=attention, memory_kwargs={"layers": layers})
+        assert list(named.state_dict()) == list(today.state_dict())
+        assert all(torch.equal(a, b) for a, b in zip(named.state_dict().values(), today.state_dict().values()))
+        a, b = named(tokens), today(tokens)
+        assert torch.equal(a.logits, b.logits)
+        assert all(torch.equal(x, y) for sa, sb in zip(a.state, b.state) for x, y in zip(sa, sb) if x is not None)
+
+
+def test_a_memory_state_for_a_block_without_memory_is_rejected(make_model, tokens):
+    from memgpt_dist.model import zero_state
+
+    model = make_model(memory_kwargs={"layers": "1"})
+    cfg = model.cfg
+    everywhere = zero_state(2, 2, cfg.n_head, cfg.head_dim, model.mem_cfg.nu)
+    with pytest.raises(ValueError, match=r"memory for block\(s\) \[0\], which have none \(memory.layers='1'\)"):
+        model(tokens, state=everywhere)
+    only = zero_state(2, 2, cfg.n_head, cfg.head_dim, model.mem_cfg.nu, layers=model.memory_layers)
+    assert only[0] is None
+    assert torch.equal(model(tokens, state=only).logits, model(tokens).logits)
+
+
 MODERN = [{"norm": "rmsnorm"}, {"mlp": "swiglu", "mlp_multiple_of": 16}, {"mlp": "gelu_tanh"}, {"n_kv_head": 2},
           {"n_kv_head": 1}, {"tie_embeddings": False}, {"bias": False, "mlp_hidden": 40},
           {"norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2, "tie_embeddings": False, "bias": False,

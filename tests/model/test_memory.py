@@ -15,26 +15,34 @@ def stream(model, tokens, state=None, save_at=None, tmp_path=None):
     for s in range(tokens.shape[1] // N):
         if s == save_at:
             torch.save(state_to_dict(state), tmp_path / "state.pt")
-            state = state_from_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+            state = state_from_dict(torch.load(tmp_path / "state.pt", weights_only=True), n_layer=len(model.blocks))
         out = model(tokens[:, s * N:(s + 1) * N], state=state)
         logits.append(out.logits)
         state = out.state
     return torch.cat(logits, dim=1), state
 
 
+# the memory in every block, and in block 1 of 2 only (memory.layers: block 0 carries nothing)
+LAYERS = ["", "1"]
+
+
+@pytest.mark.parametrize("layers", LAYERS)
 @torch.no_grad()
-def test_scan_over_segments_equals_streaming(make_model, tokens):
-    model = make_model()
+def test_scan_over_segments_equals_streaming(make_model, tokens, layers):
+    model = make_model(memory_kwargs={"layers": layers})
     full = model(tokens)
     streamed, state = stream(model, tokens)
     assert (full.logits - streamed).abs().max().item() <= 1e-6
+    assert [s is not None for s in state] == [s is not None for s in full.state] == [layers != "1", True]
     for a, b in zip(full.state, state):
-        assert torch.allclose(a.A, b.A, atol=1e-6) and torch.allclose(a.z, b.z, atol=1e-6)
+        if a is not None:
+            assert torch.allclose(a.A, b.A, atol=1e-6) and torch.allclose(a.z, b.z, atol=1e-6)
 
 
+@pytest.mark.parametrize("layers", LAYERS)
 @torch.no_grad()
-def test_state_save_load_mid_document_is_bitwise(make_model, tokens, tmp_path):
-    model = make_model()
+def test_state_save_load_mid_document_is_bitwise(make_model, tokens, tmp_path, layers):
+    model = make_model(memory_kwargs={"layers": layers})
     straight, _ = stream(model, tokens)
     resumed, _ = stream(model, tokens, save_at=2, tmp_path=tmp_path)
     assert torch.equal(straight, resumed)
@@ -87,11 +95,14 @@ def _embedding_grad_of_last_segment_loss(model, tokens):
     return captured["emb"].grad  # (B, T, C)
 
 
-def test_gradients_flow_through_the_state_across_segments(make_model, tokens):
-    model = make_model()
+@pytest.mark.parametrize("layers", LAYERS)
+def test_gradients_flow_through_the_state_across_segments(make_model, tokens, layers):
+    model = make_model(memory_kwargs={"layers": layers})
     emb_grad = _embedding_grad_of_last_segment_loss(model, tokens)
     assert emb_grad[:, :N].abs().sum() > 0  # segment 0 tokens influence the segment 3 loss
-    for block in model.blocks.values():
+    with_memory = [block for block in model.blocks.values() if block.attn.mem is not None]
+    assert len(with_memory) == (1 if layers else 2)
+    for block in with_memory:
         assert block.attn.mem_k_proj.weight.grad.abs().sum() > 0
 
 
