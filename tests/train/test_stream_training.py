@@ -33,3 +33,23 @@ def test_each_rank_saves_its_streams_memory(tiny_data, tmp_path):
     assert not torch.equal(A0, A1)  # different streams, different memories
     assert set(states[0]["loader"]["streams"]) == {"0", "1", "2", "3"}
     assert set(states[1]["loader"]["streams"]) == {"4", "5", "6", "7"}
+
+
+def test_memory_in_one_layer_trains_saves_and_resumes_exactly(tiny_data, tmp_path):
+    """memory.layers=1 through the CLI (one process): only block 1 has memory weights and a carried
+    memory, the checkpoint holds only its state, and a resumed run continues bitwise."""
+    from memgpt_dist.generate import find_checkpoint, load_model
+
+    layers = "--memory.layers=1"
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    train(tiny_args(tiny_data, full, CARRY, layers))
+    train(tiny_args(tiny_data, resumed, CARRY, layers, "--stop-after-steps", "3"))
+    train(tiny_args(tiny_data, resumed, CARRY, layers, "--resume", "auto"))
+    a, b = read_metrics(full), read_metrics(resumed)
+    for step in range(1, 7):
+        assert b[step]["train/loss"] == a[step]["train/loss"], step
+    state = torch.load(resumed / "checkpoints" / "step_00000003" / "rank_state" / "rank_00000.pt", weights_only=True)
+    assert sorted(state["memory_state"]) == ["layer1.A", "layer1.z"]
+    model, cfg = load_model(find_checkpoint(full / "checkpoints", None))
+    assert cfg.memory.layers == "1" and model.memory_layers == (1,)
+    assert {n.split(".")[1] for n, _ in model.named_parameters() if ".mem_" in n} == {"1"}
