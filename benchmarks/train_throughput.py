@@ -10,7 +10,7 @@ of (a), memory on >= 0.85x of memory off (also for each `--levers` variant); (c)
 
     python benchmarks/train_throughput.py                 # tiny and ~20M
     python benchmarks/train_throughput.py --sizes 20m --steps 20
-    python benchmarks/train_throughput.py --sizes 20m --levers nu=2,nu=1,conv=0   # the memory's cost levers
+    python benchmarks/train_throughput.py --sizes 20m --levers nu=2,nu=1,conv=0,layers=every:2,layers=every:4
     python benchmarks/train_throughput.py --sizes 20m --compile --warmup 3   # + compiled blocks (b)
 """
 from __future__ import annotations
@@ -43,6 +43,8 @@ LEVERS = {
     "nu=2": ("memory.nu=2",),  # DPFP order: 2*nu*head_dim key features (default 3)
     "nu=1": ("memory.nu=1",),
     "conv=0": ("memory.conv=0",),  # no causal convolution on the memory's q, k, v
+    "layers=every:2": ("memory.layers=every:2",),  # the memory in blocks 1, 3, 5, 7 of 8 only
+    "layers=every:4": ("memory.layers=every:4",),  # in blocks 3 and 7 only
 }
 
 

@@ -17,8 +17,8 @@ Each YAML section is backed by one class; the class docstring says what the sect
 Every field carries a one-line doc (`doc_field`, read back by `field_doc`), which
 `describe_config` prints with the key's type and default for `--help-config`; a test keeps
 every field documented. Enum-like fields are `Literal[...]` and checked against the Literal's
-values at load. `data.mix` and `data.n_segments_schedule` keep their YAML/CLI spelling as strings
-(that is what `to_json` stores) and are parsed once, when the `DataConfig` is built.
+values at load. `data.mix`, `data.n_segments_schedule` and `memory.layers` keep their YAML/CLI
+spelling as strings (that is what `to_json` stores) and are parsed once, when their section is built.
 
 Precedence: dataclass defaults, then the YAML file, then dotted CLI overrides
 (`--model.n_layer=4` or `model.n_layer=4`). Unknown keys, wrong types and bad combinations

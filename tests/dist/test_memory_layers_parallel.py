@@ -1,0 +1,63 @@
+"""`memory.layers=1` (the memory in block 1 of 2 only) with stream training under tp2 x pp2
+(ZeRO-1, gloo) against one process with the same data and global batch.
+
+Stage 0's block has no memory parameters (the TP rules and the pipeline's parameter names meet a
+block without them) and carries nothing; stage 1 carries block 1's memory of its TP rank's heads
+under its global index. The losses follow the single-process run, the ranks of stage 0 save no
+memory, those of stage 1 save their heads of block 1's, and the checkpoint resumed on one process
+(the memory reassembled by stream, head and layer) repeats the uninterrupted losses.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import copy_run, read_metrics, tiny_args, train
+
+STEPS, SAVE_AT = 4, 2
+COMMON = [f"--train.max_steps={STEPS}", f"--checkpoint.every={SAVE_AT}", "--parallel.zero_stage=1",
+          "--parallel.grad_accum=2", "--parallel.micro_batch_size=4", "--train.carry_memory=true",
+          "--memory.layers=1", "--train.eval_every=0"]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_data, tmp_path_factory):
+    base = tmp_path_factory.mktemp("memory_layers_parallel")
+    train(tiny_args(tiny_data, base / "one", *COMMON), nproc=1)
+    train(tiny_args(tiny_data, base / "tp2pp2", *COMMON, "--parallel.tp=2", "--parallel.pp=2"), nproc=4)
+    copy_run(base / "tp2pp2", base / "on_one")
+    train(tiny_args(tiny_data, base / "on_one", *COMMON, "--resume", str(SAVE_AT)), nproc=1)
+    return base
+
+
+def _rank_state(run, rank: int) -> dict:
+    return torch.load(run / "checkpoints" / f"step_{SAVE_AT:08d}" / "rank_state" / f"rank_{rank:05d}.pt",
+                      weights_only=True)
+
+
+def test_losses_match_single_process(runs):
+    one, tp_pp = read_metrics(runs / "one"), read_metrics(runs / "tp2pp2")
+    for step in range(1, STEPS + 1):
+        assert tp_pp[step]["train/loss"] == pytest.approx(one[step]["train/loss"], rel=1e-5), step
+        assert tp_pp[step]["train/grad_norm"] == pytest.approx(one[step]["train/grad_norm"], rel=1e-4), step
+    assert {k for k in one[1] if k.startswith("memory/")} == {"memory/mem_gate/layer1", "memory/mem_read_norm/layer1"}
+
+
+def test_only_the_stage_with_memory_saves_it(runs):
+    whole = _rank_state(runs / "one", 0)["memory_state"]
+    assert sorted(whole) == ["layer1.A", "layer1.z"]
+    for rank in range(4):  # tp fastest: ranks 0, 1 hold block 0, ranks 2, 3 block 1
+        state = _rank_state(runs / "tp2pp2", rank)
+        if state["coord"]["pp"] == 0:
+            assert not state["memory_state"]
+            continue
+        h0, h1 = state["heads"]
+        assert sorted(state["memory_state"]) == ["layer1.A", "layer1.z"]
+        for key, value in state["memory_state"].items():
+            torch.testing.assert_close(value, whole[key][:, h0:h1], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_tp_pp_checkpoint_resumes_on_one_process(runs):
+    one, resumed = read_metrics(runs / "one"), read_metrics(runs / "on_one")
+    for step in range(SAVE_AT + 1, STEPS + 1):
+        assert resumed[step]["train/loss"] == pytest.approx(one[step]["train/loss"], rel=1e-5), step
