@@ -510,7 +510,7 @@ class GPT(nn.Module):
         cfg = self.cfg
         cache = empty_cache(cfg.n_layer, B, cfg.n_head, cfg.kv_heads, cfg.n_embd, N, self.mem_cfg.nu,
                             out.state if out is not None else None, cfg.rope_theta if cfg.position == "rope" else None,
-                            self.wte.weight.device, self.wte.weight.dtype)
+                            self.wte.weight.device, self.wte.weight.dtype, self.memory_layers)
         cache.pos += done
         logits = [out.logits] if out is not None else []
         logits += [self.step(input_ids[:, t:t + N], cache) for t in range(done, T, N)]

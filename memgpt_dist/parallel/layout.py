@@ -120,6 +120,27 @@ def _require_executable_pipeline(cfg: TrainConfig, layout: Layout) -> None:
                           f"optim.grad_clip={cfg.optim.grad_clip}: the gradient norm that DeepSpeed's fp16 optimizer "
                           f"clips pipeline gradients by is not verified to count every stage; use "
                           f"parallel.zero_stage=1, parallel.precision=bf16 or fp32, or optim.grad_clip=0")
+    _require_memory_on_every_stage(cfg, layout)
+
+
+def _require_memory_on_every_stage(cfg: TrainConfig, layout: Layout) -> None:
+    """With `memory.layers`, every stage needs a block with memory: the memory's mix gates have
+    their own optimizer group, which a stage without them lacks, and DeepSpeed's optimizer runs
+    its gradient-norm collectives over the pipeline grid once per group (a stage with fewer groups
+    leaves the others waiting: a hang)."""
+    if not (cfg.memory.enabled and cfg.memory.layers.strip()):
+        return
+    from memgpt_dist.parallel.shares import stage_blocks  # builds the model on the meta device
+
+    bare = [(s, blocks) for s, blocks in enumerate(stage_blocks(cfg))
+            if not any(cfg.memory.has_memory(i) for i in blocks)]
+    if bare:
+        named = "; ".join(f"stage {s}: blocks {', '.join(map(str, b))}" for s, b in bare)
+        fixed = sorted({*cfg.memory.memory_layers(cfg.model.n_layer), *(b[-1] for _, b in bare)})
+        raise ConfigError(f"memory.layers={cfg.memory.layers!r} with parallel.pp={layout.pp} leaves pipeline stage(s) "
+                          f"without a block that has the memory ({named}), and DeepSpeed's optimizer cannot run "
+                          f"stages with different parameter groups; put the memory in a block of every stage "
+                          f"(e.g. memory.layers={','.join(map(str, fixed))}), or use parallel.pp=1")
 
 
 def bubble_fraction(pp: int, n_micro: int) -> float:

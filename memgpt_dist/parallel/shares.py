@@ -97,6 +97,13 @@ def _stages(cfg: TrainConfig, numels: dict[str, int], pp: int):
     return items, weights, stage_bounds(weights, pp, cfg.parallel.pp_partition)
 
 
+def stage_blocks(cfg: TrainConfig) -> list[tuple[int, ...]]:
+    """The blocks (global indices) each of the `parallel.pp` pipeline stages holds."""
+    items, _, bounds = _stages(cfg, parameter_numels(cfg), cfg.parallel.pp)
+    return [tuple(int(item.name.split(".")[1]) for item in items[bounds[s]:bounds[s + 1]]
+                  if item.name.startswith("block.")) for s in range(cfg.parallel.pp)]
+
+
 def stage_parameter_names(cfg: TrainConfig, stage: int) -> frozenset[str]:
     """The model parameters pipeline stage `stage` of `parallel.pp` holds (the last one holds the
     tied embedding too): a rank builds only these (`memgpt_dist.train.run.build_model`)."""

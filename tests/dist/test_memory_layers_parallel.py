@@ -1,11 +1,13 @@
-"""`memory.layers=1` (the memory in block 1 of 2 only) with stream training under tp2 x pp2
-(ZeRO-1, gloo) against one process with the same data and global batch.
+"""`memory.layers=every:2` (the memory in blocks 1 and 3 of 4 only) with stream training under
+tp2 x pp2 (ZeRO-1, gloo, uniform split: blocks 0, 1 on stage 0 and 2, 3 on stage 1) against one
+process with the same data and global batch.
 
-Stage 0's block has no memory parameters (the TP rules and the pipeline's parameter names meet a
-block without them) and carries nothing; stage 1 carries block 1's memory of its TP rank's heads
-under its global index. The losses follow the single-process run, the ranks of stage 0 save no
-memory, those of stage 1 save their heads of block 1's, and the checkpoint resumed on one process
-(the memory reassembled by stream, head and layer) repeats the uninterrupted losses.
+Blocks 0 and 2 have no memory parameters (the TP rules and the pipeline's parameter names meet
+blocks without them) and carry nothing; each stage carries its block with memory under its global
+index, split over its TP ranks by head. The losses follow the single-process run, each rank saves
+only its heads of its stage's block with memory, and the checkpoint resumed on one process (the
+memory reassembled by stream, head and layer) repeats the uninterrupted losses. (A stage with no
+block with memory is refused at load: tests/parallel/test_layout.py.)
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from helpers import copy_run, read_metrics, tiny_args, train
 STEPS, SAVE_AT = 4, 2
 COMMON = [f"--train.max_steps={STEPS}", f"--checkpoint.every={SAVE_AT}", "--parallel.zero_stage=1",
           "--parallel.grad_accum=2", "--parallel.micro_batch_size=4", "--train.carry_memory=true",
-          "--memory.layers=1", "--train.eval_every=0"]
+          "--model.n_layer=4", "--memory.layers=every:2", "--parallel.pp_partition=uniform", "--train.eval_every=0"]
 
 
 @pytest.fixture(scope="module")
@@ -40,19 +42,17 @@ def test_losses_match_single_process(runs):
     for step in range(1, STEPS + 1):
         assert tp_pp[step]["train/loss"] == pytest.approx(one[step]["train/loss"], rel=1e-5), step
         assert tp_pp[step]["train/grad_norm"] == pytest.approx(one[step]["train/grad_norm"], rel=1e-4), step
-    assert {k for k in one[1] if k.startswith("memory/")} == {"memory/mem_gate/layer1", "memory/mem_read_norm/layer1"}
+    assert {k for k in one[1] if k.startswith("memory/")} == {f"memory/{s}/layer{i}" for s in ("mem_gate", "mem_read_norm")
+                                                              for i in (1, 3)}
 
 
-def test_only_the_stage_with_memory_saves_it(runs):
+def test_each_rank_saves_only_its_block_with_memory(runs):
     whole = _rank_state(runs / "one", 0)["memory_state"]
-    assert sorted(whole) == ["layer1.A", "layer1.z"]
-    for rank in range(4):  # tp fastest: ranks 0, 1 hold block 0, ranks 2, 3 block 1
+    assert sorted(whole) == ["layer1.A", "layer1.z", "layer3.A", "layer3.z"]
+    for rank in range(4):  # tp fastest: ranks 0, 1 hold blocks 0, 1; ranks 2, 3 blocks 2, 3
         state = _rank_state(runs / "tp2pp2", rank)
-        if state["coord"]["pp"] == 0:
-            assert not state["memory_state"]
-            continue
-        h0, h1 = state["heads"]
-        assert sorted(state["memory_state"]) == ["layer1.A", "layer1.z"]
+        layer, (h0, h1) = 2 * state["coord"]["pp"] + 1, state["heads"]
+        assert sorted(state["memory_state"]) == [f"layer{layer}.A", f"layer{layer}.z"]
         for key, value in state["memory_state"].items():
             torch.testing.assert_close(value, whole[key][:, h0:h1], rtol=1e-4, atol=1e-5, msg=key)
 

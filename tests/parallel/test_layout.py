@@ -95,6 +95,16 @@ def test_trainer_refuses_what_the_pipeline_cannot_run_yet(overrides, message):
         require_executable_layout(cfg, 2)
 
 
+def test_pipeline_refuses_a_stage_without_memory():
+    """memory.layers must leave a block with memory on every stage (the gates' optimizer group)."""
+    cfg = load_config(None, SMALL + ["parallel.pp=2", "parallel.zero_stage=1", "memory.layers=1"])
+    with pytest.raises(ConfigError, match=r"memory.layers='1' with parallel.pp=2 leaves pipeline stage\(s\) without "
+                                          r"a block that has the memory \(stage 1: blocks 2, 3\).*memory.layers=1,3"):
+        require_executable_layout(cfg, 2)
+    assert require_executable_layout(load_config(None, SMALL + ["parallel.pp=2", "parallel.zero_stage=1",
+                                                                "memory.layers=every:2"]), 2).pp == 2
+
+
 @pytest.mark.parametrize("overrides", [["train.carry_memory=true"], ["data.n_segments_schedule=0:2,10:4"],
                                        ["train.carry_memory=true", "data.n_segments_schedule=0:1,4:2", "parallel.tp=2"]])
 def test_pipeline_runs_stream_training_and_the_k_curriculum(overrides):
