@@ -14,7 +14,6 @@ hd, Hkv key/value heads (C_kv = Hkv hd), F = `mlp_hidden_size`, V = vocab_size):
     MLP                    up, down            2 * 2 T C F (SwiGLU: gate, up, down: 3 * 2 T C F)
     memory projections     q, k, v             3 * 2 T C^2
     memory write gate      (C -> H)            2 T C H (and as much for the forgetting gate, memory.decay)
-    memory convolution     3 depthwise, taps   3 * 2 T C taps
     memory read + write    ('head')            per head and (padded) segment, dk = 2 nu hd features,
                                                 the normaliser z as an extra column of A: the read of
                                                 q and the retrieval of k (2n, dk) x (dk, hd + 1), the
@@ -26,7 +25,8 @@ hd, Hkv key/value heads (C_kv = Hkv hd), F = `mlp_hidden_size`, V = vocab_size):
     LM head                (tied or not)       2 T C V
 
 More terms are counted but are not matmuls (torch's FlopCounterMode does not see them):
-the DPFP features (one multiply per feature of q and k) and, for 'delta', the triangular solve
+the DPFP features (one multiply per feature of q and k), the memory's three depthwise causal
+convolutions (a multiply-add per tap, channel and token: 3 * 2 T C taps) and, for 'delta', the triangular solve
 (n^2 hd per segment and head). Norms, softmax, GELU, rotary and the gates' mixing are not counted,
 as is the convention (Kaplan et al. 2020; PaLM's MFU).
 
@@ -121,10 +121,10 @@ def _memory_flops(model: ModelConfig, memory: MemoryConfig, T: int, lengths: lis
     matmul = {"mem_proj": 3 * 2 * T * C * C, "mem_write_gate": 2 * T * C * H}
     if memory.decay:
         matmul["mem_decay_gate"] = 2 * T * C * H
-    if memory.conv >= 2:
-        # conv1d runs over whole padded segments: a ragged last one costs a full one
-        matmul["mem_conv"] = 3 * 2 * len(lengths) * model.segment_len * C * memory.conv
     other = {"mem_dpfp": 2 * T * H * dk} if memory.nu > 0 else {}
+    if memory.conv >= 2:
+        # a multiply-add per tap over whole padded segments (SegmentConv): a ragged last one costs a full one
+        other["mem_conv"] = 3 * 2 * len(lengths) * model.segment_len * C * memory.conv
     if memory.kind == "head":
         # padded to whole segments too (memory._segments)
         n, S = model.segment_len, len(lengths)
