@@ -35,7 +35,7 @@ def dry_run_report(cfg: TrainConfig, world_size: int, device_type: Optional[str]
 def _sample_flops(cfg: TrainConfig):
     """The forward FLOPs of one training sample of data.n_segments segments (memgpt_dist/perf/flops.py)."""
     T = cfg.data.n_segments * cfg.model.segment_len
-    return count_flops(cfg.model, cfg.memory, T)
+    return count_flops(cfg.model, cfg.memory, T, cfg.train.carry_memory)
 
 
 def flops_dict(cfg: TrainConfig, plan: LayoutShares) -> dict:

@@ -14,11 +14,12 @@ hd, Hkv key/value heads (C_kv = Hkv hd), F = `mlp_hidden_size`, V = vocab_size):
     MLP                    up, down            2 * 2 T C F (SwiGLU: gate, up, down: 3 * 2 T C F)
     memory projections     q, k, v             3 * 2 T C^2
     memory write gate      (C -> H)            2 T C H (and as much for the forgetting gate, memory.decay)
-    memory convolution     3 depthwise, taps   3 * 2 T C taps
-    memory read + write    ('head')            per head and (padded) segment, dk = 2 nu hd features:
-                                                the read of q, the retrieval of k (n, dk) x (dk, hd)
-                                                each, the write (dk, n) x (n, hd), and the key sums of
-                                                the normaliser (1, n) x (n, dk): 2 n dk (3 hd + 1)
+    memory read + write    ('head')            per head and (padded) segment, dk = 2 nu hd features,
+                                                the normaliser z as an extra column of A: the read of
+                                                q and the retrieval of k (2n, dk) x (dk, hd + 1), the
+                                                write (dk, n) x (n, hd + 1): 6 n dk (hd + 1); the
+                                                first segment of a sample only writes (2 n dk (hd + 1))
+                                                unless a memory is carried in
     memory read + write    ('delta')           phi(q) A, phi(k) A, the (n, n) Gram matrix of the keys
                                                 and the update K^T U: 2 n dk (3 hd + n) per segment
     LM head                (tied or not)       2 T C V
@@ -26,8 +27,8 @@ hd, Hkv key/value heads (C_kv = Hkv hd), F = `mlp_hidden_size`, V = vocab_size):
 The memory terms count once per block that has the memory (`memory.layers`), the others once per block.
 
 More terms are counted but are not matmuls (torch's FlopCounterMode does not see them):
-the DPFP features (one multiply per feature of q and k), for 'head' the denominators phi . z
-(a multiply and an add per feature of q and k) and, for 'delta', the triangular solve
+the DPFP features (one multiply per feature of q and k), the memory's three depthwise causal
+convolutions (a multiply-add per tap, channel and token: 3 * 2 T C taps) and, for 'delta', the triangular solve
 (n^2 hd per segment and head). Norms, softmax, GELU, rotary and the gates' mixing are not counted,
 as is the convention (Kaplan et al. 2020; PaLM's MFU).
 
@@ -35,10 +36,10 @@ Training is 3x the forward (the backward computes a gradient for the input and o
 weight of every matmul). That is model FLOPs, the numerator of MFU: the recomputation of
 activation checkpointing is not added (that would be hardware FLOPs, HFU).
 
-Every segment reads, the first one of a sample too (from an empty memory unless one is carried
-in: `memory_scan` runs the same batched read either way), so the count does not depend on
-`train.carry_memory`; the padding of a ragged last segment is computed and counted. Pure
-arithmetic on the config: no torch.
+`memory_scan` ('head') skips the read of an empty memory (exactly zero): the first segment of a
+sample reads only when a memory is carried in (`carried`, `train.carry_memory`; the first
+micro-batch of a stream reads nothing either, not worth a term). 'delta' reads every segment. The
+padding of a ragged last segment is computed and counted. Pure arithmetic on the config: no torch.
 """
 from __future__ import annotations
 
@@ -82,8 +83,9 @@ def segment_lengths(T: int, segment_len: int) -> list[int]:
     return [segment_len] * full + ([rest] if rest else [])
 
 
-def count_flops(model: ModelConfig, memory: MemoryConfig, T: int) -> FlopCount:
-    """Forward FLOPs of one sample of T tokens."""
+def count_flops(model: ModelConfig, memory: MemoryConfig, T: int, carried: bool = False) -> FlopCount:
+    """Forward FLOPs of one sample of T tokens; `carried`: a memory state is passed in (stream
+    training, `train.carry_memory`), so the first segment reads it too."""
     C, V = model.n_embd, model.vocab_size
     C_kv = model.kv_heads * model.head_dim
     lengths = segment_lengths(T, model.segment_len)
@@ -97,7 +99,7 @@ def count_flops(model: ModelConfig, memory: MemoryConfig, T: int) -> FlopCount:
     other: dict[str, int] = {}
     n_memory = len(memory.memory_layers(model.n_layer))  # memory.layers: the blocks that have it
     if n_memory:
-        mem_matmul, mem_other = _memory_flops(model, memory, T, lengths)
+        mem_matmul, mem_other = _memory_flops(model, memory, T, lengths, carried)
         matmul.update({k: v * n_memory for k, v in mem_matmul.items()})
         other = {k: v * n_memory for k, v in mem_other.items()}
     matmul["lm_head"] = 2 * T * C * V
@@ -114,23 +116,23 @@ def _score_flops(model: ModelConfig, T: int, lengths: list[int]) -> int:
     return sum(2 * 2 * n * n * C for n in lengths)
 
 
-def _memory_flops(model: ModelConfig, memory: MemoryConfig, T: int,
-                  lengths: list[int]) -> tuple[dict[str, int], dict[str, int]]:
+def _memory_flops(model: ModelConfig, memory: MemoryConfig, T: int, lengths: list[int],
+                  carried: bool) -> tuple[dict[str, int], dict[str, int]]:
     """(matmul terms, other terms) of one layer's memory over one sample."""
     C, H, hd = model.n_embd, model.n_head, model.head_dim
     dk = 2 * memory.nu * hd if memory.nu > 0 else hd  # memory.feature_dim, without importing torch
     matmul = {"mem_proj": 3 * 2 * T * C * C, "mem_write_gate": 2 * T * C * H}
     if memory.decay:
         matmul["mem_decay_gate"] = 2 * T * C * H
-    if memory.conv >= 2:
-        # conv1d runs over whole padded segments: a ragged last one costs a full one
-        matmul["mem_conv"] = 3 * 2 * len(lengths) * model.segment_len * C * memory.conv
     other = {"mem_dpfp": 2 * T * H * dk} if memory.nu > 0 else {}
+    if memory.conv >= 2:
+        # a multiply-add per tap over whole padded segments (SegmentConv): a ragged last one costs a full one
+        other["mem_conv"] = 3 * 2 * len(lengths) * model.segment_len * C * memory.conv
     if memory.kind == "head":
         # padded to whole segments too (memory._segments)
         n, S = model.segment_len, len(lengths)
-        matmul["mem_read_write"] = H * S * 2 * n * dk * (3 * hd + 1)
-        other["mem_denominators"] = H * S * 2 * (2 * n) * dk
+        reading = S if carried else S - 1  # an empty memory is not read (memory_scan)
+        matmul["mem_read_write"] = H * 2 * n * dk * (hd + 1) * (S + 2 * reading)
     else:
         n, S = model.segment_len, len(lengths)
         matmul["mem_read_write"] = H * S * 2 * n * dk * (3 * hd + n)
@@ -142,7 +144,7 @@ def train_flops_per_token(cfg: TrainConfig, n_segments: int | None = None) -> fl
     """Training FLOPs per input token of a sample of K = `n_segments` segments (default
     data.n_segments)."""
     K = n_segments if n_segments is not None else cfg.data.n_segments
-    count = count_flops(cfg.model, cfg.memory, K * cfg.model.segment_len)
+    count = count_flops(cfg.model, cfg.memory, K * cfg.model.segment_len, cfg.train.carry_memory)
     return count.train_per_token
 
 

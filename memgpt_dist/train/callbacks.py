@@ -91,7 +91,7 @@ class ThroughputCallback(Callback):
         self.cfg = cfg
         self.metrics = metrics
         self.window = ThroughputWindow()
-        self.flops = FlopsPerSample(lambda T: T * count_flops(cfg.model, cfg.memory, T).train_per_token)
+        self.flops = FlopsPerSample(lambda T: T * count_flops(cfg.model, cfg.memory, T, cfg.train.carry_memory).train_per_token)
         self.peak: Optional[float] = None
 
     def on_fit_start(self, trainer: "Trainer") -> None:

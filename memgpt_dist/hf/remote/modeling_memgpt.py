@@ -71,38 +71,35 @@ def _segment_decays(decay_logit: Optional[Tensor], n: int, S: int) -> Optional[T
 
 def memory_scan(q, k, v, write_logit, state, n, nu, eps, decay_logit=None):
     """memgpt_dist.model.memory.memory_scan without resets: reads (B, T, H, hd), state after.
-    z does not depend on A, so it and the denominators come first; only A is looped over."""
+    z rides as an extra column of A: one matmul reads q and retrieves k, one more writes."""
     B, T, H, hd = q.shape
     S = -(-T // n)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        phi_q, phi_k = (dpfp(_segments(t, n, S), nu) for t in (q, k))  # (S, B, H, n, dk) each
+        qk = torch.stack([_segments(q, n, S), _segments(k, n, S)], dim=3)  # (S, B, H, 2, n, hd)
+        phi = dpfp(qk.flatten(3, 4), nu)  # (S, B, H, 2n, dk): rows [q of s; k of s]
         b = _segments(torch.sigmoid(write_logit.float()).unsqueeze(-1), n, S)  # (S, B, H, n, 1)
-        vs = _segments(v, n, S)  # (S, B, H, n, hd)
+        v_aug = F.pad(_segments(v, n, S), (0, 1), value=1.0)  # (S, B, H, n, hd + 1): ones write z
+        A = None if state is None else torch.cat([state.A.float(), state.z.float().unsqueeze(-1)], dim=-1)
         decays = _segment_decays(decay_logit, n, S)
-        seg_decay = None
-        if decays is not None:  # later tokens' decay on each write, the whole segment's on A and z
-            b = b * torch.exp(decays[:, :, :, -1:] - decays)
-            seg_decay = torch.exp(decays[:, :, :, -1]).unsqueeze(-1)  # (S, B, H, 1, 1)
-        writes = (b.transpose(-1, -2) @ phi_k).unbind(0)  # S x (B, H, 1, dk)
-        z = phi_k.new_zeros(writes[0].shape) if state is None else state.z.float().unsqueeze(-2)
-        z_before = []
-        for s, w in enumerate(writes):
-            z_before.append(z)
-            z = (z if seg_decay is None else seg_decay[s] * z) + w
-        z_before = torch.stack(z_before)  # (S, B, H, 1, dk)
-        den_q = (phi_q * z_before).sum(-1, keepdim=True) + eps  # (S, B, H, n, 1)
-        den_k = (phi_k * z_before).sum(-1, keepdim=True) + eps
-        dk = phi_k.shape[-1]
-        A = phi_k.new_zeros(B, H, dk, hd) if state is None else state.A.float()
-        A_before = []
-        for s, (phi_s, bv_s, c_s) in enumerate(zip(phi_k.unbind(0), (b * vs).unbind(0), (b / den_k).unbind(0))):
-            A_before.append(A)
-            delta = torch.addcmul(bv_s, c_s, phi_s @ A, value=-1.0)  # (B, H, n, hd): b (v - retrieved)
-            A = torch.baddbmm((A if seg_decay is None else seg_decay[s] * A).flatten(0, 1),
-                              phi_s.flatten(0, 1).transpose(-1, -2), delta.flatten(0, 1)).view(B, H, dk, -1)
-        reads = (phi_q @ torch.stack(A_before)) / den_q  # (S, B, H, n, hd)
-        read = reads.permute(1, 0, 3, 2, 4).reshape(B, S * n, H, hd)[:, :T]  # (B, T, H, hd)
-    return read, LayerState(A, z.squeeze(-2))
+        reads = []
+        for s, (phi_s, b_s, v_aug_s) in enumerate(zip(phi.unbind(0), b.unbind(0), v_aug.unbind(0))):
+            phi_k = phi_s[:, :, n:]  # (B, H, n, dk)
+            if decays is not None:  # later tokens' decay on each write, the whole segment's on A
+                cum = decays[s]
+                b_s = b_s * torch.exp(cum[:, :, -1:] - cum)
+            if A is None:  # empty memory: reads are exactly 0
+                reads.append(phi.new_zeros(B, H, n, hd))
+                A = phi_k.transpose(-1, -2) @ (b_s * v_aug_s)  # (B, H, dk, hd + 1)
+                continue
+            num, den = (phi_s @ A).split([hd, 1], dim=-1)  # (B, H, 2n, hd), (B, H, 2n, 1)
+            read_s, retrieved = (num / (den + eps)).split(n, dim=2)
+            reads.append(read_s)
+            delta = b_s * (v_aug_s - F.pad(retrieved, (0, 1)))  # (B, H, n, hd + 1)
+            if decays is not None:
+                A = torch.exp(decays[s][:, :, -1:]) * A
+            A = A + phi_k.transpose(-1, -2) @ delta
+        read = torch.cat(reads, dim=2)[:, :, :T].transpose(1, 2)  # (B, T, H, hd)
+    return read, LayerState(A[..., :hd].contiguous(), A[..., hd].contiguous())
 
 
 def delta_scan(q, k, v, write_logit, state, n, nu, eps, decay_logit=None):
