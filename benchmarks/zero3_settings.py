@@ -12,6 +12,10 @@ memgpt_dist/parallel/deepspeed_config.py generates:
   big_prefetch  stage3_prefetch_bucket_size 1e9, stage3_max_live_parameters and
                 stage3_max_reuse_distance 1e10: fetch everything ahead, release nothing early
   sub_group     sub_group_size 1e7: the optimizer steps over smaller flat groups
+  no_reduce_scatter  reduce_scatter false: the gradient bucket is averaged with one all-reduce
+                and sliced, instead of a reduce-scatter per parameter (at one process both
+                only copy)
+  persist_no_rs persist_all and no_reduce_scatter together
 Target: ZeRO-3 >= 0.9x ZeRO-0 (issue 16 item 8).
 """
 from __future__ import annotations
@@ -35,6 +39,9 @@ KNOBS = {
     "zero3_big_prefetch": {"stage3_prefetch_bucket_size": 10**9, "stage3_max_live_parameters": 10**10,
                            "stage3_max_reuse_distance": 10**10},
     "zero3_sub_group": {"sub_group_size": 10**7},
+    "zero3_no_reduce_scatter": {"reduce_scatter": False},
+    "zero3_persist_no_rs": {"stage3_param_persistence_threshold": 10**12, "stage3_model_persistence_threshold": 10**12,
+                            "reduce_scatter": False},
 }
 
 
@@ -58,6 +65,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--memory", choices=("on", "off"), default="on")
+    p.add_argument("--knobs", default=",".join(KNOBS), help="ZeRO-3 variants to run, comma-separated")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from memgpt_dist.parallel.dist import init_distributed
@@ -68,8 +76,8 @@ def main(argv=None) -> int:
     fns = {"zero0": tt.engine_step(cfg0, batches, topo)}
     base = deepspeed_config._zero
     try:
-        for name, extra in KNOBS.items():
-            deepspeed_config._zero = with_knobs(extra)
+        for name in args.knobs.split(","):
+            deepspeed_config._zero = with_knobs(KNOBS[name])
             fns[name] = tt.engine_step(tt.make_cfg(args.size, mem, 3, n), batches, topo)
     finally:
         deepspeed_config._zero = base
