@@ -43,8 +43,9 @@ LEVERS = {
     "nu=2": ("memory.nu=2",),  # DPFP order: 2*nu*head_dim key features (default 3)
     "nu=1": ("memory.nu=1",),
     "conv=0": ("memory.conv=0",),  # no causal convolution on the memory's q, k, v
-    "layers=every:2": ("memory.layers=every:2",),  # the memory in blocks 1, 3, 5, 7 of 8 only
-    "layers=every:4": ("memory.layers=every:4",),  # in blocks 3 and 7 only
+    "layers=every:2": ("memory.layers=every:2",),  # the memory in blocks 0, 2, 4, 6 of 8 only
+    "layers=every:4": ("memory.layers=every:4",),  # in blocks 0 and 4 only
+    "layers=every:4+nu=1": ("memory.layers=every:4", "memory.nu=1"),  # both levers together
 }
 
 

@@ -167,7 +167,7 @@ class MemoryConfig:
     # parameters, no carried memory). A YAML integer or list of integers is taken as this string.
     layers: str = field(default="", metadata={
         "doc": "blocks that have the memory: '' every block; 'I,J,...' those indices; 'every:K' blocks "
-               "K-1, 2K-1, ... (n_layer 8, every:4: blocks 3 and 7)", "int_list": True})
+               "0, K, 2K, ... (n_layer 8, every:4: blocks 0 and 4)", "int_list": True})
 
     def __post_init__(self) -> None:
         # parsed once; a plain attribute, not a field (equality and to_json see only the string)
@@ -181,8 +181,8 @@ class MemoryConfig:
         selected = self._layers
         if selected is None:
             return True
-        if isinstance(selected, int):  # every:K
-            return (layer + 1) % selected == 0
+        if isinstance(selected, int):  # every:K, from the first block on: on the recall task the memory
+            return layer % selected == 0  # in block 0 of 2 alone recalls as well as in both, in block 1 alone not
         return layer in selected
 
     def memory_layers(self, n_layer: int) -> tuple[int, ...]:
@@ -190,16 +190,12 @@ class MemoryConfig:
         return tuple(i for i in range(n_layer) if self.has_memory(i))
 
     def validate_for_model(self, model: ModelConfig) -> None:
-        """memory.layers against model.n_layer: indices in range, at least one block selected."""
+        """memory.layers against model.n_layer: indices in range (every:K always selects block 0)."""
         selected = self._layers
         if isinstance(selected, tuple):
             bad = [i for i in selected if i >= model.n_layer]
             _check(not bad, f"memory.layers={self.layers!r} names block(s) {', '.join(map(str, bad))}; "
                             f"model.n_layer={model.n_layer} has blocks 0..{model.n_layer - 1}")
-        if isinstance(selected, int):
-            _check(selected <= model.n_layer,
-                   f"memory.layers={self.layers!r} selects no block of model.n_layer={model.n_layer}; use every:K "
-                   f"with K <= {model.n_layer}, or '' for every block")
 
     def validate(self) -> None:
         _check(self.nu >= 1 or (self.kind == "delta" and self.nu == 0),

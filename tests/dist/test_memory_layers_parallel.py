@@ -1,8 +1,8 @@
-"""`memory.layers=every:2` (the memory in blocks 1 and 3 of 4 only) with stream training under
+"""`memory.layers=every:2` (the memory in blocks 0 and 2 of 4 only) with stream training under
 tp2 x pp2 (ZeRO-1, gloo, uniform split: blocks 0, 1 on stage 0 and 2, 3 on stage 1) against one
 process with the same data and global batch.
 
-Blocks 0 and 2 have no memory parameters (the TP rules and the pipeline's parameter names meet
+Blocks 1 and 3 have no memory parameters (the TP rules and the pipeline's parameter names meet
 blocks without them) and carry nothing; each stage carries its block with memory under its global
 index, split over its TP ranks by head. The losses follow the single-process run, each rank saves
 only its heads of its stage's block with memory, and the checkpoint resumed on one process (the
@@ -43,15 +43,15 @@ def test_losses_match_single_process(runs):
         assert tp_pp[step]["train/loss"] == pytest.approx(one[step]["train/loss"], rel=1e-5), step
         assert tp_pp[step]["train/grad_norm"] == pytest.approx(one[step]["train/grad_norm"], rel=1e-4), step
     assert {k for k in one[1] if k.startswith("memory/")} == {f"memory/{s}/layer{i}" for s in ("mem_gate", "mem_read_norm")
-                                                              for i in (1, 3)}
+                                                              for i in (0, 2)}
 
 
 def test_each_rank_saves_only_its_block_with_memory(runs):
     whole = _rank_state(runs / "one", 0)["memory_state"]
-    assert sorted(whole) == ["layer1.A", "layer1.z", "layer3.A", "layer3.z"]
+    assert sorted(whole) == ["layer0.A", "layer0.z", "layer2.A", "layer2.z"]
     for rank in range(4):  # tp fastest: ranks 0, 1 hold blocks 0, 1; ranks 2, 3 blocks 2, 3
         state = _rank_state(runs / "tp2pp2", rank)
-        layer, (h0, h1) = 2 * state["coord"]["pp"] + 1, state["heads"]
+        layer, (h0, h1) = 2 * state["coord"]["pp"], state["heads"]
         assert sorted(state["memory_state"]) == [f"layer{layer}.A", f"layer{layer}.z"]
         for key, value in state["memory_state"].items():
             torch.testing.assert_close(value, whole[key][:, h0:h1], rtol=1e-4, atol=1e-5, msg=key)
