@@ -10,7 +10,7 @@ of (a), memory on >= 0.85x of memory off (also for each `--levers` variant); (c)
 
     python benchmarks/train_throughput.py                 # tiny and ~20M
     python benchmarks/train_throughput.py --sizes 20m --steps 20
-    python benchmarks/train_throughput.py --sizes 20m --levers nu=2,nu=1,conv=0,layers=every:2,layers=every:4
+    python benchmarks/train_throughput.py --sizes 20m --levers nu=1,layers=every:2,layers=every:4,layers=0
     python benchmarks/train_throughput.py --sizes 20m --compile --warmup 3   # + compiled blocks (b)
 """
 from __future__ import annotations
@@ -46,6 +46,7 @@ LEVERS = {
     "layers=every:2": ("memory.layers=every:2",),  # the memory in blocks 0, 2, 4, 6 of 8 only
     "layers=every:4": ("memory.layers=every:4",),  # in blocks 0 and 4 only
     "layers=every:4+nu=1": ("memory.layers=every:4", "memory.nu=1"),  # both levers together
+    "layers=0": ("memory.layers=0",),  # in the first block only (where recall is learned: README)
 }
 
 
