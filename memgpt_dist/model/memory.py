@@ -227,7 +227,7 @@ def memory_scan(q: Tensor, k: Tensor, v: Tensor, write_logit: Tensor, state: Opt
     a column of ones) writes both A and z. Features, gates and values are computed for all
     segments at once, so a segment costs two matmuls and a few small elementwise ops. This form
     is the fastest in training (forward and backward) of the ones measured: batching the reads
-    of q after the loop (z and its denominators first, as multiply-and-sum) was 1.3-1.4x slower
+    of q after the loop (z and its denominators first, as multiply-and-sum) was 1.2-1.5x slower
     at the ~20M shapes, its denominators' backward touching every feature again. A ragged last
     segment is zero-padded: a zero key has zero features, so padding neither writes nor is read.
     """
@@ -276,15 +276,13 @@ def _segment_decays(decay_logit: Optional[Tensor], n: int, S: int) -> Optional[T
 
 
 def _segments(x: Tensor, n: int, S: int) -> Tensor:
-    """(..., B, T, H, c) -> (..., S, B, H, n, c) in fp32, zero-padded to S * n tokens; segments
-    lead (after any stacked leading dims) so that indexing one is a contiguous slice."""
-    *lead, B, T, H, c = x.shape
+    """(B, T, H, c) -> (S, B, H, n, c) in fp32, zero-padded to S * n tokens; segments lead so
+    that indexing one is a contiguous slice."""
+    B, T, H, c = x.shape
     x = x.float()
     if S * n != T:
-        x = F.pad(x, (0, 0, 0, 0, 0, S * n - T))  # (..., B, S * n, H, c)
-    L = len(lead)
-    dims = [*range(L), L + 1, L, L + 3, L + 2, L + 4]  # (..., S, B, H, n, c)
-    return x.view(*lead, B, S, n, H, c).permute(*dims).contiguous()
+        x = F.pad(x, (0, 0, 0, 0, 0, S * n - T))  # (B, S * n, H, c)
+    return x.view(B, S, n, H, c).permute(1, 0, 3, 2, 4).contiguous()  # (S, B, H, n, c)
 
 
 def delta_features(x: Tensor, nu: int) -> Tensor:

@@ -91,7 +91,8 @@ class ThroughputCallback(Callback):
         self.cfg = cfg
         self.metrics = metrics
         self.window = ThroughputWindow()
-        self.flops = FlopsPerSample(lambda T: T * count_flops(cfg.model, cfg.memory, T, cfg.train.carry_memory).train_per_token)
+        carried = cfg.train.carry_memory  # the first segment reads a carried memory (perf/flops.py)
+        self.flops = FlopsPerSample(lambda T: T * count_flops(cfg.model, cfg.memory, T, carried).train_per_token)
         self.peak: Optional[float] = None
 
     def on_fit_start(self, trainer: "Trainer") -> None:
