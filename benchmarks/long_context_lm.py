@@ -68,6 +68,24 @@ ARMS = {
 }
 
 
+
+
+def arm_of(name: str) -> Arm:
+    """The arm called `name`: a letter of ARMS, or `X@LAYERS` for arm X with its memory in the
+    blocks `memory.layers=LAYERS` names ('+' between indices, since --arms splits on commas):
+    `c@every:4`, `c@0`, `c@0+2`."""
+    letter, _, layers = name.partition("@")
+    if letter not in ARMS:
+        raise ValueError(f"--arms: unknown arm {letter!r}; choose from {', '.join(ARMS)} (optionally X@LAYERS)")
+    arm = ARMS[letter]
+    if not layers:
+        return arm
+    if "--memory.enabled=true" not in arm.overrides:
+        raise ValueError(f"--arms {name}: arm {letter} has no memory, so @{layers} has nothing to place")
+    spec = layers.replace("+", ",")
+    return Arm(name, f"{arm.label} in blocks {spec}", (*arm.overrides, f"--memory.layers={spec}"), arm.read)
+
+
 # --------------------------------------------------------------------------- equal parameters
 
 
@@ -265,13 +283,15 @@ def format_table(results: dict, C: int) -> str:
     """One row per arm and reading: parameters, training time, loss by bucket, cost."""
     names = [n for n, _, _ in bucket_edges(C)] + ["overall"]
     lengths = sorted({int(k) for r in results.values() for k in r.get("cost", {})})
-    head = (f"{'arm':4s} {'model':26s} {'reading':9s} {'params':>10s} {'n_embd':>6s} {'train s':>7s} "
+    wa = max(4, *(len(n) for n in results))  # arm variants (c@every:4) are longer than a letter
+    wl = max(26, *(len(r["label"]) for r in results.values()))
+    head = (f"{'arm':{wa}s} {'model':{wl}s} {'reading':9s} {'params':>10s} {'n_embd':>6s} {'train s':>7s} "
             + " ".join(f"{n:>9s}" for n in names) + "".join(f" {f'tok/s@{n}':>11s}" for n in lengths))
     lines = [head, "-" * len(head)]
     for name, r in results.items():
         for reading, losses in r["losses"].items():
             cost = "".join(f" {r['cost'].get(str(n), float('nan')):>11,.0f}" for n in lengths)
-            lines.append(f"{name:4s} {r['label']:26s} {reading:9s} {r['params']:>10,d} {r['n_embd']:>6d} "
+            lines.append(f"{name:{wa}s} {r['label']:{wl}s} {reading:9s} {r['params']:>10,d} {r['n_embd']:>6d} "
                          f"{r['train_s']:>7.0f} " + " ".join(f"{losses[n]:>9.4f}" for n in names) + cost)
     tokens = next(iter(next(iter(results.values()))["losses"].values()))["tokens"]
     lines.append("scored tokens per bucket: " + ", ".join(f"{k} {v:,}" for k, v in tokens.items()))
@@ -326,7 +346,7 @@ def _run(cmd: list[str], log: Path) -> None:
 
 def train_arm(args, name: str, overrides: list[str], out: Path) -> tuple[Path, float]:
     """Train one arm through launch/train.py (reused when an earlier run reached --steps)."""
-    safe = name.replace("*", "_star")
+    safe = name.replace("*", "_star").replace("@", "_at_").replace(":", "-")
     run = out / "runs" / safe
     if (run / "checkpoints" / f"step_{args.steps:08d}").exists():
         return run, json.loads((run / "bench_train.json").read_text())["seconds"]
@@ -346,7 +366,8 @@ def _parse(argv):
     p.add_argument("--config", default="configs/tiny.yaml", help="base config every arm overrides")
     p.add_argument("--data", default="data/default", help="prepared corpus (train and held-out documents)")
     p.add_argument("--out", default="runs/long_context_lm", help="runs, logs and results.json go here")
-    p.add_argument("--arms", default="a,b,c,d,e")
+    p.add_argument("--arms", default="a,b,c,d,e",
+                   help="arms to train (letters of ARMS; X@LAYERS: arm X with memory.layers=LAYERS, e.g. c@every:4)")
     p.add_argument("--steps", type=int, default=600, help="training steps of every arm")
     p.add_argument("--docs", type=int, default=24, help="held-out documents")
     p.add_argument("--min-doc-tokens", type=int, default=0, help="shortest document scored (default 4C)")
@@ -368,7 +389,7 @@ def main(argv=None) -> int:
     N, K = cfg.model.segment_len, cfg.data.n_segments
     C = N * K
     unit = C // 2 if (C // 2) % N == 0 else C  # windows of stride C/2 and streamed segments both tile it
-    arms = [ARMS[n] for n in args.arms.split(",")]
+    arms = [arm_of(n) for n in args.arms.split(",")]
     sizes = equal_size_arms(args.config, base, arms, args.param_tolerance)
     docs = eval_documents(Path(args.data), C, unit, args.min_doc_tokens or 4 * C, args.docs)
     print(f"C = K x N = {K} x {N} = {C}; {len(docs)} held-out documents of {args.data}", flush=True)

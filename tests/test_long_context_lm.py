@@ -98,3 +98,15 @@ def test_harness_end_to_end(tiny_data, tmp_path):
     assert a["losses"]["sliding"]["tokens"] == arms["c"]["losses"]["stream"]["tokens"]  # the same tokens scored
     assert all(0 < r["losses"][k]["overall"] < 10 for r in arms.values() for k in r["losses"])
     assert set(a["cost"]) == {"128", "256"}
+
+
+def test_an_arm_variant_places_the_memory_and_a_memoryless_one_is_refused():
+    arm = lclm.arm_of("c@every:4")
+    assert arm.name == "c@every:4" and arm.read == "stream"
+    assert arm.overrides[-1] == "--memory.layers=every:4"
+    assert lclm.arm_of("d@0+2").overrides[-1] == "--memory.layers=0,2"
+    assert lclm.arm_of("a") is lclm.ARMS["a"]
+    with pytest.raises(ValueError, match="has no memory"):
+        lclm.arm_of("a@0")
+    with pytest.raises(ValueError, match="unknown arm"):
+        lclm.arm_of("z")
