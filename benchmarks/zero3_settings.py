@@ -12,10 +12,9 @@ memgpt_dist/parallel/deepspeed_config.py generates:
   big_prefetch  stage3_prefetch_bucket_size 1e9, stage3_max_live_parameters and
                 stage3_max_reuse_distance 1e10: fetch everything ahead, release nothing early
   sub_group     sub_group_size 1e7: the optimizer steps over smaller flat groups
-  no_reduce_scatter  reduce_scatter false: the gradient bucket is averaged with one all-reduce
-                and sliced, instead of a reduce-scatter per parameter (at one process both
-                only copy)
-  persist_no_rs persist_all and no_reduce_scatter together
+  reduce_scatter  reduce_scatter true (DeepSpeed's default, and ours before): a reduce-scatter
+                per parameter instead of one all-reduce of the gradient bucket, sliced; at one
+                process both only copy, and the generated dict chooses the all-reduce there
 Target: ZeRO-3 >= 0.9x ZeRO-0 (issue 16 item 8).
 """
 from __future__ import annotations
@@ -39,9 +38,7 @@ KNOBS = {
     "zero3_big_prefetch": {"stage3_prefetch_bucket_size": 10**9, "stage3_max_live_parameters": 10**10,
                            "stage3_max_reuse_distance": 10**10},
     "zero3_sub_group": {"sub_group_size": 10**7},
-    "zero3_no_reduce_scatter": {"reduce_scatter": False},
-    "zero3_persist_no_rs": {"stage3_param_persistence_threshold": 10**12, "stage3_model_persistence_threshold": 10**12,
-                            "reduce_scatter": False},
+    "zero3_reduce_scatter": {"reduce_scatter": True},
 }
 
 

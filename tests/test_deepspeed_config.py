@@ -37,6 +37,18 @@ def test_cpu_is_fp32_without_comm_overlap():
     assert ds["zero_optimization"]["overlap_comm"] is False  # no side streams on CPU
 
 
+def test_zero3_averages_gradients_with_one_all_reduce_only_at_one_data_parallel_rank():
+    """One rank: one all-reduce of the bucket (a copy) instead of a reduce-scatter per parameter;
+    more ranks keep DeepSpeed's reduce-scatter, which moves 1/dp of the bytes."""
+    cfg = load_config(None, ["parallel.zero_stage=3"])
+    assert build_ds_config(cfg, world_size=1)["zero_optimization"]["reduce_scatter"] is False
+    assert "reduce_scatter" not in build_ds_config(cfg, world_size=2)["zero_optimization"]
+    tp2 = load_config(None, ["parallel.zero_stage=3", "parallel.tp=2"])
+    assert build_ds_config(tp2, world_size=2)["zero_optimization"]["reduce_scatter"] is False  # dp 1
+    zero1 = load_config(None, ["parallel.zero_stage=1"])
+    assert "reduce_scatter" not in build_ds_config(zero1, world_size=1)["zero_optimization"]
+
+
 def test_schedule_is_warmup_cosine_to_min_lr():
     cfg = load_config(None, ["optim.lr=1e-3", "optim.min_lr=1e-4", "optim.warmup_steps=7", "train.max_steps=90"])
     sched = build_ds_config(cfg, world_size=1)["scheduler"]
