@@ -68,8 +68,6 @@ ARMS = {
 }
 
 
-
-
 def arm_of(name: str) -> Arm:
     """The arm called `name`: a letter of ARMS, or `X@LAYERS` for arm X with its memory in the
     blocks `memory.layers=LAYERS` names ('+' between indices, since --arms splits on commas):
