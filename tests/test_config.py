@@ -84,6 +84,14 @@ def test_carrying_memory_without_memory_is_an_error():
         load_config(None, ["train.carry_memory=true", "memory.enabled=false"])
 
 
+def test_dpfp_order_beyond_the_head_is_an_error():
+    # head_dim 4: r has 8 entries, so offsets 1..8 fit and 9 would wrap past r
+    base = ["model.n_embd=16", "model.n_head=4"]
+    assert load_config(None, base + ["memory.nu=8"]).memory.nu == 8
+    with pytest.raises(ConfigError, match=r"memory.nu=9 exceeds 2 \* head_dim = 8 .*lower memory.nu"):
+        load_config(None, base + ["memory.nu=9"])
+
+
 @pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):

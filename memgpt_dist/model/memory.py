@@ -73,19 +73,21 @@ def dpfp(x: Tensor, nu: int) -> Tensor:
     r = [relu(x), relu(-x)] is non-negative, so every feature (a product of two entries of r)
     is too and the normaliser phi(q) . z stays positive. (..., hd) -> (..., 2 * nu * hd).
     """
-    r = torch.cat([F.relu(x), F.relu(-x)], dim=-1)  # (..., 2 * hd)
+    r = F.relu(torch.cat([x, -x], dim=-1))  # (..., 2 * hd)
     L = r.shape[-1]
-    # feature block j is r * r.roll(j), written as two products of slices (no roll copies)
-    pairs = [p for j in range(1, nu + 1) for p in ((r[..., :j], r[..., L - j:]), (r[..., j:], r[..., :L - j]))]
+    # feature block j is r * roll(r, j), i.e. r_i * r_{(i - j) mod L}; every roll is a slice of
+    # one copy of r with its last nu entries in front: rr[nu - j + i] = r_{(i - j) mod L}. Whole
+    # (L,)-wide products, not two per block of widths j and L - j, whose narrow strided slices
+    # made the products 1.25x (forward) to 1.35x (forward and backward) slower on CPU
+    rr = torch.cat([r[..., L - nu:], r], dim=-1)  # (..., L + nu)
+    rolled = [rr[..., nu - j:nu - j + L] for j in range(1, nu + 1)]  # nu x (..., L)
     if torch.is_grad_enabled() and r.requires_grad:
-        return torch.cat([a * b for a, b in pairs], dim=-1)  # (..., 2 * nu * hd)
+        return torch.cat([r * rolled_j for rolled_j in rolled], dim=-1)  # (..., 2 * nu * hd)
     # without autograd (evaluation, streaming, decoding) the products go straight to their place:
     # the cat's extra pass over every feature was a tenth of a streamed read
     out = r.new_empty(*r.shape[:-1], nu * L)  # (..., 2 * nu * hd)
-    at = 0
-    for a, b in pairs:
-        torch.mul(a, b, out=out[..., at:at + a.shape[-1]])
-        at += a.shape[-1]
+    for j, rolled_j in enumerate(rolled):
+        torch.mul(r, rolled_j, out=out[..., j * L:(j + 1) * L])
     return out
 
 

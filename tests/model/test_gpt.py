@@ -265,6 +265,36 @@ def test_segment_conv_starts_as_identity_and_stays_inside_its_segment():
     assert (diff[N:N + 4] > 0).all() and diff[N + 4:].max() == 0 and diff[:N].max() == 0
 
 
+def test_segment_conv_equals_a_depthwise_conv1d_per_segment():
+    """The multiply-adds of SegmentConv against torch's depthwise conv1d over each segment with
+    taps - 1 zeros in front: values and gradients (input and weight), with a ragged last segment."""
+    import torch.nn.functional as F
+
+    from memgpt_dist.model.gpt import SegmentConv
+
+    g = torch.Generator().manual_seed(0)
+    C, taps, B, T = 6, 4, 2, 3 * N + 3
+    conv = SegmentConv(channels=C, taps=taps, segment_len=N)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(C, 1, taps, generator=g))
+    x = torch.randn(B, T, C, generator=g)
+    weight = conv.weight.detach().clone().requires_grad_()
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+
+    def reference(t):
+        parts = [F.conv1d(F.pad(seg.transpose(1, 2), (taps - 1, 0)), weight, groups=C).transpose(1, 2)
+                 for seg in t.split(N, dim=1)]  # (B, n, C) each
+        return torch.cat(parts, dim=1)
+
+    ours, ref = conv(x_ours), reference(x_ref)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    upstream = torch.randn(B, T, C, generator=g)
+    (ours * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(conv.weight.grad, weight.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_short_convolutions_are_not_weight_decayed(make_model):
     from memgpt_dist.config import OptimConfig
     from memgpt_dist.parallel.engine import param_groups

@@ -158,6 +158,32 @@ def test_fused_scan_matches_the_written_out_equations():
 
 
 
+@pytest.mark.parametrize("nu", [1, 2, 3])
+def test_dpfp_equals_its_definition_with_and_without_autograd(nu):
+    """dpfp against Schlag et al.'s definition, written with roll: r = [relu(x), relu(-x)],
+    features [r * roll(r, 1), ..., r * roll(r, nu)] in that order (the order of the rows of the
+    carried state A, so saved states and the exported model's copy stay valid). Values equal
+    bit for bit on both paths (autograd, and the no-grad one writing in place); gradients as
+    the definition's."""
+    from memgpt_dist.model.memory import dpfp
+
+    x = torch.randn(3, 2, 7, 5, generator=torch.Generator().manual_seed(nu))  # odd head size
+
+    def definition(t):
+        r = torch.cat([torch.relu(t), torch.relu(-t)], dim=-1)
+        return torch.cat([r * r.roll(shifts=j, dims=-1) for j in range(1, nu + 1)], dim=-1)
+
+    with torch.no_grad():
+        assert torch.equal(dpfp(x, nu), definition(x))
+    leaves = [x.clone().requires_grad_() for _ in range(2)]
+    outs = [dpfp(leaves[0], nu), definition(leaves[1])]
+    assert torch.equal(outs[0], outs[1]) and outs[0].shape[-1] == 2 * nu * 5
+    weights = torch.randn_like(outs[0])
+    for out in outs:
+        (out * weights).sum().backward()
+    torch.testing.assert_close(leaves[0].grad, leaves[1].grad, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("nu", [0, 3])
 def test_chunked_delta_rule_matches_the_token_by_token_recurrence(nu):
     """delta_scan (one triangular solve per segment) against DeltaNet's per-token recurrence:
