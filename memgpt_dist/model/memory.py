@@ -226,19 +226,22 @@ def memory_scan(q: Tensor, k: Tensor, v: Tensor, write_logit: Tensor, state: Opt
     Fused form of `reference_scan`, which is the readable one. z rides along as an extra column
     of A, so one matmul gives numerator and denominator, and the read of q and the retrieval of
     k share it ([q of s; k of s] against [A | z]); one more matmul (the gates times values with
-    a column of ones) writes both A and z. Features, gates and values are computed for all
-    segments at once, so a segment costs two matmuls and a few small elementwise ops. This form
-    is the fastest in training (forward and backward) of the ones measured: batching the reads
-    of q after the loop (z and its denominators first, as multiply-and-sum) was 1.2-1.5x slower
-    at the ~20M shapes, its denominators' backward touching every feature again. A ragged last
-    segment is zero-padded: a zero key has zero features, so padding neither writes nor is read.
+    a column of ones) writes both A and z. Gates and values are computed for all segments at
+    once, the DPFP features a segment at a time inside the loop (the same values): the features
+    are 2 * nu times wider than the heads, and one segment's stay in cache for its two matmuls,
+    while all segments' at once went through memory and their gradients were stacked back into
+    one tensor (forward and backward 1.1-1.2x faster this way at the ~20M and recall shapes).
+    This form is the fastest in training (forward and backward) of the ones measured: batching
+    the reads of q after the loop (z and its denominators first, as multiply-and-sum) was
+    1.2-1.5x slower at the ~20M shapes, its denominators' backward touching every feature again.
+    A ragged last segment is zero-padded: a zero key has zero features, so padding neither
+    writes nor is read.
     """
     B, T, H, hd = q.shape
     n = segment_len
     S = -(-T // n)  # segments, the last one possibly short
     with torch.autocast(device_type=q.device.type, enabled=False):
-        qk = torch.stack([_segments(q, n, S), _segments(k, n, S)], dim=3)  # (S, B, H, 2, n, hd)
-        phi = dpfp(qk.flatten(3, 4), nu)  # (S, B, H, 2n, dk): rows [q of s; k of s]
+        qk = torch.stack([_segments(q, n, S), _segments(k, n, S)], dim=3).flatten(3, 4)  # (S, B, H, 2n, hd)
         b = _segments(torch.sigmoid(write_logit.float()).unsqueeze(-1), n, S)  # (S, B, H, n, 1)
         v_aug = F.pad(_segments(v, n, S), (0, 1), value=1.0)  # (S, B, H, n, hd + 1): ones write z
         A = None if state is None else torch.cat([state.A.float(), state.z.float().unsqueeze(-1)], dim=-1)
@@ -246,7 +249,8 @@ def memory_scan(q: Tensor, k: Tensor, v: Tensor, write_logit: Tensor, state: Opt
         reads = []
         # unbind/split, never indexing: the backward of an index is a zero fill of the whole tensor.
         # The gate scales the (n, hd + 1) values, not the (n, dk) keys: sum_t b_t phi_t^T d_t is both.
-        for s, (phi_s, b_s, v_aug_s) in enumerate(zip(phi.unbind(0), b.unbind(0), v_aug.unbind(0))):
+        for s, (qk_s, b_s, v_aug_s) in enumerate(zip(qk.unbind(0), b.unbind(0), v_aug.unbind(0))):
+            phi_s = dpfp(qk_s, nu)  # (B, H, 2n, dk): rows [q of s; k of s]
             phi_k = phi_s[:, :, n:]  # (B, H, n, dk)
             if decays is not None:  # later tokens' decay on each write, the whole segment's on A
                 cum = decays[s]  # (B, H, n, 1)
@@ -254,7 +258,7 @@ def memory_scan(q: Tensor, k: Tensor, v: Tensor, write_logit: Tensor, state: Opt
             if A is not None and reset is not None:
                 A = torch.where(reset[:, s].view(-1, 1, 1, 1), 0.0, A)  # exact zeros: no value or gradient leaks
             if A is None:  # empty memory: reads and retrievals are exactly 0 / (0 + eps) = 0
-                reads.append(phi.new_zeros(B, H, n, hd))
+                reads.append(phi_s.new_zeros(B, H, n, hd))
                 A = phi_k.transpose(-1, -2) @ (b_s * v_aug_s)  # (B, H, dk, hd + 1)
                 continue
             num, den = (phi_s @ A).split([hd, 1], dim=-1)  # (B, H, 2n, hd), (B, H, 2n, 1)
@@ -351,19 +355,19 @@ def delta_scan(q: Tensor, k: Tensor, v: Tensor, write_logit: Tensor, state: Opti
     n = segment_len
     S = -(-T // n)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        qk = torch.stack([_segments(q, n, S), _segments(k, n, S)], dim=3)  # (S, B, H, 2, n, hd)
-        phi = delta_features(qk.flatten(3, 4), nu)  # (S, B, H, 2n, dk): zero padding stays zero
+        qk = torch.stack([_segments(q, n, S), _segments(k, n, S)], dim=3).flatten(3, 4)  # (S, B, H, 2n, hd)
         b = _segments(torch.sigmoid(write_logit.float()).unsqueeze(-1), n, S)  # (S, B, H, n, 1)
         vs = _segments(v, n, S)  # (S, B, H, n, hd)
-        dk = phi.shape[-1]
-        A = phi.new_zeros(B, H, dk, hd) if state is None else state.A
-        z = phi.new_zeros(B, H, dk) if state is None else state.z
+        dk = feature_dim(hd, nu)
+        A = qk.new_zeros(B, H, dk, hd) if state is None else state.A
+        z = qk.new_zeros(B, H, dk) if state is None else state.z
         strictly_lower = torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-1)  # (n, n)
         eye = torch.eye(n, device=q.device)
         decays = _segment_decays(decay_logit, n, S)
         reads = []
-        for s, (phi_s, b_s, v_s) in enumerate(zip(phi.unbind(0), b.unbind(0), vs.unbind(0))):
-            phi_q, phi_k = phi_s.split(n, dim=2)  # (B, H, n, dk) each
+        # the features a segment at a time, as in memory_scan (zero padding stays zero)
+        for s, (qk_s, b_s, v_s) in enumerate(zip(qk.unbind(0), b.unbind(0), vs.unbind(0))):
+            phi_q, phi_k = delta_features(qk_s, nu).split(n, dim=2)  # (B, H, n, dk) each
             if reset is not None:
                 keep = ~reset[:, s].view(-1, 1, 1)  # (B, 1, 1)
                 A, z = torch.where(keep.unsqueeze(-1), A, 0.0), torch.where(keep, z, 0.0)
