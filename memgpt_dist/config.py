@@ -191,9 +191,9 @@ class MemoryConfig:
 
     def validate_for_model(self, model: ModelConfig) -> None:
         """memory.layers against model.n_layer: indices in range (every:K always selects block 0);
-        memory.nu against the head size: DPFP pairs the 2 * head_dim entries of r at offsets 1..nu,
-        which must stay within r."""
-        _check(self.nu <= 2 * model.head_dim,
+        memory.nu against the head size when the memory is on: DPFP pairs the 2 * head_dim entries
+        of r at offsets 1..nu, which must stay within r."""
+        _check(not self.enabled or self.nu <= 2 * model.head_dim,
                f"memory.nu={self.nu} exceeds 2 * head_dim = {2 * model.head_dim} (model.n_embd / model.n_head "
                f"= {model.head_dim}): lower memory.nu")
         selected = self._layers

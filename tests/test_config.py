@@ -90,6 +90,8 @@ def test_dpfp_order_beyond_the_head_is_an_error():
     assert load_config(None, base + ["memory.nu=8"]).memory.nu == 8
     with pytest.raises(ConfigError, match=r"memory.nu=9 exceeds 2 \* head_dim = 8 .*lower memory.nu"):
         load_config(None, base + ["memory.nu=9"])
+    # a model without memory never computes the features: its memory.nu is not checked
+    assert load_config(None, base + ["memory.nu=9", "memory.enabled=false"]).memory.nu == 9
 
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml")),
